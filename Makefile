@@ -1,0 +1,107 @@
+# rounds: developer and CI entry points (see shared DESIGN.md, "Commands").
+#
+#   make venv            create/refresh .venv (pinned by constraints.txt)
+#   make run             rounds up, embedded default (no external services)
+#   make test            venv + services, then the whole pytest suite
+#   make services        make sure Redis / RabbitMQ / PostgreSQL are up
+#   make bench-presence  rounds bench presence
+#   make node-deps       npm deps for the Node.js interop tests (if any)
+#   make clean           remove .venv, var/ and caches
+#
+# Extra arguments: make test PYTEST_ARGS='-k presence -x'
+#                  make run  RUN_ARGS='--port 9000 --shards 2'
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+# python3.11 if present (and working: pyenv shims can exist without the
+# version behind them), else python3.
+PYTHON ?= $(shell for p in python3.11 python3; do \
+            if command -v $$p >/dev/null 2>&1 && $$p -c '' >/dev/null 2>&1; then \
+              echo $$p; break; fi; done)
+
+VENV  := .venv
+VBIN  := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+PYTEST_ARGS ?=
+RUN_ARGS    ?=
+
+# Redis the tests use (db 0 on the loopback server that `services` ensures).
+TEST_REDIS_URL ?= redis://127.0.0.1:6379/0
+
+# Ray must not try to phone home from tests or CI (no network here).
+export RAY_USAGE_STATS_ENABLED ?= 0
+
+.PHONY: help venv services run test bench-presence node-deps clean
+
+help:
+	@sed -n '1,13s/^# \{0,1\}//p' $(firstword $(MAKEFILE_LIST))
+
+# ---------------------------------------------------------------- venv ----
+venv: $(STAMP)
+
+# Rebuilt only when pyproject.toml or constraints.txt change (or on a fresh
+# clone, where .venv does not exist). A .venv whose interpreter no longer runs
+# (e.g. copied from another machine) is rebuilt from scratch.
+$(STAMP): pyproject.toml constraints.txt
+	@if [ -z "$(PYTHON)" ]; then \
+	  echo "make: no working python3.11 or python3 on PATH" >&2; exit 1; fi
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { \
+	  echo "make: rounds needs Python >= 3.11; $(PYTHON) is $$($(PYTHON) -V 2>&1)" >&2; exit 1; }
+	@if [ -d $(VENV) ] && ! $(VBIN)/python -c '' >/dev/null 2>&1; then \
+	  echo "make: $(VENV) is broken, recreating it"; rm -rf $(VENV); fi
+	@if [ ! -x $(VBIN)/python ]; then \
+	  echo "make: creating $(VENV) with $$(command -v $(PYTHON)) ($$($(PYTHON) -V 2>&1))"; \
+	  $(PYTHON) -m venv $(VENV); fi
+	$(VBIN)/python -m pip install --quiet --disable-pip-version-check --upgrade pip
+	$(VBIN)/python -m pip install --quiet --disable-pip-version-check \
+	  -c constraints.txt -e '.[test]'
+	@touch $@
+
+# ------------------------------------------------------------ services ----
+services:
+	@bash scripts/ensure-services.sh
+
+# ----------------------------------------------------------------- run ----
+# Embedded default: no Redis/RabbitMQ/PostgreSQL needed.
+run: venv
+	$(VBIN)/rounds up $(RUN_ARGS)
+
+# ---------------------------------------------------------------- test ----
+# pytest exits non-zero on failures and with 5 when it collected no tests;
+# both fail make. Ray clusters are never killed here (some may not be ours):
+# the tests clean up after themselves and we only warn about raylet /
+# gcs_server processes that appeared during this run and are still alive.
+test: venv services
+	@ray_before=$$(pgrep -x 'raylet|gcs_server' 2>/dev/null | sort); \
+	export ROUNDS_TEST_REDIS_URL='$(TEST_REDIS_URL)'; \
+	rc=0; \
+	$(VBIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS) || rc=$$?; \
+	if [ $$rc -eq 5 ]; then \
+	  echo "make test: ERROR: pytest collected no tests (exit 5)" >&2; fi; \
+	if command -v pgrep >/dev/null 2>&1; then \
+	  ray_after=$$(pgrep -x 'raylet|gcs_server' 2>/dev/null | sort); \
+	  new=$$(comm -13 <(echo "$$ray_before") <(echo "$$ray_after") | sed '/^$$/d'); \
+	  if [ -n "$$new" ]; then \
+	    echo "make test: WARNING: Ray processes started during this run are still alive:" >&2; \
+	    for pid in $$new; do pgrep -a -x 'raylet|gcs_server' | awk -v p=$$pid '$$1 == p' >&2; done; \
+	    echo "make test: (not killed; '$(VBIN)/ray stop --force' stops ALL local Ray clusters)" >&2; \
+	  fi; \
+	fi; \
+	exit $$rc
+
+# --------------------------------------------------------------- bench ----
+bench-presence: venv
+	$(VBIN)/rounds bench presence
+
+# ---------------------------------------------------------------- node ----
+node-deps:
+	@bash scripts/ensure-node-deps.sh
+
+# --------------------------------------------------------------- clean ----
+# bench/results/ is committed and is left alone.
+clean:
+	rm -rf $(VENV) var/ .pytest_cache/ .hypothesis/ .benchmarks/ *.egg-info/
+	find . -path ./.git -prune -o -path '*/node_modules' -prune -o \
+	  -type d -name __pycache__ -prune -exec rm -rf {} +

@@ -1,0 +1,133 @@
+"""The front door's links to the shards, and the routing of resources to them.
+
+`update(version, book)` takes the address book pushed by the supervisor (a
+versioned snapshot, never fetched per message). Each shard gets one
+`LinkProtocol` connection that reconnects with backoff when it drops (a shard
+actor restarted by Ray comes back on a new port, announced in a new book).
+On every (re)connect the front door sends `Hello` then `Sync` with its full
+membership on that shard, so a restarted shard rebuilds its rooms and a shard
+that missed disconnects while the link was down forgets them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from rounds.ids import FrontDoorId, ResourceId, ShardId
+from rounds.link import Hello, LinkMessage, LinkProtocol
+from rounds.routing import HashRing
+from rounds.shard.events import Join, Sync
+
+log = logging.getLogger(__name__)
+
+Address = tuple[str, int]
+RECONNECT_MIN_S = 0.05
+RECONNECT_MAX_S = 1.0
+
+
+class _ShardLink:
+    def __init__(self, owner: ShardLinks, shard: ShardId, address: Address) -> None:
+        self.owner = owner
+        self.shard = shard
+        self.address = address
+        self.protocol: LinkProtocol | None = None
+        self.stopped = False
+        self.task = asyncio.create_task(self._run(), name=f"link-shard-{shard}")
+
+    @property
+    def up(self) -> bool:
+        return self.protocol is not None and not self.protocol.closed
+
+    async def _run(self) -> None:
+        delay = RECONNECT_MIN_S
+        loop = asyncio.get_running_loop()
+        while not self.stopped:
+            lost: asyncio.Future[None] = loop.create_future()
+            try:
+                _, protocol = await loop.create_connection(
+                    lambda: LinkProtocol(self.owner.on_message,
+                                         lambda exc: lost.done() or lost.set_result(None)),
+                    *self.address)
+            except OSError as exc:
+                log.warning("shard-%d at %s:%d unreachable (%s); retrying in %.2fs",
+                            self.shard, *self.address, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RECONNECT_MAX_S)
+                continue
+            delay = RECONNECT_MIN_S
+            self.protocol = protocol
+            protocol.send(Hello(self.owner.frontdoor, self.owner.epoch))
+            self.resync()
+            log.info("linked to shard-%d at %s:%d", self.shard, *self.address)
+            await lost
+            self.protocol = None
+            if not self.stopped:
+                log.warning("link to shard-%d lost; reconnecting", self.shard)
+
+    def resync(self) -> None:
+        if self.protocol is not None:
+            self.protocol.send(Sync(self.owner.frontdoor, tuple(self.owner.members_of(self.shard))))
+
+    def send(self, msg: LinkMessage) -> bool:
+        return self.protocol is not None and self.protocol.send(msg)
+
+    def stop(self) -> None:
+        self.stopped = True
+        if self.protocol is not None:
+            self.protocol.close()
+        self.task.cancel()
+
+
+class ShardLinks:
+    """Routes resources to shards and carries messages to them."""
+
+    def __init__(self, frontdoor: FrontDoorId, epoch: str,
+                 on_message: Callable[[LinkMessage], None],
+                 members_of: Callable[[ShardId], list[Join]]) -> None:
+        self.frontdoor = frontdoor
+        self.epoch = epoch
+        self.on_message = on_message
+        self._members_of = members_of
+        self.version = -1
+        self.ring: HashRing | None = None
+        self._links: dict[ShardId, _ShardLink] = {}
+
+    def members_of(self, shard: ShardId) -> list[Join]:
+        return self._members_of(shard)
+
+    def update(self, version: int, book: dict[ShardId, Address]) -> None:
+        """Apply a newer address book; older or equal versions are ignored."""
+        if version <= self.version:
+            return
+        self.version = version
+        ring_changed = self.ring is None or set(self.ring.shards) != set(book)
+        if book:
+            self.ring = HashRing(book)
+        for shard in list(self._links):
+            if shard not in book or self._links[shard].address != tuple(book[shard]):
+                self._links.pop(shard).stop()
+        for shard, address in book.items():
+            if shard not in self._links:
+                self._links[shard] = _ShardLink(self, ShardId(shard), (address[0], int(address[1])))
+        if ring_changed:
+            # Memberships may now belong to other shards: tell every shard
+            # what it owns (a moved room is dropped where it was, rebuilt here).
+            for link in self._links.values():
+                link.resync()
+
+    def route(self, resource: ResourceId) -> ShardId | None:
+        return None if self.ring is None else self.ring.shard_for(resource)
+
+    def send(self, shard: ShardId, msg: LinkMessage) -> bool:
+        link = self._links.get(shard)
+        return link is not None and link.send(msg)
+
+    def status(self) -> dict[int, bool]:
+        return {shard: link.up for shard, link in sorted(self._links.items())}
+
+    def close(self) -> None:
+        for link in self._links.values():
+            link.stop()
+        self._links.clear()

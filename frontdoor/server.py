@@ -1,0 +1,392 @@
+"""The front door: WebSocket clients in, shard links out.
+
+Per connection: authenticate before the upgrade (`process_request`), send
+`CONNECTED`, then read frames. Requests that need room state go to the shard
+that owns the resource; `HEARTBEAT` is answered here. Everything a shard
+sends back arrives as `Reply` (one connection) or `Deliver` (several, one
+frame per front door), is encoded once per codec and written with
+`websockets.broadcast`: no task and no await per recipient.
+
+Bounds: frames above `max_frame_bytes` get `ERROR TOO_LARGE` (above four
+times that, websockets closes with 1009); a client whose unsent output
+exceeds `MAX_CLIENT_BUFFER_BYTES` is closed with 4013 (reconnect later);
+more than `max_connections_per_frontdoor` clients are refused with HTTP 503.
+Nothing here knows about Ray.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from websockets.asyncio.server import Server, ServerConnection, broadcast, serve
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+from rounds.frontdoor.links import Address, ShardLinks
+from rounds.audit import AuditEvent, AuditSink
+from rounds.auth import AuthError, Identity, TokenVerifier
+from rounds.backends.base import SessionStore
+from rounds.clock import now_ms
+from rounds.config import Settings
+from rounds.ids import ConnId, FrontDoorId, ResourceId, SessionId, ShardId, UserId, conn_id
+from rounds.link import LinkMessage
+from rounds.wire import (
+    SUBPROTOCOLS,
+    Codec,
+    CloseCode,
+    ErrorCode,
+    Heartbeat,
+    JoinResource,
+    LeaveResource,
+    MessageType,
+    ProtocolError,
+    codec_for,
+    error_data,
+    parse_request,
+    JSON,
+    MSGPACK,
+)
+from rounds.shard.events import Deliver, Disconnect, Join, Leave, Reply
+
+log = logging.getLogger(__name__)
+
+MAX_CLIENT_BUFFER_BYTES = 4 * 1024 * 1024
+
+
+@dataclass(slots=True, eq=False)
+class Client:
+    conn: ConnId
+    ws: ServerConnection
+    identity: Identity
+    session_id: SessionId
+    codec: Codec
+    last_seen: float  # monotonic seconds of the last frame from the client
+    rooms: dict[ResourceId, Join] = field(default_factory=dict)
+    close_reason: str = "disconnected"
+
+
+class FrontDoor:
+    def __init__(self, index: FrontDoorId, settings: Settings, verifier: TokenVerifier,
+                 sessions: SessionStore, audit: AuditSink) -> None:
+        self.index = index
+        self.settings = settings
+        self.verifier = verifier
+        self.sessions = sessions
+        self.audit = audit
+        self.epoch = uuid.uuid4().hex[:12]
+        self.links = ShardLinks(index, self.epoch, self._on_link_message, self._members_of)
+        self.clients: dict[ConnId, Client] = {}
+        self._counter = itertools.count(1)
+        self._server: Server | None = None
+        self._reaper: asyncio.Task[None] | None = None
+        self.draining = False
+        self.rejected = 0
+        self.overloaded = 0
+
+    @property
+    def name(self) -> str:
+        return f"frontdoor-{self.index}"
+
+    # --- lifecycle ----------------------------------------------------------------
+
+    async def start(self) -> None:
+        s = self.settings
+        self._server = await serve(
+            self._handle, s.host, s.port,
+            process_request=self._process_request,
+            subprotocols=list(SUBPROTOCOLS),
+            select_subprotocol=_select_subprotocol,
+            ping_interval=s.heartbeat_interval_ms / 1000,
+            ping_timeout=s.ping_timeout_ms / 1000,
+            max_size=max(4 * s.max_frame_bytes, 1024 * 1024),
+            compression=None,  # per-message deflate costs CPU per recipient
+            close_timeout=2,
+            reuse_port=True,
+        )
+        self._reaper = asyncio.create_task(self._reap_idle(), name=f"{self.name}-reaper")
+        log.info("%s serving ws://%s:%d/ws", self.name, s.host, s.port)
+
+    def set_address_book(self, version: int, book: dict[ShardId, Address]) -> None:
+        self.links.update(version, book)
+
+    async def drain(self, timeout_s: float = 2.0) -> None:
+        """Stop accepting, send every client a 1001 close frame, wait a little."""
+        self.draining = True
+        if self._reaper is not None:
+            self._reaper.cancel()
+        if self._server is not None:
+            self._server.close(close_connections=True)
+            try:
+                await asyncio.wait_for(self._server.wait_closed(), timeout_s)
+            except TimeoutError:
+                log.warning("%s: %d connections still closing after %.1fs", self.name, len(self.clients), timeout_s)
+        self.links.close()
+        await self.sessions.aclose()
+
+    def stats(self) -> dict[str, Any]:
+        rooms = {r for c in self.clients.values() for r in c.rooms}
+        return {
+            "frontdoor": self.index,
+            "connections": len(self.clients),
+            "users": len({c.identity.user_id for c in self.clients.values()}),
+            "rooms": len(rooms),
+            "shards": self.links.status(),
+            "bookVersion": self.links.version,
+            "rejected": self.rejected,
+            "overloaded": self.overloaded,
+            "draining": self.draining,
+        }
+
+    async def health(self) -> dict[str, Any]:
+        shards = self.links.status()
+        sessions = await self.sessions.health()
+        shards_up = bool(shards) and all(shards.values())
+        status = "ok" if shards_up and sessions.get("ok") else ("degraded" if any(shards.values()) else "down")
+        return {
+            "status": status,
+            "frontdoor": self.index,
+            "connections": len(self.clients),
+            "shards": {str(k): ("up" if v else "down") for k, v in shards.items()},
+            "backends": {"sessions": sessions},
+        }
+
+    # --- handshake ----------------------------------------------------------------
+
+    async def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        url = urlsplit(request.path)
+        if url.path == "/health":
+            body = await self.health()
+            return _json_response(connection, 503 if body["status"] == "down" else 200, body)
+        if url.path != "/ws":
+            return _json_response(connection, 404, {"type": "NOT_FOUND", "data": {"path": url.path}})
+        remote = _remote(connection)
+        if self.draining or len(self.clients) >= self.settings.max_connections_per_frontdoor:
+            self.rejected += 1
+            reason = "draining" if self.draining else "max_connections"
+            self._audit("CONNECTION_REJECTED", outcome="denied", details={"reason": reason, "remote": remote})
+            response = _json_response(connection, 503, {"type": "UNAVAILABLE", "data": {"reason": reason}})
+            response.headers["Retry-After"] = "5"
+            return response
+        token = _token_from(url.query, request.headers.get("Authorization"))
+        try:
+            identity = self.verifier.verify(token)
+        except AuthError as exc:
+            self.rejected += 1
+            self._audit("CONNECTION_REJECTED", outcome="denied", details={"reason": exc.reason, "remote": remote})
+            return _json_response(connection, 401, {"type": MessageType.UNAUTHORIZED, "data": {"reason": exc.reason}})
+        connection.rounds_identity = identity  # type: ignore[attr-defined]
+        return None
+
+    # --- a connection's life ------------------------------------------------------------
+
+    async def _handle(self, ws: ServerConnection) -> None:
+        identity: Identity = ws.rounds_identity  # type: ignore[attr-defined]
+        client = Client(conn_id(self.index, next(self._counter)), ws, identity,
+                        SessionId(uuid.uuid4().hex), codec_for(ws.subprotocol), time.monotonic())
+        self.clients[client.conn] = client
+        user = UserId(identity.user_id)
+        try:
+            await self.sessions.open(user, client.session_id, {
+                "frontdoor": self.index, "role": identity.role, "connectedAt": now_ms()}, now_ms())
+        except Exception:
+            log.exception("%s: session store failed on open; continuing without it", self.name)
+        self._audit("USER_CONNECTED", client, details={"role": identity.role, "remote": _remote(ws),
+                                                        "subprotocol": client.codec.name})
+        self._send(client, MessageType.CONNECTED, {
+            "sessionId": client.session_id,
+            "userId": identity.user_id,
+            "username": identity.username,
+            "role": identity.role,
+            "heartbeatIntervalMs": self.settings.heartbeat_interval_ms,
+            "idleTimeoutMs": self.settings.idle_timeout_ms,
+        })
+        try:
+            async for frame in ws:
+                client.last_seen = time.monotonic()
+                await self._on_frame(client, frame)
+        except ConnectionClosed:
+            pass
+        finally:
+            await self._cleanup(client, ws)
+
+    async def _on_frame(self, client: Client, frame: str | bytes) -> None:
+        try:
+            if len(frame) > self.settings.max_frame_bytes:
+                raise ProtocolError(ErrorCode.TOO_LARGE,
+                                    f"frame of {len(frame)} bytes exceeds {self.settings.max_frame_bytes}")
+            request = parse_request(client.codec, frame)
+            match request:
+                case Heartbeat(ref=ref):
+                    await self._heartbeat(client, ref)
+                case JoinResource():
+                    self._join(client, request)
+                case LeaveResource():
+                    self._leave(client, request)
+        except ProtocolError as exc:
+            self._send(client, MessageType.ERROR, error_data(exc.code, exc.message), exc.ref)
+        except Exception:  # our bug: log it, tell the client without internals, keep going
+            log.exception("%s: failed on a frame from conn %d", self.name, client.conn)
+            self._send(client, MessageType.ERROR, error_data(ErrorCode.INTERNAL, "internal error"))
+
+    async def _heartbeat(self, client: Client, ref: Any) -> None:
+        try:
+            await self.sessions.touch(UserId(client.identity.user_id), client.session_id, now_ms())
+        except Exception:
+            log.exception("%s: session store failed on touch", self.name)
+        self._send(client, MessageType.HEARTBEAT_ACK, {"serverTime": now_ms()}, ref)
+
+    def _join(self, client: Client, req: JoinResource) -> None:
+        rid = req.resource_id
+        if req.mode not in self.settings.allowed_modes(client.identity.role):
+            self._audit("PERMISSION_DENIED", client, outcome="denied", resource=rid,
+                        details={"action": "join", "mode": req.mode, "role": client.identity.role})
+            self._send(client, MessageType.PERMISSION_DENIED, error_data(
+                ErrorCode.PERMISSION_DENIED, f"role {client.identity.role!r} may not join as {req.mode}",
+                resourceId=rid, mode=req.mode), req.ref)
+            return
+        if rid in client.rooms:
+            raise ProtocolError(ErrorCode.ALREADY_JOINED, f"already joined {rid}", req.ref)
+        if len(client.rooms) >= self.settings.max_rooms_per_connection:
+            raise ProtocolError(ErrorCode.TOO_MANY_ROOMS,
+                                f"at most {self.settings.max_rooms_per_connection} rooms per connection", req.ref)
+        identity = client.identity
+        join = Join(client.conn, req.ref, UserId(identity.user_id), identity.username, client.session_id,
+                    rid, req.resource_type, req.mode)
+        if not self._to_shard(rid, join):
+            raise ProtocolError(ErrorCode.UNAVAILABLE, "the shard for this resource is unavailable; retry", req.ref)
+        client.rooms[rid] = join
+
+    def _leave(self, client: Client, req: LeaveResource) -> None:
+        rid = req.resource_id
+        if rid not in client.rooms:
+            raise ProtocolError(ErrorCode.NOT_JOINED, f"not joined to {rid}", req.ref)
+        del client.rooms[rid]
+        if not self._to_shard(rid, Leave(client.conn, req.ref, rid)):
+            # The shard is away: its Sync on relink drops this membership.
+            self._send(client, MessageType.RESOURCE_LEFT, {"resourceId": rid}, req.ref)
+
+    def _to_shard(self, rid: ResourceId, msg: LinkMessage) -> bool:
+        shard = self.links.route(rid)
+        return shard is not None and self.links.send(shard, msg)
+
+    async def _cleanup(self, client: Client, ws: ServerConnection) -> None:
+        self.clients.pop(client.conn, None)
+        reason = client.close_reason
+        shards = {self.links.route(rid) for rid in client.rooms}
+        for shard in shards:
+            if shard is not None:
+                self.links.send(shard, Disconnect(client.conn, reason))
+        try:
+            await self.sessions.close(UserId(client.identity.user_id), client.session_id)
+        except Exception:
+            log.exception("%s: session store failed on close", self.name)
+        if reason == "timeout":
+            self._audit("SESSION_TIMEOUT", client, details={"idleTimeoutMs": self.settings.idle_timeout_ms})
+        self._audit("USER_DISCONNECTED", client, details={
+            "reason": reason, "code": ws.close_code, "rooms": sorted(client.rooms)})
+
+    def _members_of(self, shard: ShardId) -> list[Join]:
+        route = self.links.route
+        return [Join(j.conn, None, j.user_id, j.username, j.session_id, j.resource_id, j.resource_type,
+                     j.mode, restore=True)
+                for c in self.clients.values() for j in c.rooms.values() if route(j.resource_id) == shard]
+
+    async def _reap_idle(self) -> None:
+        """Close clients silent for longer than the idle timeout (seed BE-001.1)."""
+        idle_s = self.settings.idle_timeout_ms / 1000
+        period = max(0.05, min(idle_s / 4, 5.0))
+        while True:
+            await asyncio.sleep(period)
+            deadline = time.monotonic() - idle_s
+            for client in [c for c in self.clients.values() if c.last_seen < deadline]:
+                if client.close_reason != "timeout":
+                    client.close_reason = "timeout"
+                    asyncio.create_task(client.ws.close(CloseCode.IDLE_TIMEOUT, "idle timeout"))
+
+    # --- sending --------------------------------------------------------------------
+
+    def _send(self, client: Client, type_: str, data: dict[str, Any], ref: Any = None) -> None:
+        broadcast((client.ws,), client.codec.encode(type_, data, ref))
+
+    def _on_link_message(self, msg: LinkMessage) -> None:
+        match msg:
+            case Deliver(conns=conns, type=type_, data=data):
+                self._deliver(conns, type_, data)
+            case Reply(conn=conn, ref=ref, type=type_, data=data):
+                client = self.clients.get(conn)
+                if client is not None:
+                    self._send(client, type_, data, ref)
+            case _:
+                log.error("%s: unexpected link message %s", self.name, type(msg).__name__)
+
+    def _deliver(self, conns: Iterable[ConnId], type_: str, data: dict[str, Any]) -> None:
+        as_json: list[ServerConnection] = []
+        as_msgpack: list[ServerConnection] = []
+        clients = self.clients
+        for conn in conns:
+            client = clients.get(conn)
+            if client is None:
+                continue
+            ws = client.ws
+            transport = ws.transport
+            if transport is not None and transport.get_write_buffer_size() > MAX_CLIENT_BUFFER_BYTES:
+                self._overloaded(client)
+                continue
+            (as_msgpack if client.codec is MSGPACK else as_json).append(ws)
+        if as_json:
+            broadcast(as_json, JSON.encode(type_, data))
+        if as_msgpack:
+            broadcast(as_msgpack, MSGPACK.encode(type_, data))
+
+    def _overloaded(self, client: Client) -> None:
+        if client.close_reason != "overloaded":
+            client.close_reason = "overloaded"
+            self.overloaded += 1
+            log.warning("%s: conn %d is not reading; closing with %d", self.name, client.conn, CloseCode.OVERLOADED)
+            asyncio.create_task(client.ws.close(CloseCode.OVERLOADED, "not reading fast enough"))
+
+    def _audit(self, event_type: str, client: Client | None = None, *, outcome: str = "ok",
+               resource: str | None = None, details: dict[str, Any] | None = None) -> None:
+        self.audit.emit(AuditEvent(
+            event_type, self.name, outcome,
+            user_id=client.identity.user_id if client else None,
+            session_id=client.session_id if client else None,
+            resource_id=resource, details=details or {}))
+
+
+def _select_subprotocol(connection: ServerConnection, subprotocols: list[str]) -> str | None:
+    """Our two subprotocols if offered; JSON for clients that offer none or others."""
+    for offered in subprotocols:
+        if offered in SUBPROTOCOLS:
+            return offered
+    return None
+
+
+def _token_from(query: str, authorization: str | None) -> str | None:
+    values = parse_qs(query).get("token")
+    if values:
+        return values[0]
+    if authorization and authorization.lower().startswith("bearer "):
+        return authorization[7:].strip()
+    return None
+
+
+def _remote(connection: ServerConnection) -> str | None:
+    address = connection.remote_address
+    return f"{address[0]}:{address[1]}" if address else None
+
+
+def _json_response(connection: ServerConnection, status: int, body: dict[str, Any]) -> Response:
+    response = connection.respond(status, json.dumps(body, separators=(",", ":")) + "\n")
+    del response.headers["Content-Type"]
+    response.headers["Content-Type"] = "application/json"
+    return response

@@ -1,0 +1,24 @@
+"""Choose each backend from the settings: a URL means the real service."""
+
+from __future__ import annotations
+
+from rounds.backends.base import PresenceMirror, SessionStore
+from rounds.backends.memory import MemoryPresence, MemorySessions
+from rounds.config import Settings
+
+
+def session_store(settings: Settings) -> SessionStore:
+    if settings.redis_url:
+        from rounds.backends import redis as redis_backend
+
+        return redis_backend.RedisSessions(redis_backend.connect(settings.redis_url),
+                                           settings.session_ttl_ms, settings.idle_timeout_ms)
+    return MemorySessions(settings.session_ttl_ms, settings.idle_timeout_ms)
+
+
+def presence_mirror(settings: Settings) -> PresenceMirror:
+    if settings.redis_url:
+        from rounds.backends import redis as redis_backend
+
+        return redis_backend.RedisPresence(redis_backend.connect(settings.redis_url))
+    return MemoryPresence()

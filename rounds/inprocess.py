@@ -1,0 +1,57 @@
+"""The whole gateway in one process and one event loop, without Ray.
+
+The same shard and front-door classes the Ray actors host, wired directly:
+for integration tests that need a gateway in milliseconds and for profiling.
+`rounds up` (see `rounds.cluster`) is what users run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from rounds.frontdoor.server import FrontDoor
+from rounds.audit import AuditSink
+from rounds.config import Settings
+from rounds.ids import ShardId
+from rounds.services import make_frontdoor, make_shard
+from rounds.shard.service import ShardService
+
+
+class InProcessGateway:
+    def __init__(self, settings: Settings, audit: AuditSink | None = None) -> None:
+        self.settings = settings
+        self.audit = audit
+        self.shards: list[ShardService] = []
+        self.frontdoors: list[FrontDoor] = []
+
+    @property
+    def url(self) -> str:
+        return f"ws://{self.settings.host}:{self.settings.port}/ws"
+
+    async def start(self, timeout_s: float = 10) -> InProcessGateway:
+        self.shards = [make_shard(i, self.settings, self.audit) for i in range(self.settings.shards)]
+        book = {ShardId(i): await s.start() for i, s in enumerate(self.shards)}
+        self.frontdoors = [make_frontdoor(i, self.settings, self.audit) for i in range(self.settings.frontdoors)]
+        for fd in self.frontdoors:
+            await fd.start()
+            fd.set_address_book(1, book)
+        async with asyncio.timeout(timeout_s):
+            while not all(all(fd.links.status().values()) for fd in self.frontdoors):
+                await asyncio.sleep(0.01)
+        return self
+
+    async def stop(self) -> None:
+        for fd in self.frontdoors:
+            await fd.drain(timeout_s=1)
+        for shard in self.shards:
+            await shard.stop()
+
+    def stats(self) -> dict[str, Any]:
+        return {"shards": [s.stats() for s in self.shards], "frontdoors": [f.stats() for f in self.frontdoors]}
+
+    async def __aenter__(self) -> InProcessGateway:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()

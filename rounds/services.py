@@ -1,0 +1,31 @@
+"""Build the shard and front-door services with their backends.
+
+The one place that turns settings into running objects, shared by the Ray
+actors (`rounds.cluster`) and the in-process gateway used by tests and
+benchmarks, so both run exactly the same code.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rounds.frontdoor.server import FrontDoor
+from rounds.audit import AuditSink, FileAuditSink
+from rounds.auth import TokenVerifier
+from rounds.backends import factory
+from rounds.config import Settings
+from rounds.ids import FrontDoorId, ShardId
+from rounds.shard.service import ShardService
+
+
+def audit_sink(settings: Settings) -> AuditSink:
+    return FileAuditSink(Path(settings.var_dir) / "audit")
+
+
+def make_shard(index: int, settings: Settings, audit: AuditSink | None = None) -> ShardService:
+    return ShardService(ShardId(index), factory.presence_mirror(settings), audit or audit_sink(settings))
+
+
+def make_frontdoor(index: int, settings: Settings, audit: AuditSink | None = None) -> FrontDoor:
+    return FrontDoor(FrontDoorId(index), settings, TokenVerifier(settings),
+                     factory.session_store(settings), audit or audit_sink(settings))

@@ -1,0 +1,246 @@
+"""The `/ws` wire protocol, v1: message names, error codes, close codes, codecs.
+
+Names here are fixed by DESIGN.md ("Wire protocol v1"); outside checks depend
+on them. Frames are `{"type": T, "ref": R, "data": {...}}`: JSON text by
+default, msgpack binary with subprotocol `rounds.v1.msgpack`. Binary values
+(Y.js updates, state vectors) are base64 strings in JSON and raw bytes in
+msgpack. `parse_request` turns a client frame into a typed request or raises
+`ProtocolError`, which the caller answers with `ERROR` to that client only.
+No I/O in this module.
+"""
+
+from __future__ import annotations
+
+import base64
+import enum
+import json
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import msgpack
+
+from rounds.config import MODES
+from rounds.ids import ResourceId
+
+SUBPROTOCOL_JSON = "rounds.v1.json"
+SUBPROTOCOL_MSGPACK = "rounds.v1.msgpack"
+SUBPROTOCOLS = (SUBPROTOCOL_JSON, SUBPROTOCOL_MSGPACK)
+MAX_RESOURCE_ID_CHARS = 512
+
+
+class MessageType(enum.StrEnum):
+    # client -> server
+    HEARTBEAT = "HEARTBEAT"
+    JOIN_RESOURCE = "JOIN_RESOURCE"
+    LEAVE_RESOURCE = "LEAVE_RESOURCE"
+    # server -> client
+    CONNECTED = "CONNECTED"
+    HEARTBEAT_ACK = "HEARTBEAT_ACK"
+    RESOURCE_STATE = "RESOURCE_STATE"
+    RESOURCE_LEFT = "RESOURCE_LEFT"
+    USER_JOINED = "USER_JOINED"
+    USER_LEFT = "USER_LEFT"
+    ALL_USERS = "resource:all_users"  # the seed's exact name
+    PERMISSION_DENIED = "PERMISSION_DENIED"
+    ERROR = "ERROR"
+    UNAUTHORIZED = "UNAUTHORIZED"  # HTTP 401 body, before the upgrade
+
+
+class ErrorCode(enum.StrEnum):
+    BAD_REQUEST = "BAD_REQUEST"  # not a JSON/msgpack object, or a field is wrong
+    UNKNOWN_TYPE = "UNKNOWN_TYPE"
+    TOO_LARGE = "TOO_LARGE"
+    NOT_JOINED = "NOT_JOINED"
+    ALREADY_JOINED = "ALREADY_JOINED"
+    PERMISSION_DENIED = "PERMISSION_DENIED"
+    TOO_MANY_ROOMS = "TOO_MANY_ROOMS"
+    UNAVAILABLE = "UNAVAILABLE"  # the shard owning the resource is not reachable right now
+    INTERNAL = "INTERNAL"  # our bug; details are in the server log, never sent
+
+
+class CloseCode(enum.IntEnum):
+    """Close codes; 4xxx with a last digit < 5 mean "do not reconnect as is"."""
+
+    GOING_AWAY = 1001  # server draining: reconnect (to another front door)
+    IDLE_TIMEOUT = 4008  # no frame within idle timeout: reconnect when active again
+    SESSION_REPLACED = 4009
+    OVERLOADED = 4013  # per-connection queue overflow: reconnect later
+
+
+# --- requests ---------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    ref: Any
+
+
+@dataclass(frozen=True, slots=True)
+class JoinResource:
+    ref: Any
+    resource_id: ResourceId
+    resource_type: str
+    mode: str
+    state_vector: bytes | None
+
+
+@dataclass(frozen=True, slots=True)
+class LeaveResource:
+    ref: Any
+    resource_id: ResourceId
+
+
+Request = Heartbeat | JoinResource | LeaveResource
+
+
+class ProtocolError(Exception):
+    """The peer sent something wrong: answer with `ERROR {code, message}`."""
+
+    def __init__(self, code: ErrorCode, message: str, ref: Any = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.ref = ref
+
+
+# --- codecs -----------------------------------------------------------------
+
+
+class Codec(Protocol):
+    name: str
+
+    def encode(self, type_: str, data: dict[str, Any], ref: Any = None) -> str | bytes: ...
+
+    def decode(self, frame: str | bytes) -> Any: ...
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return base64.b64encode(value).decode("ascii")
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+class JsonCodec:
+    name = SUBPROTOCOL_JSON
+    binary_as_base64 = True
+
+    def encode(self, type_: str, data: dict[str, Any], ref: Any = None) -> str:
+        frame: dict[str, Any] = {"type": type_, "data": data}
+        if ref is not None:
+            frame["ref"] = ref
+        return json.dumps(frame, separators=(",", ":"), default=_json_default)
+
+    def decode(self, frame: str | bytes) -> Any:
+        if isinstance(frame, bytes):
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "binary frame on a JSON connection")
+        try:
+            return json.loads(frame)
+        except ValueError:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "frame is not valid JSON") from None
+
+
+class MsgpackCodec:
+    name = SUBPROTOCOL_MSGPACK
+    binary_as_base64 = False
+
+    def encode(self, type_: str, data: dict[str, Any], ref: Any = None) -> bytes:
+        frame: dict[str, Any] = {"type": type_, "data": data}
+        if ref is not None:
+            frame["ref"] = ref
+        return msgpack.packb(frame, use_bin_type=True)
+
+    def decode(self, frame: str | bytes) -> Any:
+        if isinstance(frame, str):
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "text frame on a msgpack connection")
+        try:
+            return msgpack.unpackb(frame, raw=False)
+        except Exception:  # msgpack raises several unrelated types for bad input
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "frame is not valid msgpack") from None
+
+
+JSON = JsonCodec()
+MSGPACK = MsgpackCodec()
+
+
+def codec_for(subprotocol: str | None) -> Codec:
+    return MSGPACK if subprotocol == SUBPROTOCOL_MSGPACK else JSON
+
+
+# --- request parsing ----------------------------------------------------------
+
+
+def parse_request(codec: Codec, frame: str | bytes) -> Request:
+    """Decode and validate one client frame; raises ProtocolError on any fault."""
+    obj = codec.decode(frame)
+    if not isinstance(obj, dict):
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "frame must be an object with a 'type'")
+    ref = obj.get("ref")
+    if ref is not None and not isinstance(ref, (str, int)):
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "'ref' must be a string or an integer")
+    type_ = obj.get("type")
+    if not isinstance(type_, str):
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "'type' must be a string", ref)
+    data = obj.get("data", {})
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "'data' must be an object", ref)
+    parser = _PARSERS.get(type_)
+    if parser is None:
+        raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"unknown message type {type_[:64]!r}", ref)
+    return parser(codec, ref, data)
+
+
+def _resource_id(data: dict[str, Any], ref: Any) -> ResourceId:
+    value = data.get("resourceId")
+    if not isinstance(value, str) or not value:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "'resourceId' is required (non-empty string)", ref)
+    if len(value) > MAX_RESOURCE_ID_CHARS:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"'resourceId' is longer than {MAX_RESOURCE_ID_CHARS}", ref)
+    return ResourceId(value)
+
+
+def _binary(codec: Codec, data: dict[str, Any], key: str, ref: Any) -> bytes | None:
+    value = data.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bytes) and not codec.binary_as_base64:
+        return value
+    if isinstance(value, str) and codec.binary_as_base64:
+        try:
+            return base64.b64decode(value, validate=True)
+        except ValueError:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, f"'{key}' is not valid base64", ref) from None
+    kind = "a base64 string" if codec.binary_as_base64 else "binary"
+    raise ProtocolError(ErrorCode.BAD_REQUEST, f"'{key}' must be {kind}", ref)
+
+
+def _heartbeat(codec: Codec, ref: Any, data: dict[str, Any]) -> Heartbeat:
+    return Heartbeat(ref)
+
+
+def _join(codec: Codec, ref: Any, data: dict[str, Any]) -> JoinResource:
+    resource_id = _resource_id(data, ref)
+    resource_type = data.get("resourceType", "")
+    if not isinstance(resource_type, str) or len(resource_type) > 128:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "'resourceType' must be a short string", ref)
+    mode = data.get("mode", "editor")
+    if mode not in MODES:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "'mode' must be 'editor' or 'viewer'", ref)
+    state_vector = _binary(codec, data, "stateVector", ref)
+    return JoinResource(ref, resource_id, resource_type, mode, state_vector)
+
+
+def _leave(codec: Codec, ref: Any, data: dict[str, Any]) -> LeaveResource:
+    return LeaveResource(ref, _resource_id(data, ref))
+
+
+_PARSERS = {
+    MessageType.HEARTBEAT: _heartbeat,
+    MessageType.JOIN_RESOURCE: _join,
+    MessageType.LEAVE_RESOURCE: _leave,
+}
+
+
+def error_data(code: ErrorCode, message: str, **extra: Any) -> dict[str, Any]:
+    return {"code": code.value, "message": message, **extra}

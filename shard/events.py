@@ -1,0 +1,111 @@
+"""Commands a shard accepts and events its machines return.
+
+These frozen dataclasses are the vocabulary between the pure machines
+(`presence`, later locks and documents) and their shells (`service`, the
+front-door link). They carry ids and plain values only; encoding to the wire
+happens in `rounds.link` (shard <-> front door) and `rounds.wire` (client).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from rounds.ids import ConnId, FrontDoorId, ResourceId, SessionId, UserId
+
+# --- commands (front door -> shard) -----------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Join:
+    conn: ConnId
+    ref: Any
+    user_id: UserId
+    username: str
+    session_id: SessionId
+    resource_id: ResourceId
+    resource_type: str
+    mode: str
+    # A front door re-announcing its members after a shard restart: the room is
+    # rebuilt silently (no reply, no broadcast), see DESIGN.md "Data plane".
+    restore: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Leave:
+    conn: ConnId
+    ref: Any
+    resource_id: ResourceId
+
+
+@dataclass(frozen=True, slots=True)
+class Disconnect:
+    conn: ConnId
+    reason: str  # "disconnected" | "timeout"
+
+
+@dataclass(frozen=True, slots=True)
+class Sync:
+    """A front door's full membership on this shard, sent when its link opens.
+
+    The shard drops that front door's memberships not listed (they ended
+    while the link was down, or the front door restarted: then `joins` is
+    empty) and silently restores those it lacks (the shard restarted).
+    """
+
+    frontdoor: FrontDoorId
+    joins: tuple[Join, ...]
+
+
+Command = Join | Leave | Disconnect | Sync
+
+# --- events (shard -> front doors and mirrors) ----------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """A direct answer to one connection's request (`ref` echoed)."""
+
+    conn: ConnId
+    ref: Any
+    type: str
+    data: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Deliver:
+    """One event for several connections: encoded once per front door and codec."""
+
+    conns: tuple[ConnId, ...]
+    type: str
+    data: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class MirrorJoin:
+    """The user is now in the room (or its mode changed): mirror to Redis."""
+
+    resource_id: ResourceId
+    user_id: UserId
+    mode: str
+    joined_at_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class MirrorLeave:
+    """The user's last connection left the room."""
+
+    resource_id: ResourceId
+    user_id: UserId
+
+
+@dataclass(frozen=True, slots=True)
+class MemberGone:
+    """A connection left a room (leave, disconnect, timeout): locks hook here."""
+
+    conn: ConnId
+    resource_id: ResourceId
+    reason: str  # "left" | "disconnected" | "timeout"
+
+
+Event = Reply | Deliver | MirrorJoin | MirrorLeave | MemberGone

@@ -1,0 +1,177 @@
+"""The shard's asyncio shell: a link server around the pure machines.
+
+Front doors connect to `start()`'s address (learned through Ray) and speak
+`rounds.link`. Each command goes to the presence machine with the current
+time; its events go back out: replies to the asking front door, deliveries
+once per front door (the front door fans out), mirror writes to the presence
+backend in batches. Nothing here knows about Ray.
+
+Bounds: mirror writes wait in a queue of at most `MIRROR_QUEUE_MAX` events;
+past it the oldest are dropped with an error log (the mirror is a copy; the
+shard's memory stays the truth) and `/health` shows the drop count.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from typing import Any
+
+from rounds.audit import AuditSink
+from rounds.backends.base import MirrorEvent, PresenceMirror
+from rounds.clock import now_ms
+from rounds.ids import ConnId, FrontDoorId, ShardId, frontdoor_of
+from rounds.link import Hello, LinkMessage, LinkProtocol
+from rounds.shard.events import Deliver, Disconnect, Event, Join, Leave, MemberGone, MirrorJoin, MirrorLeave, Reply, Sync
+from rounds.shard.presence import Presence
+
+log = logging.getLogger(__name__)
+
+MIRROR_QUEUE_MAX = 100_000
+
+
+class ShardService:
+    def __init__(self, index: ShardId, mirror: PresenceMirror, audit: AuditSink) -> None:
+        self.index = index
+        self.presence = Presence()
+        self.mirror = mirror
+        self.audit = audit
+        self._links: dict[FrontDoorId, LinkProtocol] = {}
+        self._server: asyncio.Server | None = None
+        self._mirror_queue: deque[MirrorEvent] = deque()
+        self._mirror_wakeup = asyncio.Event()
+        self._mirror_task: asyncio.Task[None] | None = None
+        self.mirror_dropped = 0
+        self.mirror_failures = 0
+        self.address: tuple[str, int] | None = None
+
+    @property
+    def name(self) -> str:
+        return f"shard-{self.index}"
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> tuple[str, int]:
+        """Listen for front doors; returns the (host, port) they should dial."""
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(self._new_link, host, port)
+        self._mirror_task = asyncio.create_task(self._mirror_writer(), name=f"{self.name}-mirror")
+        sock_host, sock_port = self._server.sockets[0].getsockname()[:2]
+        self.address = (host if host not in ("0.0.0.0", "::") else sock_host, sock_port)
+        log.info("%s listening on %s:%d", self.name, *self.address)
+        return self.address
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for link in list(self._links.values()):
+            link.close()
+        if self._mirror_task is not None:
+            await self._drain_mirror()
+            self._mirror_task.cancel()
+        await self.mirror.aclose()
+
+    def stats(self) -> dict[str, Any]:
+        rooms = self.presence.rooms()
+        return {
+            "shard": self.index,
+            "address": f"{self.address[0]}:{self.address[1]}" if self.address else None,
+            "frontdoors": sorted(self._links),
+            "connections": self.presence.connections(),
+            "rooms": len(rooms),
+            "members": sum(rooms.values()),
+            "mirror": {"backend": self.mirror.name, "queued": len(self._mirror_queue),
+                       "dropped": self.mirror_dropped, "failures": self.mirror_failures},
+        }
+
+    async def health(self) -> dict[str, Any]:
+        return {"shard": self.index, "ok": True, "mirror": await self.mirror.health()}
+
+    # --- links ------------------------------------------------------------------
+
+    def _new_link(self) -> LinkProtocol:
+        holder: dict[str, Any] = {}
+
+        def on_message(msg: LinkMessage) -> None:
+            self._on_message(holder["link"], msg)
+
+        def on_lost(exc: Exception | None) -> None:
+            link = holder["link"]
+            for fd, known in list(self._links.items()):
+                if known is link:
+                    del self._links[fd]
+                    log.info("%s: link from frontdoor-%d closed (%s)", self.name, fd, exc or "eof")
+
+        holder["link"] = LinkProtocol(on_message, on_lost)
+        return holder["link"]
+
+    def _on_message(self, link: LinkProtocol, msg: LinkMessage) -> None:
+        match msg:
+            case Hello(frontdoor=fd):
+                old = self._links.get(fd)
+                if old is not None and old is not link:
+                    old.close()
+                self._links[fd] = link
+                log.info("%s: frontdoor-%d linked (epoch %s)", self.name, fd, msg.epoch)
+            case Join() | Leave() | Disconnect() | Sync():
+                self.dispatch(self.presence.handle(msg, now_ms()))
+            case _:
+                log.error("%s: unexpected link message %s", self.name, type(msg).__name__)
+
+    # --- events -----------------------------------------------------------------
+
+    def dispatch(self, events: list[Event]) -> None:
+        for event in events:
+            match event:
+                case Reply(conn=conn):
+                    self._send(frontdoor_of(conn), event)
+                case Deliver(conns=conns, type=type_, data=data):
+                    self._deliver(conns, type_, data)
+                case MirrorJoin() | MirrorLeave():
+                    self._queue_mirror(event)
+                case MemberGone():
+                    pass  # locks release here (issue 3)
+
+    def _send(self, fd: FrontDoorId, msg: LinkMessage) -> None:
+        link = self._links.get(fd)
+        if link is None or not link.send(msg):
+            # The front door is gone or relinking; its Sync will repair state.
+            log.debug("%s: no link to frontdoor-%d, dropped %s", self.name, fd, type(msg).__name__)
+
+    def _deliver(self, conns: tuple[ConnId, ...], type_: str, data: dict[str, Any]) -> None:
+        by_fd: dict[FrontDoorId, list[ConnId]] = {}
+        for conn in conns:
+            by_fd.setdefault(frontdoor_of(conn), []).append(conn)
+        for fd, group in by_fd.items():
+            self._send(fd, Deliver(tuple(group), type_, data))
+
+    # --- mirror -----------------------------------------------------------------
+
+    def _queue_mirror(self, event: MirrorEvent) -> None:
+        if len(self._mirror_queue) >= MIRROR_QUEUE_MAX:
+            self._mirror_queue.popleft()
+            self.mirror_dropped += 1
+            if self.mirror_dropped % 1000 == 1:
+                log.error("%s: mirror queue full, %d events dropped so far", self.name, self.mirror_dropped)
+        self._mirror_queue.append(event)
+        self._mirror_wakeup.set()
+
+    async def _mirror_writer(self) -> None:
+        while True:
+            await self._mirror_wakeup.wait()
+            self._mirror_wakeup.clear()
+            await self._drain_mirror()
+
+    async def _drain_mirror(self) -> None:
+        while self._mirror_queue:
+            batch = list(self._mirror_queue)
+            self._mirror_queue.clear()
+            try:
+                await self.mirror.apply(batch)
+            except Exception:
+                self.mirror_failures += 1
+                log.exception("%s: presence mirror write failed (%d events)", self.name, len(batch))
+                await asyncio.sleep(0.5)
+                # retry later: put them back in front, keeping the bound
+                self._mirror_queue.extendleft(reversed(batch[-MIRROR_QUEUE_MAX:]))
+                self._mirror_wakeup.set()
+                return
