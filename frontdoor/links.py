@@ -38,7 +38,7 @@ class _ShardLink:
 
     @property
     def up(self) -> bool:
-        return self.protocol is not None and not self.protocol.closed
+        return self.protocol is not None and self.protocol.connected
 
     async def _run(self) -> None:
         delay = RECONNECT_MIN_S

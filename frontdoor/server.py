@@ -36,7 +36,7 @@ from rounds.audit import AuditEvent, AuditSink
 from rounds.auth import AuthError, Identity, TokenVerifier
 from rounds.backends.base import SessionStore
 from rounds.clock import now_ms
-from rounds.config import Settings
+from rounds.config import EDITOR, Settings
 from rounds.ids import ConnId, FrontDoorId, ResourceId, SessionId, ShardId, UserId, conn_id
 from rounds.link import LinkMessage
 from rounds.wire import (
@@ -49,6 +49,7 @@ from rounds.wire import (
     LeaveResource,
     MessageType,
     ProtocolError,
+    ResourceUpdate,
     codec_for,
     error_data,
     parse_request,
@@ -231,6 +232,8 @@ class FrontDoor:
                     self._join(client, request)
                 case LeaveResource():
                     self._leave(client, request)
+                case ResourceUpdate():
+                    self._update(client, request)
         except ProtocolError as exc:
             self._send(client, MessageType.ERROR, error_data(exc.code, exc.message), exc.ref)
         except Exception:  # our bug: log it, tell the client without internals, keep going
@@ -273,6 +276,21 @@ class FrontDoor:
         if not self._to_shard(rid, Leave(client.conn, req.ref, rid)):
             # The shard is away: its Sync on relink drops this membership.
             self._send(client, MessageType.RESOURCE_LEFT, {"resourceId": rid}, req.ref)
+
+    def _update(self, client: Client, req: ResourceUpdate) -> None:
+        join = client.rooms.get(req.resource_id)
+        if join is None:
+            raise ProtocolError(ErrorCode.NOT_JOINED, f"not joined to {req.resource_id}", req.ref)
+        if join.mode != EDITOR:
+            # seed BE-001.2 "Join resource as viewer": updates are refused.
+            self._audit("PERMISSION_DENIED", client, outcome="denied", resource=req.resource_id,
+                        details={"action": "update", "mode": join.mode})
+            self._send(client, MessageType.PERMISSION_DENIED, error_data(
+                ErrorCode.PERMISSION_DENIED, "viewers may not update the document",
+                resourceId=req.resource_id, mode=join.mode), req.ref)
+            return
+        # TODO(#4): Y.js documents: validate, apply, UPDATE_ACK and relay.
+        raise ProtocolError(ErrorCode.UNSUPPORTED, "document updates are not served yet", req.ref)
 
     def _to_shard(self, rid: ResourceId, msg: LinkMessage) -> bool:
         shard = self.links.route(rid)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -56,6 +57,8 @@ def _from_wire(items: list[Any]) -> LinkMessage:
     cls = _CLASSES[items[0]]
     if cls is Sync:
         return Sync(items[1], tuple(_from_wire(j) for j in items[2]))  # type: ignore[misc]
+    if cls is Deliver:
+        return Deliver(tuple(items[1]), items[2], items[3])
     return cls(*items[1:])
 
 
@@ -83,13 +86,15 @@ class LinkProtocol(asyncio.Protocol):
     # --- asyncio.Protocol ---------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # uvloop's transports are not subclasses of asyncio.Transport: no isinstance.
+        self._transport = transport  # type: ignore[assignment]
         sock = transport.get_extra_info("socket")
         if sock is not None:
-            import socket
-
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    @property
+    def connected(self) -> bool:
+        return self._transport is not None and not self.closed
 
     def data_received(self, data: bytes) -> None:
         buf = self._buf

@@ -33,6 +33,7 @@ class MessageType(enum.StrEnum):
     HEARTBEAT = "HEARTBEAT"
     JOIN_RESOURCE = "JOIN_RESOURCE"
     LEAVE_RESOURCE = "LEAVE_RESOURCE"
+    RESOURCE_UPDATE = "RESOURCE_UPDATE"  # also server -> client (relayed)
     # server -> client
     CONNECTED = "CONNECTED"
     HEARTBEAT_ACK = "HEARTBEAT_ACK"
@@ -54,6 +55,7 @@ class ErrorCode(enum.StrEnum):
     ALREADY_JOINED = "ALREADY_JOINED"
     PERMISSION_DENIED = "PERMISSION_DENIED"
     TOO_MANY_ROOMS = "TOO_MANY_ROOMS"
+    UNSUPPORTED = "UNSUPPORTED"  # known request the gateway does not serve yet
     UNAVAILABLE = "UNAVAILABLE"  # the shard owning the resource is not reachable right now
     INTERNAL = "INTERNAL"  # our bug; details are in the server log, never sent
 
@@ -90,7 +92,14 @@ class LeaveResource:
     resource_id: ResourceId
 
 
-Request = Heartbeat | JoinResource | LeaveResource
+@dataclass(frozen=True, slots=True)
+class ResourceUpdate:
+    ref: Any
+    resource_id: ResourceId
+    update: bytes
+
+
+Request = Heartbeat | JoinResource | LeaveResource | ResourceUpdate
 
 
 class ProtocolError(Exception):
@@ -135,7 +144,7 @@ class JsonCodec:
             raise ProtocolError(ErrorCode.BAD_REQUEST, "binary frame on a JSON connection")
         try:
             return json.loads(frame)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: absurdly nested input
             raise ProtocolError(ErrorCode.BAD_REQUEST, "frame is not valid JSON") from None
 
 
@@ -175,7 +184,7 @@ def parse_request(codec: Codec, frame: str | bytes) -> Request:
     if not isinstance(obj, dict):
         raise ProtocolError(ErrorCode.BAD_REQUEST, "frame must be an object with a 'type'")
     ref = obj.get("ref")
-    if ref is not None and not isinstance(ref, (str, int)):
+    if ref is not None and (not isinstance(ref, (str, int)) or isinstance(ref, bool)):
         raise ProtocolError(ErrorCode.BAD_REQUEST, "'ref' must be a string or an integer")
     type_ = obj.get("type")
     if not isinstance(type_, str):
@@ -235,10 +244,19 @@ def _leave(codec: Codec, ref: Any, data: dict[str, Any]) -> LeaveResource:
     return LeaveResource(ref, _resource_id(data, ref))
 
 
+def _update(codec: Codec, ref: Any, data: dict[str, Any]) -> ResourceUpdate:
+    resource_id = _resource_id(data, ref)
+    update = _binary(codec, data, "update", ref)
+    if not update:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "'update' is required (a Y.js update)", ref)
+    return ResourceUpdate(ref, resource_id, update)
+
+
 _PARSERS = {
     MessageType.HEARTBEAT: _heartbeat,
     MessageType.JOIN_RESOURCE: _join,
     MessageType.LEAVE_RESOURCE: _leave,
+    MessageType.RESOURCE_UPDATE: _update,
 }
 
 

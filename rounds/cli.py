@@ -1,0 +1,175 @@
+"""`rounds` command line: up, token, status, bench.
+
+The only place (with the benchmark entry) that reads `os.environ`: settings
+are loaded once here and passed down.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from rounds.config import Settings, load_settings
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="rounds", description="Real-time collaboration gateway.")
+    parser.add_argument("--config", help="TOML settings file (default: $ROUNDS_CONFIG)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="start the gateway on Ray and serve until Ctrl-C / SIGTERM")
+    up.add_argument("--port", type=int)
+    up.add_argument("--host")
+    up.add_argument("--shards", type=int)
+    up.add_argument("--frontdoors", type=int)
+    up.add_argument("--address", help="join this Ray cluster instead of starting a local one")
+    up.set_defaults(func=_up)
+
+    token = sub.add_parser("token", help="mint a development token (RS256, dev key pair)")
+    token.add_argument("--user", required=True)
+    token.add_argument("--role", required=True)
+    token.add_argument("--username")
+    token.add_argument("--ttl", default="24h", help="lifetime: 90s, 15m, 24h, 7d")
+    token.set_defaults(func=_token)
+
+    status = sub.add_parser("status", help="shards, front doors, connections and rooms of the running gateway")
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(func=_status)
+
+    from rounds.bench.cli import add_parser as add_bench_parser
+
+    add_bench_parser(sub)
+    args = parser.parse_args(argv)
+    args.settings = load_settings(args.config, os.environ)
+    return int(args.func(args) or 0)
+
+
+def _overrides(settings: Settings, args: argparse.Namespace) -> Settings:
+    changes = {k: getattr(args, k) for k in ("port", "host", "shards", "frontdoors") if getattr(args, k, None)}
+    if getattr(args, "address", None):
+        changes["ray_address"] = args.address
+    return settings.replace(**changes)
+
+
+def _state_file(settings: Settings) -> Path:
+    return Path(settings.var_dir) / "cluster.json"
+
+
+def _up(args: argparse.Namespace) -> int:
+    from rounds import logs
+    from rounds.cluster.launch import Gateway, gcs_address
+
+    logs.configure()
+    settings = _overrides(args.settings, args)
+    print(f"rounds: starting {settings.shards} shards and {settings.frontdoors} front doors ...", flush=True)
+    gateway = Gateway.start(settings)
+    # After Ray's start: `ray.init` installs a SIGTERM handler of its own.
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    state = {"gcsAddress": gcs_address(), "namespace": settings.ray_namespace, "url": gateway.url,
+             "health": gateway.health_url, "dashboard": gateway.dashboard_url, "pid": os.getpid()}
+    state_file = _state_file(settings)
+    state_file.parent.mkdir(parents=True, exist_ok=True)
+    state_file.write_text(json.dumps(state, indent=2))
+    print(f"""
+  WebSocket   {gateway.url}
+  Health      {gateway.health_url}
+  Dashboard   {gateway.dashboard_url or "(Ray dashboard not available)"}
+  Backends    redis={settings.redis_url or "embedded"}
+  Token       rounds token --user usr_12345 --role surgeon
+  Status      rounds status
+
+Ctrl-C or SIGTERM drains: clients get a close frame (1001) and the gateway stops.""", flush=True)
+    stop.wait()
+    started = time.monotonic()
+    print("rounds: draining ...", flush=True)
+    gateway.stop(drain=True)
+    state_file.unlink(missing_ok=True)
+    print(f"rounds: stopped in {time.monotonic() - started:.1f}s", flush=True)
+    return 0
+
+
+def _token(args: argparse.Namespace) -> int:
+    from rounds.auth import mint_token, parse_ttl, private_key_for_dev
+
+    settings: Settings = args.settings
+    token = mint_token(private_key_for_dev(settings), user_id=args.user, role=args.role,
+                       username=args.username, ttl_s=parse_ttl(args.ttl),
+                       issuer=settings.jwt.issuer, audience=settings.jwt.audience)
+    print(token)
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    settings: Settings = args.settings
+    state_file = _state_file(settings)
+    if not state_file.exists():
+        print(f"rounds: no running gateway found ({state_file} is missing); start one with `rounds up`",
+              file=sys.stderr)
+        return 1
+    state = json.loads(state_file.read_text())
+    if not _alive(state.get("pid")):
+        print(f"rounds: the gateway recorded in {state_file} (pid {state.get('pid')}) is not running",
+              file=sys.stderr)
+        state_file.unlink(missing_ok=True)
+        return 1
+    # A local head started by `ray.init` uses token authentication (token in
+    # ~/.ray/auth_token); a client presents it only in that mode, which Ray
+    # reads when it is imported.
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    from rounds.cluster.launch import connect, running_status
+
+    connect(state["gcsAddress"], state["namespace"])
+    status = running_status(state["namespace"])
+    if args.json:
+        print(json.dumps({**state, **status}, indent=2, default=str))
+        return 0
+    _print_status(state, status)
+    return 0
+
+
+def _alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _print_status(state: dict[str, Any], status: dict[str, Any]) -> None:
+    print(f"gateway {state['url']}  dashboard {state.get('dashboard')}")
+    print(f"\n{'shard':<10}{'address':<24}{'conns':>7}{'rooms':>7}{'members':>9}  mirror")
+    for s in status["shards"]:
+        if "error" in s:
+            print(f"{s['name']:<10}{'DOWN: ' + s['error']}")
+            continue
+        mirror = s["mirror"]
+        print(f"shard-{s['shard']:<4}{s['address']:<24}{s['connections']:>7}{s['rooms']:>7}{s['members']:>9}"
+              f"  {mirror['backend']} queued={mirror['queued']} dropped={mirror['dropped']}")
+    print(f"\n{'front door':<14}{'conns':>7}{'users':>7}{'rooms':>7}{'rejected':>10}  shards linked")
+    for f in status["frontdoors"]:
+        if "error" in f:
+            print(f"{f['name']:<14}{'DOWN: ' + f['error']}")
+            continue
+        linked = sum(1 for up in f["shards"].values() if up)
+        print(f"frontdoor-{f['frontdoor']:<4}{f['connections']:>7}{f['users']:>7}{f['rooms']:>7}"
+              f"{f['rejected']:>10}  {linked}/{len(f['shards'])}")
+    conns = sum(f.get("connections", 0) for f in status["frontdoors"])
+    rooms = sum(s.get("rooms", 0) for s in status["shards"])
+    print(f"\ntotal: {conns} connections, {rooms} rooms")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

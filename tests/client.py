@@ -1,0 +1,118 @@
+"""A small test client for the `/ws` protocol, over a real WebSocket.
+
+Frames that arrive while a test waits for another type are kept, so tests
+can assert on everything a client received (and on what it did not).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+
+@dataclass
+class Frame:
+    type: str
+    data: dict[str, Any]
+    ref: Any = None
+
+
+@dataclass
+class Client:
+    ws: ClientConnection
+    binary: bool = False
+    inbox: list[Frame] = field(default_factory=list)
+    seen: list[Frame] = field(default_factory=list)
+    connected: Frame | None = None
+
+    @classmethod
+    async def connect(cls, url: str, token: str | None, *, binary: bool = False, **kwargs: Any) -> Client:
+        target = f"{url}?token={token}" if token is not None else url
+        subprotocols = ["rounds.v1.msgpack"] if binary else None
+        ws = await connect(target, subprotocols=subprotocols, open_timeout=10, **kwargs)
+        client = cls(ws, binary)
+        client.connected = await client.expect("CONNECTED")
+        return client
+
+    async def send(self, type_: str, data: dict[str, Any] | None = None, ref: Any = None) -> None:
+        frame: dict[str, Any] = {"type": type_, "data": data or {}}
+        if ref is not None:
+            frame["ref"] = ref
+        await self.ws.send(msgpack.packb(frame) if self.binary else json.dumps(frame))
+
+    async def send_raw(self, payload: str | bytes) -> None:
+        await self.ws.send(payload)
+
+    async def _next(self, timeout: float) -> Frame:
+        raw = await asyncio.wait_for(self.ws.recv(), timeout)
+        obj = msgpack.unpackb(raw) if isinstance(raw, bytes) else json.loads(raw)
+        frame = Frame(obj["type"], obj.get("data", {}), obj.get("ref"))
+        self.seen.append(frame)
+        return frame
+
+    async def expect(self, type_: str, timeout: float = 5.0, **match: Any) -> Frame:
+        """The next frame of this type (and data fields), keeping the others."""
+        for i, frame in enumerate(self.inbox):
+            if frame.type == type_ and all(frame.data.get(k) == v for k, v in match.items()):
+                return self.inbox.pop(i)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            frame = await self._next(max(0.0, deadline - loop.time()))
+            if frame.type == type_ and all(frame.data.get(k) == v for k, v in match.items()):
+                return frame
+            self.inbox.append(frame)
+
+    async def request(self, type_: str, data: dict[str, Any] | None = None, ref: Any = "r") -> Frame:
+        """Send and return the direct reply (the next frame with our ref)."""
+        await self.send(type_, data, ref)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 5.0
+        while True:
+            frame = await self._next(max(0.0, deadline - loop.time()))
+            if frame.ref == ref:
+                return frame
+            self.inbox.append(frame)
+
+    async def join(self, resource: str, mode: str = "editor", **extra: Any) -> Frame:
+        return await self.request("JOIN_RESOURCE", {"resourceId": resource, "resourceType": "patient_record",
+                                                    "mode": mode, **extra}, ref=f"join:{resource}")
+
+    async def quiet(self, seconds: float = 0.3) -> list[Frame]:
+        """Everything that arrives within `seconds` (plus what was kept)."""
+        frames, self.inbox = self.inbox, []
+        try:
+            while True:
+                frames.append(await self._next(seconds))
+        except (TimeoutError, ConnectionClosed):
+            return frames
+
+    async def closed(self, timeout: float = 5.0) -> int | None:
+        """Wait for the server to close us; returns the close code."""
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    await self._next(timeout)
+        except ConnectionClosed:
+            pass
+        return self.ws.close_code
+
+    async def close(self) -> None:
+        await self.ws.close()
+
+
+async def refused(url: str, token: str | None = None, **kwargs: Any) -> tuple[int, dict[str, Any]]:
+    """Connect expecting an HTTP refusal; returns (status, JSON body)."""
+    target = f"{url}?token={token}" if token is not None else url
+    try:
+        ws = await connect(target, open_timeout=10, **kwargs)
+    except InvalidStatus as exc:
+        return exc.response.status_code, json.loads(bytes(exc.response.body or b"{}"))
+    await ws.close()
+    raise AssertionError("the connection was accepted")

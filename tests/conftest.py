@@ -1,0 +1,125 @@
+"""Shared fixtures: real Redis, one local Ray per test session, gateways on it.
+
+Ray starts once (it takes several seconds) and every gateway of the session
+runs on it in its own Ray namespace; whatever these fixtures start, they
+stop. Redis is the real server (`ROUNDS_TEST_REDIS_URL`, default database
+15, flushed at the start of the session).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from rounds.auth import mint_token, private_key_for_dev
+from rounds.config import JwtSettings, Settings
+
+REDIS_URL = os.environ.get("ROUNDS_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2)
+    try:
+        client.ping()
+    except redis.exceptions.ConnectionError as exc:
+        pytest.fail(f"Redis is not reachable at {REDIS_URL} ({exc}); `make test` starts it")
+    client.flushdb()
+    client.close()
+    return REDIS_URL
+
+
+@pytest.fixture
+def rdb(redis_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def var_root() -> Iterator[Path]:
+    with tempfile.TemporaryDirectory(prefix="rounds-test-") as root:
+        yield Path(root)
+
+
+@pytest.fixture(scope="session")
+def ray_session() -> Iterator[None]:
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(namespace="rounds-tests", include_dashboard=False, num_cpus=2,
+             logging_level="WARNING", log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+class GatewayHandle:
+    """A gateway on the session's Ray, with what tests need to talk to it."""
+
+    def __init__(self, settings: Settings) -> None:
+        from rounds.cluster.launch import Gateway
+
+        self.settings = settings
+        self.gateway = Gateway.start(settings)
+        self.url = self.gateway.url
+        self._key = private_key_for_dev(settings)
+
+    def token(self, user: str, role: str = "surgeon", **kwargs: object) -> str:
+        jwt = self.settings.jwt
+        kwargs.setdefault("issuer", jwt.issuer)
+        kwargs.setdefault("audience", jwt.audience)
+        return mint_token(self._key, user_id=user, role=role, **kwargs)  # type: ignore[arg-type]
+
+    @property
+    def audit_dir(self) -> Path:
+        return Path(self.settings.var_dir) / "audit"
+
+    def stop(self) -> None:
+        self.gateway.stop(drain=True)
+
+
+def gateway_settings(var_root: Path, name: str, **changes: object) -> Settings:
+    var_dir = var_root / name
+    var_dir.mkdir(parents=True, exist_ok=True)
+    base = Settings(port=free_port(), var_dir=str(var_dir), ray_namespace=f"rounds-test-{name}")
+    return base.replace(**changes)
+
+
+@pytest.fixture(scope="session")
+def gateway(ray_session: None, redis_url: str, var_root: Path) -> Iterator[GatewayHandle]:
+    """The main gateway: 2 shards, 2 front doors sharing a port, Redis on."""
+    handle = GatewayHandle(gateway_settings(var_root, "main", shards=2, frontdoors=2, redis_url=redis_url))
+    yield handle
+    handle.stop()
+
+
+@pytest.fixture(scope="session")
+def tight_gateway(ray_session: None, redis_url: str, var_root: Path) -> Iterator[GatewayHandle]:
+    """Short timeouts, a small connection cap and issuer/audience checks."""
+    handle = GatewayHandle(gateway_settings(
+        var_root, "tight", shards=1, frontdoors=1, redis_url=redis_url,
+        idle_timeout_ms=1500, heartbeat_interval_ms=400, ping_timeout_ms=400,
+        max_connections_per_frontdoor=4, max_frame_bytes=4096,
+        jwt=JwtSettings(issuer="https://idp.hospital.test", audience="rounds"),
+    ))
+    yield handle
+    handle.stop()
+
+
+@pytest.fixture
+def uid() -> str:
+    """A short unique suffix so tests sharing a gateway never share rooms or users."""
+    return uuid.uuid4().hex[:8]
