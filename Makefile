@@ -27,8 +27,8 @@ STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 RUN_ARGS    ?=
 
-# Redis the tests use (db 0 on the loopback server that `services` ensures).
-TEST_REDIS_URL ?= redis://127.0.0.1:6379/0
+# Redis the tests use (db 15, flushed per session, on the loopback server that `services` ensures).
+TEST_REDIS_URL ?= redis://127.0.0.1:6379/15
 
 # Ray must not try to phone home from tests or CI (no network here).
 export RAY_USAGE_STATS_ENABLED ?= 0
