@@ -1,0 +1,248 @@
+"""`rounds bench ...`: the benchmark commands.
+
+Belongs here: the argparse tree under `bench`, reading the environment (once,
+in the handler, through `load_settings`), starting and stopping the gateway a
+run targets, writing the report files. Must not be here: the benchmarks
+themselves (`presence.py`, later `locks` and `crdt`).
+
+The main CLI calls `add_parser(subparsers)` and then `args.func(args)`, which
+returns the exit code: 0 the run completed without failures; 1 it completed
+with failures or was stopped early (the report is written either way);
+2 bad arguments (such as a target that is not on loopback); 3 the gateway
+could not be started; 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import os
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rounds.auth import private_key_for_dev
+from rounds.bench.loadgen import require_loopback_url
+from rounds.bench.presence import PresenceOptions, format_table, run_presence
+from rounds.config import Settings, load_settings
+
+# matplotlib (`rounds.bench.plot`) and Ray (`rounds.cluster.launch`) are
+# imported where used: every `rounds` command builds this parser, and they
+# cost seconds to import.
+
+EXIT_OK, EXIT_FAILURES, EXIT_USAGE, EXIT_GATEWAY, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+
+
+def add_parser(subparsers: Any) -> None:
+    """Add `bench` and its benchmarks to the main CLI's subparsers."""
+    bench = subparsers.add_parser("bench", help="load benchmarks against a local gateway")
+    kinds = bench.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
+    _add_presence(kinds)
+    # `locks` and `crdt` get their own `_add_...` here, sharing `_add_target_options`.
+
+
+def _add_presence(kinds: Any) -> None:
+    defaults = PresenceOptions()
+    parser = kinds.add_parser(
+        "presence",
+        help="users join rooms, heartbeat and churn; measures latencies and gateway CPU/RSS",
+        description=(
+            "N simulated users connect over WebSocket, join rooms (page:/bench/room-K), send "
+            "HEARTBEAT and leave/rejoin their room at random. Reports p50/p95/p99/max of connect, "
+            "join->RESOURCE_STATE, join->USER_JOINED fan-out and heartbeat RTT, failures, and the "
+            "gateway's CPU and peak RSS, as JSON and PNG in --out."
+        ),
+    )
+    parser.add_argument("--users", type=int, default=defaults.users, help="simulated users (default %(default)s)")
+    parser.add_argument("--room-size", type=int, default=defaults.room_size, help="users per room (default %(default)s)")
+    parser.add_argument(
+        "--duration", type=float, default=defaults.duration_s, metavar="S",
+        help="measured seconds after all users are connected (default %(default)s)",
+    )
+    parser.add_argument(
+        "--churn-s", type=float, default=defaults.churn_s, metavar="S",
+        help="mean seconds between two leave+rejoin of one user, 0 for none (default %(default)s)",
+    )
+    parser.add_argument(
+        "--heartbeat-s", type=float, default=defaults.heartbeat_s, metavar="S",
+        help="seconds between two HEARTBEATs of one user (default %(default)s)",
+    )
+    parser.add_argument(
+        "--processes", type=int, default=defaults.processes,
+        help="load generator worker processes, each owning whole rooms (default %(default)s)",
+    )
+    parser.add_argument(
+        "--connect-concurrency", type=int, default=defaults.connect_concurrency, metavar="N",
+        help="connection attempts in flight at once, over all workers (default %(default)s)",
+    )
+    parser.add_argument("--deflate", action="store_true", help="offer permessage-deflate, as browsers do")
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of the churn and heartbeat timing")
+    _add_target_options(parser)
+    parser.set_defaults(func=run_presence_command)
+
+
+def _add_target_options(parser: argparse.ArgumentParser) -> None:
+    target = parser.add_argument_group("target")
+    target.add_argument("--url", help="bench this running gateway (ws://127.0.0.1:PORT/ws) instead of starting one")
+    target.add_argument(
+        "--pid", type=int, action="append", default=None,
+        help="with --url: a gateway process to sample for CPU/RSS (repeatable; none: not reported)",
+    )
+    target.add_argument("--shards", type=int, help="shards of the gateway the bench starts")
+    target.add_argument("--frontdoors", type=int, help="front doors of the gateway the bench starts")
+    target.add_argument("--port", type=int, help="port of the gateway the bench starts")
+    output = parser.add_argument_group("output")
+    output.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for the JSON and PNG (default bench/results)")
+    output.add_argument("--no-plot", action="store_true", help="write the JSON report only")
+
+
+# --- the handler -----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Target:
+    url: str
+    pids: list[int] | None
+    info: dict[str, Any]
+
+
+class _UsageError(Exception):
+    pass
+
+
+def run_presence_command(args: argparse.Namespace) -> int:
+    """Run `rounds bench presence`; see the module docstring for exit codes."""
+    try:
+        options = PresenceOptions(
+            users=args.users,
+            room_size=args.room_size,
+            processes=args.processes,
+            duration_s=args.duration,
+            churn_s=args.churn_s,
+            heartbeat_s=args.heartbeat_s,
+            connect_concurrency=args.connect_concurrency,
+            deflate=args.deflate,
+            seed=args.seed,
+        )
+        options.check()
+        _check_target_options(args)
+    except (ValueError, _UsageError) as error:
+        return _fail(EXIT_USAGE, str(error))
+    # The main CLI loads the settings once and hands them over as `args.settings`;
+    # when called without them this is the one read of the environment (STYLE.md 10).
+    settings = getattr(args, "settings", None) or load_settings(getattr(args, "config", None), env=os.environ)
+    try:
+        with _target(args, settings) as target:
+            return _run_and_write(options, settings, target, args.out, plot=not args.no_plot)
+    except _UsageError as error:
+        return _fail(EXIT_USAGE, str(error))
+    except _GatewayError as error:
+        return _fail(EXIT_GATEWAY, str(error))
+    except KeyboardInterrupt:
+        return _fail(EXIT_INTERRUPTED, "interrupted")
+
+
+def _check_target_options(args: argparse.Namespace) -> None:
+    if args.url is None:
+        if args.pid:
+            raise _UsageError("--pid goes with --url (the bench samples the gateway it starts by itself)")
+        return
+    require_loopback_url(args.url)
+    given = [f"--{name}" for name in ("shards", "frontdoors", "port") if getattr(args, name) is not None]
+    if given:
+        raise _UsageError(f"{', '.join(given)}: only for the gateway the bench starts, not with --url")
+
+
+class _GatewayError(Exception):
+    pass
+
+
+@contextmanager
+def _target(args: argparse.Namespace, settings: Settings) -> Iterator[_Target]:
+    """The gateway to bench: the one at --url, else one started here and stopped after."""
+    if args.url is not None:
+        yield _Target(args.url, args.pid, {"url": args.url, "own_gateway": False, "pids": args.pid})
+        return
+    try:
+        from rounds.cluster.launch import Gateway
+    except ImportError as error:
+        raise _GatewayError(f"cannot start a gateway (rounds.cluster.launch): {error}") from error
+    changes = {name: getattr(args, name) for name in ("shards", "frontdoors", "port") if getattr(args, name) is not None}
+    if not _is_loopback_host(settings.host):
+        changes["host"] = "127.0.0.1"  # the bench's own gateway never listens beyond this machine
+    gateway_settings = settings.replace(**changes)
+    _log(f"bench: starting a gateway ({gateway_settings.shards} shards, {gateway_settings.frontdoors} front doors)")
+    started = time.monotonic()
+    try:
+        gateway = Gateway.start(gateway_settings)
+    except Exception as error:  # whatever went wrong, the bench cannot run: say what and stop
+        raise _GatewayError(f"the gateway did not start: {type(error).__name__}: {error}") from error
+    try:
+        pids = list(gateway.pids())
+        _log(f"bench: gateway up at {gateway.url} in {time.monotonic() - started:.1f} s, pids {pids}")
+        yield _Target(
+            gateway.url,
+            pids,
+            {
+                "url": gateway.url,
+                "own_gateway": True,
+                "pids": pids,
+                "shards": gateway_settings.shards,
+                "frontdoors": gateway_settings.frontdoors,
+                "port": gateway_settings.port,
+            },
+        )
+    finally:
+        _log("bench: stopping the gateway")
+        gateway.stop()
+
+
+def _run_and_write(options: PresenceOptions, settings: Settings, target: _Target, out: Path, plot: bool) -> int:
+    try:
+        require_loopback_url(target.url)
+    except ValueError as error:
+        raise _UsageError(str(error)) from None
+    run = run_presence(options, target.url, private_key_for_dev(settings), target.pids, _log, target.info)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"presence-{options.users}u-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+    json_path, png_path = out / f"{stem}.json", out / f"{stem}.png"
+    # Names only: the two files sit side by side, wherever the folder is moved.
+    run.report["files"] = {"json": json_path.name, "png": png_path.name if plot else None}
+    if plot:
+        from rounds.bench.plot import plot_presence
+
+        plot_presence(run.report, run.samples, png_path)
+    _write_json(json_path, run.report)
+    print(format_table(run.report))
+    print(f"\nreport: {json_path}" + (f"\nchart:  {png_path}" if plot else ""))
+    return EXIT_OK if run.report["ok"] else EXIT_FAILURES
+
+
+def _write_json(path: Path, report: dict[str, Any]) -> None:
+    temp = path.with_suffix(".json.tmp")
+    temp.write_text(json.dumps(report, indent=2) + "\n")
+    temp.replace(path)
+
+
+def _is_loopback_host(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _log(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _fail(code: int, message: str) -> int:
+    _log(f"rounds bench: {message}")
+    return code

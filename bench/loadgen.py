@@ -1,0 +1,735 @@
+"""The presence load generator: one worker process driving whole rooms of users.
+
+Belongs here: what one worker process does (mint its users' tokens, connect
+them in bounded waves, join, heartbeat, churn, time every reply) and the
+messages it exchanges with the parent. Must not be here: percentiles
+(`stats.py`), sampling the gateway's processes, the report (`presence.py`).
+Reads no environment: its whole input is a `WorkerPlan`.
+
+A room never spans two workers, so the joiner's send time and the other
+members' receipt of `USER_JOINED` are read from one `time.perf_counter()`.
+A join is owed a `USER_JOINED` by each member that had its own
+RESOURCE_STATE when the join was sent and has not left or dropped since; once
+the joiner's RESOURCE_STATE came, a receipt still owed `fanout_timeout_s`
+after the send counts as `missing_user_joined`. Receipts by members that were
+joining or leaving meanwhile are timed too, but never counted as missing.
+Frames are the `/ws` protocol v1 in JSON (DESIGN.md, "Wire protocol v1").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import random
+import signal
+import time
+import traceback
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+import uvloop
+from cryptography.hazmat.primitives import serialization
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+
+from rounds.auth import mint_token
+from rounds.wire import MessageType
+
+RAMP, MEASURED, DRAIN = "ramp", "measured", "drain"
+PROGRESS_EVERY_S = 1.0
+SWEEP_EVERY_S = 0.5
+CLOSE_TIMEOUT_S = 5.0
+MAX_ERROR_TEXTS = 10
+
+
+# --- the URL rule -------------------------------------------------------------
+
+
+def require_loopback_url(url: str) -> str:
+    """Return `url` if it is `ws://` or `wss://` to a loopback host, else raise ValueError.
+
+    The load generator opens thousands of connections: it may only aim at
+    this machine (127.0.0.0/8, ::1 or the name `localhost`), never elsewhere.
+    """
+    parts = urlsplit(url)
+    if parts.scheme not in ("ws", "wss"):
+        raise ValueError(f"not a WebSocket URL (ws:// or wss://): {url!r}")
+    try:
+        host = parts.hostname
+        parts.port  # noqa: B018 - raises ValueError for a malformed port
+    except ValueError as error:
+        raise ValueError(f"malformed URL {url!r}: {error}") from None
+    if not host:
+        raise ValueError(f"URL has no host: {url!r}")
+    if host.lower() == "localhost":
+        return url
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"only loopback targets are allowed, not the name {host!r}") from None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    if not address.is_loopback:
+        raise ValueError(f"only loopback targets are allowed, not {host!r}")
+    return url
+
+
+def bench_user_id(index: int) -> str:
+    """The id of simulated user `index`; its token's `sub` and `userId`."""
+    return f"bench-u{index}"
+
+
+def url_with_token(url: str, token: str) -> str:
+    """Append `token=JWT` to the query (JWTs are URL-safe base64 with dots)."""
+    return f"{url}{'&' if '?' in url else '?'}token={token}"
+
+
+# --- messages between parent and workers ----------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RoomPlan:
+    resource_id: str
+    members: tuple[int, ...]  # user indexes, see `bench_user_id`
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerPlan:
+    """Everything a worker needs. Deadlines are `time.monotonic()` readings,
+    a clock shared by all processes of the machine."""
+
+    index: int
+    url: str  # ws://HOST:PORT/ws, without the token
+    private_key_pem: bytes
+    role: str
+    rooms: tuple[RoomPlan, ...]
+    heartbeat_s: float
+    churn_s: float  # mean time between two churns of one user; 0 disables churn
+    connect_concurrency: int
+    deflate: bool
+    seed: int
+    ramp_deadline: float  # connects and first joins not done by then count as failed
+    hard_deadline: float  # the worker must have sent its result by then
+    reply_timeout_s: float = 5.0  # RESOURCE_STATE, RESOURCE_LEFT, HEARTBEAT_ACK
+    fanout_timeout_s: float = 5.0  # USER_JOINED missing after this counts as a failure
+
+
+@dataclass(frozen=True, slots=True)
+class Go:
+    """Parent to worker: start the measured phase, end it at `until` (monotonic)."""
+
+    until: float
+
+
+@dataclass(frozen=True, slots=True)
+class Stop:
+    """Parent to worker: wind down now and send the result."""
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    worker: int
+    phase: str
+    connected: int
+    connect_failures: int
+    joined: int
+    frames_received: int
+
+
+@dataclass(frozen=True, slots=True)
+class Ready:
+    worker: int
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerResult:
+    """Raw samples in ms by phase (of the request's send) and metric, and counters."""
+
+    worker: int
+    users: int
+    connected_at_end: int
+    samples: dict[str, dict[str, list[float]]]
+    counts: dict[str, Any]
+    errors: list[str]
+    deadline_hit: bool
+
+
+WorkerMessage = Progress | Ready | WorkerResult
+
+
+# --- the worker's state ---------------------------------------------------------
+
+
+class _User:
+    __slots__ = ("user_id", "index", "room", "token", "ws", "joined", "closing", "futures", "heartbeats", "ref")
+
+    def __init__(self, index: int, room: Room) -> None:
+        self.user_id = bench_user_id(index)
+        self.index = index
+        self.room = room
+        self.token = ""
+        self.ws: ClientConnection | None = None
+        self.joined = False  # RESOURCE_STATE received and no LEAVE sent since
+        self.closing = False  # we are closing it: a close is then expected
+        self.futures: dict[int, asyncio.Future[tuple[float, dict[str, Any]]]] = {}
+        self.heartbeats: dict[int, tuple[float, str]] = {}  # ref -> (sent at, phase)
+        self.ref = 0
+
+    def next_ref(self) -> int:
+        self.ref += 1
+        return self.ref
+
+
+@dataclass(slots=True)
+class JoinRecord:
+    """One JOIN_RESOURCE sent, and who should and did see its USER_JOINED."""
+
+    sent_at: float
+    phase: str
+    expected: set[str]  # members joined when it was sent, minus those that left since
+    received: set[str] = field(default_factory=set)
+    confirmed: bool = False  # RESOURCE_STATE came: the others are owed a USER_JOINED
+
+
+class Room:
+    __slots__ = ("resource_id", "users", "pending")
+
+    def __init__(self, resource_id: str) -> None:
+        self.resource_id = resource_id
+        self.users: list[_User] = []
+        self.pending: dict[str, list[JoinRecord]] = {}  # joiner -> its recent joins
+
+    def expect_join(self, joiner: _User, sent_at: float, phase: str) -> JoinRecord:
+        expected = {u.user_id for u in self.users if u.joined and u is not joiner}
+        record = JoinRecord(sent_at, phase, expected)
+        self.pending.setdefault(joiner.user_id, []).append(record)
+        return record
+
+    def release(self, member: str) -> None:
+        """`member` left or dropped: it may or may not see joins in flight."""
+        for records in self.pending.values():
+            for record in records:
+                record.expected.discard(member)
+
+    def match(self, joiner: str, receiver: str) -> JoinRecord | None:
+        """The join a USER_JOINED at `receiver` answers: the oldest it was expected for,
+        else the oldest it has not seen (it joined or left while the join was in flight)."""
+        records = self.pending.get(joiner, ())
+        fallback = None
+        for record in records:
+            if receiver in record.received:
+                continue
+            if receiver in record.expected:
+                return record
+            fallback = fallback or record
+        return fallback
+
+    def expire(self, before: float | None) -> int:
+        """Drop joins sent before `before` (all if None); return the receipts missed.
+
+        A join still waiting for its RESOURCE_STATE is kept (unless all are
+        dropped): if it fails, nobody was owed a USER_JOINED."""
+        missing = 0
+        for joiner, records in list(self.pending.items()):
+            keep = []
+            for record in records:
+                if before is not None and record.sent_at >= before:
+                    keep.append(record)
+                elif record.confirmed:
+                    missing += len(record.expected - record.received)
+                elif before is not None and record.expected:
+                    keep.append(record)  # its reply is still due; `_join` settles it
+            if keep:
+                self.pending[joiner] = keep
+            else:
+                del self.pending[joiner]
+        return missing
+
+    def settled(self) -> bool:
+        return all(r.expected <= r.received or not r.confirmed for rs in self.pending.values() for r in rs)
+
+
+class _Recorder:
+    """Samples by phase and metric, plus counters; all numbers stay raw."""
+
+    def __init__(self) -> None:
+        self.samples: dict[str, dict[str, list[float]]] = {RAMP: {}, MEASURED: {}}
+        self.counts: Counter[str] = Counter()
+        self.by_key: dict[str, Counter[str]] = {}
+        self.errors: list[str] = []
+
+    def sample(self, phase: str, metric: str, start: float, end: float) -> None:
+        self.samples.setdefault(phase, {}).setdefault(metric, []).append((end - start) * 1000.0)
+
+    def count(self, name: str, key: str | None = None, n: int = 1) -> None:
+        if key is None:
+            self.counts[name] += n
+        else:
+            self.by_key.setdefault(name, Counter())[key] += n
+
+    def error(self, text: str) -> None:
+        if len(self.errors) < MAX_ERROR_TEXTS:
+            self.errors.append(text)
+
+    def counts_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = dict(self.counts)
+        out.update({name: dict(counter) for name, counter in self.by_key.items()})
+        return out
+
+
+# --- the worker -----------------------------------------------------------------
+
+
+class Worker:
+    """Runs one `WorkerPlan` on the running event loop; see `worker_main`."""
+
+    def __init__(self, plan: WorkerPlan, send: Callable[[WorkerMessage], None]) -> None:
+        self.plan = plan
+        self.send = send
+        self.rec = _Recorder()
+        self.phase = RAMP
+        self.rooms: dict[str, Room] = {}
+        self.users: list[_User] = []
+        for room_plan in plan.rooms:
+            room = self.rooms[room_plan.resource_id] = Room(room_plan.resource_id)
+            for index in room_plan.members:
+                user = _User(index, room)
+                room.users.append(user)
+                self.users.append(user)
+        self.connected = 0
+        self.connected_at_end = 0  # open connections when the measured phase ended
+        self.readers: set[asyncio.Task[None]] = set()
+        self.stopping = asyncio.Event()
+        self.go: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+
+    # control from the parent
+
+    def on_control(self, message: Go | Stop | None) -> None:
+        """A control message arrived (None: the parent went away)."""
+        if isinstance(message, Go) and not self.go.done():
+            self.go.set_result(message.until)
+        elif not isinstance(message, Go):
+            self.stopping.set()
+
+    # the phases
+
+    async def run(self) -> WorkerResult:
+        loop = asyncio.get_running_loop()
+        deadline_hit = False
+        background = [asyncio.create_task(self._report_progress()), asyncio.create_task(self._sweep())]
+        try:
+            async with asyncio.timeout_at(_loop_time(loop, self.plan.hard_deadline - CLOSE_TIMEOUT_S - 1)):
+                await self._ramp()
+                self.send(self._progress())
+                self.send(Ready(self.plan.index))
+                until = await self._wait_for_go()
+                if until is not None:
+                    await self._measure(until)
+                await self._drain()
+        except TimeoutError:
+            deadline_hit = True
+            self.rec.error("worker hit its hard deadline")
+        except Exception:  # a bug in the load generator: report it with the partial result
+            self.rec.error(traceback.format_exc())
+        finally:
+            for task in background:
+                task.cancel()
+            await self._close_all()
+        return WorkerResult(
+            worker=self.plan.index,
+            users=len(self.users),
+            connected_at_end=self.connected_at_end,
+            samples=self.rec.samples,
+            counts=self.rec.counts_dict(),
+            errors=self.rec.errors,
+            deadline_hit=deadline_hit,
+        )
+
+    async def _ramp(self) -> None:
+        # Parsing the PEM costs ~80 ms (cryptography validates the RSA key), and
+        # `mint_token` would parse it per token; pyjwt signs with a loaded key
+        # object just as well, in ~1.5 ms a token.
+        key: Any = serialization.load_pem_private_key(self.plan.private_key_pem, password=None)
+        for user in self.users:
+            user.token = mint_token(
+                key,
+                user_id=user.user_id,
+                role=self.plan.role,
+                username=f"Bench User {user.index}",
+            )
+        slots = asyncio.Semaphore(max(1, self.plan.connect_concurrency))
+        tasks = [asyncio.create_task(self._connect_and_join(user, slots)) for user in self.users]
+        everyone = asyncio.gather(*tasks, return_exceptions=True)
+        stop = asyncio.create_task(self.stopping.wait())
+        remaining = max(0.0, self.plan.ramp_deadline - time.monotonic())
+        await asyncio.wait([everyone, stop], timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
+        everyone.cancel()  # the ramp deadline passed or the parent said stop
+        for outcome in await asyncio.gather(*tasks, return_exceptions=True):
+            if isinstance(outcome, Exception):
+                self.rec.error("".join(traceback.format_exception(outcome)))
+        for user in self.users:
+            if user.ws is None and not user.closing:
+                self.rec.count("connect_errors")
+                self.rec.count("connect_error_reasons", "ramp_timeout")
+                user.closing = True  # never retried
+            elif user.ws is not None and not user.joined:
+                self.rec.count("not_joined_after_ramp")
+
+    async def _wait_for_go(self) -> float | None:
+        stop = asyncio.create_task(self.stopping.wait())
+        await asyncio.wait([self.go, stop], return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
+        return self.go.result() if self.go.done() and not self.stopping.is_set() else None
+
+    async def _measure(self, until: float) -> None:
+        self.phase = MEASURED
+        drivers = [asyncio.create_task(self._drive(user)) for user in self.users if user.ws is not None]
+        stop = asyncio.create_task(self.stopping.wait())
+        await asyncio.wait([stop], timeout=max(0.0, until - time.monotonic()))
+        stop.cancel()
+        self.connected_at_end = self.connected
+        self.phase = DRAIN  # replies still due are filed under the phase they were sent in
+        for task in drivers:
+            task.cancel()
+        await asyncio.gather(*drivers, return_exceptions=True)
+
+    async def _drain(self) -> None:
+        """Give replies and fan-outs of the last requests their timeout to arrive."""
+        deadline = time.perf_counter() + self.plan.fanout_timeout_s
+        while time.perf_counter() < deadline and not self.stopping.is_set():
+            if all(room.settled() for room in self.rooms.values()) and not any(
+                user.heartbeats for user in self.users
+            ):
+                break
+            await asyncio.sleep(0.05)
+        for room in self.rooms.values():
+            self.rec.count("missing_user_joined", n=room.expire(None))
+        for user in self.users:
+            self.rec.count("heartbeat_timeouts", n=len(user.heartbeats))
+            user.heartbeats.clear()
+
+    async def _close_all(self) -> None:
+        open_users = [user for user in self.users if user.ws is not None]
+        for user in open_users:
+            user.closing = True
+        closes = [asyncio.create_task(user.ws.close()) for user in open_users if user.ws is not None]
+        if closes:
+            await asyncio.wait(closes, timeout=CLOSE_TIMEOUT_S)
+            for task in closes:
+                task.cancel()
+
+    # one user
+
+    async def _connect_and_join(self, user: _User, slots: asyncio.Semaphore) -> None:
+        async with slots:
+            if not await self._connect(user):
+                return
+        reader = asyncio.create_task(self._read(user))
+        self.readers.add(reader)
+        reader.add_done_callback(self.readers.discard)
+        await self._join(user)
+
+    async def _connect(self, user: _User) -> bool:
+        started = time.perf_counter()
+        timeout = max(0.1, min(10.0, self.plan.ramp_deadline - time.monotonic()))
+        try:
+            async with asyncio.timeout(timeout):
+                ws = await connect(
+                    url_with_token(self.plan.url, user.token),
+                    compression="deflate" if self.plan.deflate else None,
+                    proxy=None,
+                    open_timeout=None,  # the enclosing timeout covers upgrade and CONNECTED
+                    ping_interval=None,  # HEARTBEAT frames keep the session alive
+                    close_timeout=2,
+                    max_size=2**22,
+                    max_queue=None,  # read as fast as frames come; we only count them
+                )
+                first = await ws.recv()
+        except InvalidStatus as error:
+            return self._connect_failed(user, f"http_{error.response.status_code}{_unauthorized(error)}")
+        except (OSError, TimeoutError, InvalidHandshake, ConnectionClosed) as error:
+            return self._connect_failed(user, type(error).__name__)
+        ended = time.perf_counter()
+        message = _decode(first)
+        if message is None or message.get("type") != MessageType.CONNECTED:
+            user.closing = True
+            await ws.close()
+            return self._connect_failed(user, "first_frame_not_CONNECTED")
+        self._on_frame_counted(message)
+        user.ws = ws
+        self.connected += 1
+        self.rec.sample(RAMP, "connect_ms", started, ended)
+        return True
+
+    def _connect_failed(self, user: _User, reason: str) -> bool:
+        user.closing = True  # a failed user is not retried
+        self.rec.count("connect_errors")
+        self.rec.count("connect_error_reasons", reason)
+        return False
+
+    async def _join(self, user: _User) -> bool:
+        room, phase = user.room, self.phase
+        ref = user.next_ref()
+        frame = {
+            "type": MessageType.JOIN_RESOURCE,
+            "ref": ref,
+            "data": {"resourceId": room.resource_id, "resourceType": "bench", "mode": "editor"},
+        }
+        reply = self._expect_reply(user, ref)
+        sent_at = time.perf_counter()
+        record = room.expect_join(user, sent_at, phase)
+        sent = False
+        try:
+            sent = await self._send(user, frame)
+        finally:
+            if not sent:  # (also when cancelled) nobody owes us a USER_JOINED
+                record.expected.clear()
+        answer = await self._await_reply(user, ref, reply, "join_timeouts") if sent else None
+        if answer is None or answer[1].get("type") != MessageType.RESOURCE_STATE:
+            record.expected.clear()  # refused or lost: the others may never hear of it
+            return False
+        self.rec.sample(phase, "join_state_ms", sent_at, answer[0])
+        record.confirmed = True
+        user.joined = True
+        return True
+
+    async def _leave(self, user: _User) -> bool:
+        room, phase = user.room, self.phase
+        user.joined = False
+        room.release(user.user_id)
+        ref = user.next_ref()
+        frame = {"type": MessageType.LEAVE_RESOURCE, "ref": ref, "data": {"resourceId": room.resource_id}}
+        reply = self._expect_reply(user, ref)
+        sent_at = time.perf_counter()
+        answer = await self._await_reply(user, ref, reply, "leave_timeouts") if await self._send(user, frame) else None
+        if answer is None or answer[1].get("type") != MessageType.RESOURCE_LEFT:
+            return False
+        self.rec.sample(phase, "leave_ms", sent_at, answer[0])
+        return True
+
+    async def _heartbeat(self, user: _User) -> None:
+        ref = user.next_ref()
+        user.heartbeats[ref] = (time.perf_counter(), self.phase)
+        if not await self._send(user, {"type": MessageType.HEARTBEAT, "ref": ref, "data": {}}):
+            user.heartbeats.pop(ref, None)
+
+    def _expect_reply(self, user: _User, ref: int) -> asyncio.Future[tuple[float, dict[str, Any]]]:
+        future: asyncio.Future[tuple[float, dict[str, Any]]] = asyncio.get_running_loop().create_future()
+        user.futures[ref] = future
+        return future
+
+    async def _send(self, user: _User, frame: dict[str, Any]) -> bool:
+        """Send one frame; False if the connection is gone (the reader counts the close)."""
+        if user.ws is None:
+            return False
+        try:
+            await user.ws.send(json.dumps(frame, separators=(",", ":")))
+        except ConnectionClosed:
+            return False
+        self.rec.count("frames_sent")
+        self.rec.count("frames_sent_by_type", str(frame["type"]))
+        return True
+
+    async def _await_reply(
+        self, user: _User, ref: int, reply: asyncio.Future[tuple[float, dict[str, Any]]], timeout_counter: str
+    ) -> tuple[float, dict[str, Any]] | None:
+        """The (receipt time, frame) answering `ref`, or None if none came in time."""
+        try:
+            # not `wait_for`: on 3.11 it swallows a cancellation that races with the reply
+            async with asyncio.timeout(self.plan.reply_timeout_s):
+                return await reply
+        except TimeoutError:
+            self.rec.count(timeout_counter)
+            return None
+        except ConnectionClosed:
+            return None  # counted by the reader as an unexpected close
+        finally:
+            user.futures.pop(ref, None)
+
+    async def _drive(self, user: _User) -> None:
+        """Heartbeat every `heartbeat_s` (random phase) and churn at exponential intervals."""
+        rng = random.Random(f"{self.plan.seed}:{user.user_id}")
+        now = time.perf_counter()
+        next_heartbeat = now + rng.uniform(0, self.plan.heartbeat_s)
+        churn_rate = 1.0 / self.plan.churn_s if self.plan.churn_s > 0 else 0.0
+        next_churn = now + rng.expovariate(churn_rate) if churn_rate else float("inf")
+        # The phase check ends the loop even if a cancellation were lost on the way.
+        while self.phase == MEASURED and user.ws is not None and not user.closing:
+            await asyncio.sleep(max(0.0, min(next_heartbeat, next_churn) - time.perf_counter()))
+            now = time.perf_counter()
+            if now >= next_heartbeat:
+                await self._heartbeat(user)
+                # after a slow churn, skip missed beats rather than send a burst
+                next_heartbeat = max(next_heartbeat + self.plan.heartbeat_s, now)
+            if now >= next_churn:
+                if user.joined:
+                    await self._leave(user)
+                await self._join(user)
+                next_churn = time.perf_counter() + rng.expovariate(churn_rate)
+
+    # receiving
+
+    async def _read(self, user: _User) -> None:
+        ws = user.ws
+        assert ws is not None
+        try:
+            async for frame in ws:
+                now = time.perf_counter()
+                message = _decode(frame)
+                if message is None:
+                    self.rec.count("protocol_errors", "undecodable_frame")
+                    continue
+                self._on_frame_counted(message)
+                self._on_message(user, message, now)
+        except ConnectionClosed:
+            pass
+        except Exception:  # our bug: keep the text, drop this user, keep the others going
+            self.rec.error(traceback.format_exc())
+            self.rec.count("loadgen_errors")
+            user.closing = True
+            await ws.close()
+        finally:
+            self._on_closed(user, ws)
+
+    def _on_frame_counted(self, message: dict[str, Any]) -> None:
+        self.rec.count("frames_received")
+        self.rec.count("frames_received_by_type", str(message.get("type")))
+
+    def _on_message(self, user: _User, message: dict[str, Any], now: float) -> None:
+        type_, ref = message.get("type"), message.get("ref")
+        data = message.get("data") if isinstance(message.get("data"), dict) else {}
+        match type_:
+            case MessageType.RESOURCE_STATE | MessageType.RESOURCE_LEFT:
+                self._resolve(user, ref, now, message)
+            case MessageType.HEARTBEAT_ACK:
+                sent = user.heartbeats.pop(ref, None) if isinstance(ref, int) else None
+                if sent is not None:
+                    self.rec.sample(sent[1], "heartbeat_rtt_ms", sent[0], now)
+            case MessageType.USER_JOINED:
+                self._on_user_joined(user, data, now)
+            case MessageType.ERROR | MessageType.PERMISSION_DENIED:
+                code = str(data.get("code", type_))
+                self.rec.count("error_frames", code)
+                if self.rec.by_key["error_frames"][code] == 1:  # the first of each code, for the report
+                    self.rec.error(f"{type_} {code}: {str(data.get('message'))[:200]}")
+                if isinstance(ref, int):
+                    user.heartbeats.pop(ref, None)
+                self._resolve(user, ref, now, message)
+
+    def _resolve(self, user: _User, ref: Any, now: float, message: dict[str, Any]) -> None:
+        future = user.futures.get(ref) if isinstance(ref, int) else None
+        if future is not None and not future.done():
+            future.set_result((now, message))
+
+    def _on_user_joined(self, user: _User, data: dict[str, Any], now: float) -> None:
+        room = self.rooms.get(data.get("resourceId", ""))
+        joined = data.get("user")
+        joiner = joined.get("userId") if isinstance(joined, dict) else None
+        record = room.match(joiner, user.user_id) if room is not None and isinstance(joiner, str) else None
+        if record is None:
+            self.rec.count("unmatched_user_joined")
+            return
+        record.received.add(user.user_id)
+        self.rec.sample(record.phase, "fanout_ms", record.sent_at, now)
+
+    def _on_closed(self, user: _User, ws: ClientConnection) -> None:
+        self.connected -= 1
+        user.joined = False
+        user.room.release(user.user_id)
+        for future in user.futures.values():
+            if not future.done():
+                future.set_exception(ConnectionClosed(ws.protocol.close_rcvd, ws.protocol.close_sent))
+        if not user.closing:
+            self.rec.count("unexpected_closes")
+            self.rec.count("close_codes", str(ws.close_code))
+            user.closing = True
+        user.ws = None
+
+    # background
+
+    async def _sweep(self) -> None:
+        """Count fan-outs and heartbeat replies that did not come in time."""
+        while True:
+            await asyncio.sleep(SWEEP_EVERY_S)
+            now = time.perf_counter()
+            for room in self.rooms.values():
+                self.rec.count("missing_user_joined", n=room.expire(now - self.plan.fanout_timeout_s))
+            for user in self.users:
+                late = [ref for ref, (sent, _) in user.heartbeats.items() if now - sent > self.plan.reply_timeout_s]
+                for ref in late:
+                    del user.heartbeats[ref]
+                self.rec.count("heartbeat_timeouts", n=len(late))
+
+    async def _report_progress(self) -> None:
+        while True:
+            self.send(self._progress())
+            await asyncio.sleep(PROGRESS_EVERY_S)
+
+    def _progress(self) -> Progress:
+        return Progress(
+            worker=self.plan.index,
+            phase=self.phase,
+            connected=self.connected,
+            connect_failures=self.rec.counts["connect_errors"],
+            joined=sum(1 for user in self.users if user.joined),
+            frames_received=self.rec.counts["frames_received"],
+        )
+
+
+def _decode(frame: str | bytes) -> dict[str, Any] | None:
+    try:
+        message = json.loads(frame)
+    except ValueError:
+        return None
+    return message if isinstance(message, dict) else None
+
+
+def _unauthorized(error: InvalidStatus) -> str:
+    """`:reason` from a 401 body `{"type":"UNAUTHORIZED","data":{"reason":...}}`, if any."""
+    body = _decode(error.response.body or b"")
+    data = body.get("data") if body else None
+    reason = data.get("reason") if isinstance(data, dict) else None
+    return f":{reason}" if isinstance(reason, str) else ""
+
+
+def _loop_time(loop: asyncio.AbstractEventLoop, monotonic_deadline: float) -> float:
+    return loop.time() + (monotonic_deadline - time.monotonic())
+
+
+# --- process entry ----------------------------------------------------------------
+
+
+def worker_main(plan: WorkerPlan, control: Any, results: Any) -> None:
+    """Entry of a spawned worker: `control` is the receiving end of a Pipe carrying
+    `Go`/`Stop`, `results` a multiprocessing Queue for `WorkerMessage`s."""
+    # Ctrl-C reaches the whole process group: the parent turns it into `Stop`,
+    # so that the worker still closes its connections and sends its result.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    uvloop.run(_worker_async(plan, control, results))
+
+
+async def _worker_async(plan: WorkerPlan, control: Any, results: Any) -> None:
+    loop = asyncio.get_running_loop()
+    worker = Worker(plan, results.put)
+
+    def on_readable() -> None:
+        try:
+            message = control.recv()
+        except (EOFError, OSError):
+            loop.remove_reader(control.fileno())
+            message = None  # the parent is gone: stop
+        worker.on_control(message)
+
+    loop.add_reader(control.fileno(), on_readable)
+    try:
+        results.put(await worker.run())
+    finally:
+        try:
+            loop.remove_reader(control.fileno())
+        except (ValueError, OSError):
+            pass  # already removed after EOF

@@ -1,0 +1,93 @@
+"""Charts of a presence benchmark run, drawn to a PNG next to its JSON report.
+
+Belongs here: turning a report and its raw samples into a figure. Must not
+be here: running anything or computing the report's figures. Uses
+matplotlib's object API with the Agg canvas directly, so it never touches
+pyplot's global state or needs a display.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from rounds.bench.loadgen import MEASURED, RAMP
+
+# (label, phase, metric) of the CDF curves, connect first as it happens first.
+CURVES = (
+    ("connect", RAMP, "connect_ms"),
+    ("join → RESOURCE_STATE", MEASURED, "join_state_ms"),
+    ("join → USER_JOINED (fan-out)", MEASURED, "fanout_ms"),
+    ("heartbeat RTT", MEASURED, "heartbeat_rtt_ms"),
+)
+
+
+def plot_presence(report: Mapping[str, Any], samples: Mapping[str, Mapping[str, Sequence[float]]], path: Path) -> Path:
+    """Draw latency CDFs and the gateway's CPU and RSS over time to `path` (PNG)."""
+    figure = Figure(figsize=(11, 8.5), layout="constrained")
+    FigureCanvasAgg(figure)
+    latency_axes, cpu_axes = figure.subplots(2, 1, height_ratios=(3, 2))
+    _latency_cdf(latency_axes, samples)
+    _cpu_over_time(cpu_axes, report)
+    settings = report["settings"]
+    figure.suptitle(
+        f"rounds presence bench: {settings['users']} users, rooms of {settings['room_size']}, "
+        f"churn {settings['churn_s']:g} s, {report['started_at']}"
+    )
+    figure.savefig(path, dpi=110)
+    return path
+
+
+def _latency_cdf(axes: Any, samples: Mapping[str, Mapping[str, Sequence[float]]]) -> None:
+    drawn = False
+    for label, phase, metric in CURVES:
+        values = sorted(samples.get(phase, {}).get(metric, ()))
+        if not values:
+            continue
+        n = len(values)
+        fractions = [(i + 1) / n for i in range(n)]
+        axes.step([max(v, 1e-3) for v in values], fractions, where="post", label=f"{label} (n={n})")
+        drawn = True
+    for q in (0.5, 0.95, 0.99):
+        axes.axhline(q, color="grey", linewidth=0.6, linestyle=":")
+    axes.set_xscale("log")
+    axes.set_xlabel("latency (ms, log scale)")
+    axes.set_ylabel("fraction of samples ≤ x")
+    axes.set_ylim(0, 1.01)
+    axes.set_title("latency CDF (dotted: p50, p95, p99)")
+    axes.grid(True, which="both", linewidth=0.3)
+    if drawn:
+        axes.legend(loc="lower right")
+
+
+def _cpu_over_time(axes: Any, report: Mapping[str, Any]) -> None:
+    gateway = report["gateway"]["timeline"]
+    loadgen = report["loadgen"]["timeline"]
+    for name, timeline, key, style in (
+        ("gateway", gateway, "cpu_percent", "-"),
+        ("load generator", loadgen, "cpu_percent", "--"),
+        ("whole machine", loadgen, "machine_cpu_percent", ":"),
+    ):
+        points = [(p["t_s"], p[key]) for p in timeline if p.get(key) is not None]
+        if points:
+            axes.plot(*zip(*points), style, label=f"{name} CPU", color="grey" if key.startswith("machine") else None)
+    phases = report["phases_s"]
+    if phases["measured_from"] is not None and phases["measured_to"] is not None:
+        axes.axvspan(phases["measured_from"], phases["measured_to"], color="tab:green", alpha=0.08, label="measured phase")
+    axes.set_xlabel("time since start (s)")
+    axes.set_ylabel("CPU (% of one core)")
+    axes.grid(True, linewidth=0.3)
+    rss = [(p["t_s"], p["rss_mib"]) for p in gateway]
+    if rss:
+        twin = axes.twinx()
+        twin.plot(*zip(*rss), ":", color="tab:red", label="gateway RSS")
+        twin.set_ylabel("gateway RSS (MiB)")
+        twin.legend(loc="upper right")
+        axes.set_title("gateway CPU and RSS, summed over its processes")
+    else:
+        axes.set_title("CPU (gateway processes not sampled)")
+    axes.legend(loc="upper left")
