@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 Address = tuple[str, int]
 RECONNECT_MIN_S = 0.05
 RECONNECT_MAX_S = 1.0
+CONNECT_TIMEOUT_S = 3.0
 
 
 class _ShardLink:
@@ -46,13 +47,15 @@ class _ShardLink:
         while not self.stopped:
             lost: asyncio.Future[None] = loop.create_future()
             try:
-                _, protocol = await loop.create_connection(
+                # Bounded: a shard on a vanished node would otherwise hold this
+                # loop for the kernel's SYN timeout (minutes), not our backoff.
+                _, protocol = await asyncio.wait_for(loop.create_connection(
                     lambda: LinkProtocol(self.owner.on_message,
                                          lambda exc: lost.done() or lost.set_result(None)),
-                    *self.address)
-            except OSError as exc:
+                    *self.address), CONNECT_TIMEOUT_S)
+            except OSError as exc:  # TimeoutError included
                 log.warning("shard-%d at %s:%d unreachable (%s); retrying in %.2fs",
-                            self.shard, *self.address, exc, delay)
+                            self.shard, *self.address, str(exc) or type(exc).__name__, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RECONNECT_MAX_S)
                 continue

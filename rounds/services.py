@@ -23,7 +23,7 @@ def audit_sink(settings: Settings) -> AuditSink:
 
 
 def make_shard(index: int, settings: Settings, audit: AuditSink | None = None) -> ShardService:
-    return ShardService(ShardId(index), factory.presence_mirror(settings), audit or audit_sink(settings))
+    return ShardService(ShardId(index), factory.presence_mirror(settings, f"{settings.ray_namespace}/shard-{index}"), audit or audit_sink(settings))
 
 
 def make_frontdoor(index: int, settings: Settings, audit: AuditSink | None = None) -> FrontDoor:

@@ -29,6 +29,9 @@ class Join:
     # A front door re-announcing its members after a shard restart: the room is
     # rebuilt silently (no reply, no broadcast), see DESIGN.md "Data plane".
     restore: bool = False
+    # When the front door first forwarded this join (ms since the epoch): a
+    # restored member keeps its original `joinedAt`. Ignored unless `restore`.
+    joined_at_ms: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +100,7 @@ class MirrorLeave:
 
     resource_id: ResourceId
     user_id: UserId
+    room_empty: bool = False  # nobody is left: the mirror may forget the room
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,6 +15,7 @@ front door before a join reaches the shard.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -132,7 +133,12 @@ class Presence:
             parent = parent_of(cmd.resource_id)
             if parent is not None:
                 self._families.setdefault(parent, {})[cmd.resource_id] = None
-        joined_at_ms = before.joined_at_ms if before is not None else now_ms
+        if before is not None:  # another tab of this user: it keeps the first arrival
+            joined_at_ms = before.joined_at_ms
+        elif cmd.restore and cmd.joined_at_ms:  # rebuilt after a shard restart
+            joined_at_ms = cmd.joined_at_ms
+        else:
+            joined_at_ms = now_ms
         room[cmd.conn] = Member(cmd.conn, cmd.user_id, cmd.username, cmd.session_id, cmd.mode, joined_at_ms)
         self._conn_rooms.setdefault(cmd.conn, set()).add(cmd.resource_id)
         after = self.user_view(cmd.resource_id, cmd.user_id)
@@ -148,7 +154,7 @@ class Presence:
             if others:
                 events.append(Deliver(others, MessageType.USER_JOINED,
                                       {"resourceId": cmd.resource_id, "user": after.wire()}))
-        events.extend(self._family_update(cmd.resource_id))
+        events.extend(self._family_update(parent_of(cmd.resource_id)))
         return events
 
     def resource_state(self, room: ResourceId) -> dict[str, Any]:
@@ -169,27 +175,47 @@ class Presence:
                            f"not joined to {cmd.resource_id}", cmd.resource_id)]
         events: list[Event] = [Reply(cmd.conn, cmd.ref, MessageType.RESOURCE_LEFT, {"resourceId": cmd.resource_id})]
         events.extend(self._remove(cmd.conn, cmd.resource_id, "left"))
+        events.extend(self._family_update(parent_of(cmd.resource_id)))
         return events
 
     def _disconnect(self, conn: ConnId, reason: str) -> list[Event]:
+        # One `resource:all_users` per family once every room is left: per
+        # room, it would go out several times, the first ones to this very
+        # connection (still in its other tabs) and with counts already stale.
         events: list[Event] = []
-        for room in sorted(self._conn_rooms.get(conn, ())):
+        rooms = sorted(self._conn_rooms.get(conn, ()))
+        for room in rooms:
             events.extend(self._remove(conn, room, reason))
+        events.extend(self._families_update(self._parents(rooms)))
         return events
 
     def _sync(self, cmd: Sync, now_ms: int) -> list[Event]:
         listed = {(j.conn, j.resource_id) for j in cmd.joins}
         events: list[Event] = []
+        dropped: list[ResourceId] = []
         for conn in [c for c in self._conn_rooms if frontdoor_of(c) == cmd.frontdoor]:
             for room in sorted(self._conn_rooms[conn]):
                 if (conn, room) not in listed:
                     events.extend(self._remove(conn, room, "disconnected"))
+                    dropped.append(room)
         for join in cmd.joins:
             events.extend(self._join(join if join.restore else _as_restore(join), now_ms))
+        # after the (silent) restores too, so the update shows the final state
+        events.extend(self._families_update(self._parents(dropped)))
         return events
 
+    @staticmethod
+    def _parents(rooms: list[ResourceId]) -> list[ResourceId]:
+        """The families of `rooms`, each once, in order."""
+        return list(dict.fromkeys(p for p in map(parent_of, rooms) if p is not None))
+
+    def _families_update(self, parents: list[ResourceId]) -> list[Event]:
+        return [e for parent in parents for e in self._family_update(parent)]
+
     def _remove(self, conn: ConnId, room_id: ResourceId, reason: str) -> list[Event]:
+        """Take `conn` out of one room; the caller sends the family update."""
         room = self._rooms[room_id]
+        before = self.user_view(room_id, room[conn].user_id)
         member = room.pop(conn)
         rooms_of_conn = self._conn_rooms[conn]
         rooms_of_conn.discard(room_id)
@@ -198,11 +224,11 @@ class Presence:
         events: list[Event] = [MemberGone(conn, room_id, reason)]
         after = self.user_view(room_id, member.user_id)
         if after is None:
-            events.append(MirrorLeave(room_id, member.user_id))
+            events.append(MirrorLeave(room_id, member.user_id, room_empty=not room))
             if room:
                 events.append(Deliver(tuple(room), MessageType.USER_LEFT,
                                       {"resourceId": room_id, "userId": member.user_id}))
-        elif after.mode != member.mode:
+        elif after != before:  # the tab that left was the user's only editing one
             events.append(MirrorJoin(room_id, member.user_id, after.mode, after.joined_at_ms))
         if not room:
             del self._rooms[room_id]
@@ -212,13 +238,12 @@ class Presence:
                 family.pop(room_id, None)
                 if not family:
                     del self._families[parent]
-        events.extend(self._family_update(room_id))
         return events
 
-    def _family_update(self, room_id: ResourceId) -> list[Event]:
+    def _family_update(self, parent: ResourceId | None) -> list[Event]:
         """`resource:all_users` to every member of the family, one event per
-        sub-resource (its `currentSubResourceId` differs), seed BE-001.2."""
-        parent = parent_of(room_id)
+        sub-resource (its `currentSubResourceId` differs), seed BE-001.2.
+        Nothing for a plain id (no parent) or a family with nobody left."""
         if parent is None or parent not in self._families:
             return []
         subs = list(self._families[parent])
@@ -237,8 +262,7 @@ class Presence:
 
 
 def _as_restore(join: Join) -> Join:
-    return Join(join.conn, join.ref, join.user_id, join.username, join.session_id,
-                join.resource_id, join.resource_type, join.mode, restore=True)
+    return dataclasses.replace(join, restore=True)
 
 
 def _error(conn: ConnId, ref: Any, code: ErrorCode, message: str, resource: ResourceId) -> Reply:

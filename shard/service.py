@@ -41,6 +41,7 @@ class ShardService:
         self._server: asyncio.Server | None = None
         self._mirror_queue: deque[MirrorEvent] = deque()
         self._mirror_wakeup = asyncio.Event()
+        self._mirror_lock = asyncio.Lock()
         self._mirror_task: asyncio.Task[None] | None = None
         self.mirror_dropped = 0
         self.mirror_failures = 0
@@ -53,6 +54,12 @@ class ShardService:
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> tuple[str, int]:
         """Listen for front doors; returns the (host, port) they should dial."""
         loop = asyncio.get_running_loop()
+        try:
+            cleared = await self.mirror.reset()
+            if cleared:
+                log.info("%s: cleared %d rooms mirrored before this start", self.name, cleared)
+        except Exception:  # Redis down: serve anyway; stale mirror keys are named in the runbook
+            log.exception("%s: could not reset the presence mirror", self.name)
         self._server = await loop.create_server(self._new_link, host, port)
         self._mirror_task = asyncio.create_task(self._mirror_writer(), name=f"{self.name}-mirror")
         sock_host, sock_port = self._server.sockets[0].getsockname()[:2]
@@ -162,6 +169,12 @@ class ShardService:
             await self._drain_mirror()
 
     async def _drain_mirror(self) -> None:
+        # One drain at a time: `stop` drains while the writer may be mid-batch,
+        # and two batches in flight could reach Redis out of order.
+        async with self._mirror_lock:
+            await self._drain_mirror_locked()
+
+    async def _drain_mirror_locked(self) -> None:
         while self._mirror_queue:
             batch = list(self._mirror_queue)
             self._mirror_queue.clear()
@@ -171,7 +184,11 @@ class ShardService:
                 self.mirror_failures += 1
                 log.exception("%s: presence mirror write failed (%d events)", self.name, len(batch))
                 await asyncio.sleep(0.5)
-                # retry later: put them back in front, keeping the bound
-                self._mirror_queue.extendleft(reversed(batch[-MIRROR_QUEUE_MAX:]))
+                # retry later: put them back in front of what came meanwhile,
+                # then keep the bound by dropping the oldest
+                self._mirror_queue.extendleft(reversed(batch))
+                while len(self._mirror_queue) > MIRROR_QUEUE_MAX:
+                    self._mirror_queue.popleft()
+                    self.mirror_dropped += 1
                 self._mirror_wakeup.set()
                 return

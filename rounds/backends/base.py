@@ -38,6 +38,13 @@ class PresenceMirror(Protocol):
 
     async def apply(self, events: Sequence[MirrorEvent]) -> None: ...
 
+    async def reset(self) -> int:
+        """Forget every room this owner (a shard) mirrored before it started:
+        a restarted shard rebuilds its rooms from the front doors' `Sync`,
+        and users who left while it was down must not stay listed. Returns
+        the number of rooms cleared."""
+        ...
+
     async def health(self) -> dict[str, Any]: ...
 
     async def aclose(self) -> None: ...

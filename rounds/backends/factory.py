@@ -16,9 +16,9 @@ def session_store(settings: Settings) -> SessionStore:
     return MemorySessions(settings.session_ttl_ms, settings.idle_timeout_ms)
 
 
-def presence_mirror(settings: Settings) -> PresenceMirror:
+def presence_mirror(settings: Settings, owner: str) -> PresenceMirror:
     if settings.redis_url:
         from rounds.backends import redis as redis_backend
 
-        return redis_backend.RedisPresence(redis_backend.connect(settings.redis_url))
+        return redis_backend.RedisPresence(redis_backend.connect(settings.redis_url), owner)
     return MemoryPresence()

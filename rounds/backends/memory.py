@@ -55,6 +55,12 @@ class MemoryPresence:
         self.users: dict[str, set[str]] = {}
         self.members: dict[tuple[str, str], dict[str, str]] = {}
 
+    async def reset(self) -> int:
+        cleared = len(self.users)
+        self.users.clear()
+        self.members.clear()
+        return cleared
+
     async def apply(self, events: Sequence[MirrorEvent]) -> None:
         for event in events:
             match event:

@@ -6,6 +6,7 @@ Time is a plain int passed to `handle`; connection ids come from
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from datetime import UTC, datetime
 from typing import Any
@@ -520,3 +521,25 @@ def test_a_restore_join_outside_sync_is_silent_too() -> None:
     events = p.handle(join(c(2), "bob", PAGE, restore=True), T0)
     assert events == [MirrorJoin(PAGE, UserId("bob"), "editor", T0)]
     assert p.handle(join(c(2), "bob", PAGE, restore=True), T0) == []
+
+
+def test_a_member_restored_after_a_shard_restart_keeps_its_original_join_time() -> None:
+    p = Presence()
+    original = dataclasses.replace(join(c(1), "alice", PAGE), joined_at_ms=T0 - 60_000)
+    p.handle(Sync(FD0, (original,)), T0)
+    assert p.users(PAGE)[0].joined_at_ms == T0 - 60_000
+
+
+def test_a_fresh_join_uses_the_shards_clock_not_the_front_doors() -> None:
+    p = Presence()
+    p.handle(dataclasses.replace(join(c(1), "alice", PAGE), joined_at_ms=T0 - 60_000), T0)
+    assert p.users(PAGE)[0].joined_at_ms == T0
+
+
+def test_the_last_leave_tells_the_mirror_the_room_is_empty() -> None:
+    p = Presence()
+    p.handle(join(c(1), "alice", PAGE), T0)
+    p.handle(join(c(2), "bob", PAGE), T0)
+    first = of(p.handle(Leave(c(1), None, PAGE), T0), MirrorLeave)
+    last = of(p.handle(Leave(c(2), None, PAGE), T0), MirrorLeave)
+    assert [e.room_empty for e in first + last] == [False, True]
