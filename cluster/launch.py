@@ -45,6 +45,26 @@ def ray_init(settings: Settings) -> tuple[bool, str | None]:
     return True, _http(context.dashboard_url)
 
 
+class PortInUseError(RuntimeError):
+    """Something already listens on the gateway's port."""
+
+
+def ensure_port_free(settings: Settings) -> None:
+    """Refuse to start where something already listens.
+
+    Front doors bind with SO_REUSEPORT, so binding would succeed next to a
+    gateway already running there (a second `rounds up`, same user) and the
+    kernel would then split clients between the two unrelated gateways:
+    users in one room on different gateways never see each other.
+    """
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
+    with socket.socket() as probe:
+        probe.settimeout(1.0)
+        if probe.connect_ex((host, settings.port)) == 0:
+            raise PortInUseError(f"port {settings.port} on {host} is already in use; "
+                                 "stop what runs there or choose another --port")
+
+
 def _free_port_from(port: int) -> int:
     """`port` if nothing listens there, else the next free one (a second
     gateway on one machine must not fail on the dashboard's port)."""
@@ -82,6 +102,7 @@ class Gateway:
 
     @classmethod
     def start(cls, settings: Settings, timeout_s: float = 90) -> Gateway:
+        ensure_port_free(settings)
         started, dashboard_url = ray_init(settings)
         gateway = cls(settings, started, dashboard_url)
         try:

@@ -7,13 +7,19 @@ can assert on everything a client received (and on what it did not).
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import os
+import struct
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 import msgpack
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.http11 import Response
 
 
 @dataclass
@@ -109,10 +115,93 @@ class Client:
 
 async def refused(url: str, token: str | None = None, **kwargs: Any) -> tuple[int, dict[str, Any]]:
     """Connect expecting an HTTP refusal; returns (status, JSON body)."""
+    response = await refusal(url, token, **kwargs)
+    return response.status_code, json.loads(bytes(response.body or b"{}"))
+
+
+async def refusal(url: str, token: str | None = None, **kwargs: Any) -> Response:
+    """Connect expecting an HTTP refusal; returns the whole response (headers too)."""
     target = f"{url}?token={token}" if token is not None else url
     try:
         ws = await connect(target, open_timeout=10, **kwargs)
     except InvalidStatus as exc:
-        return exc.response.status_code, json.loads(bytes(exc.response.body or b"{}"))
+        return exc.response
     await ws.close()
     raise AssertionError("the connection was accepted")
+
+
+# --- a WebSocket spoken by hand, for what a well-behaved client never does ------
+
+
+@dataclass
+class RawConnection:
+    """A TCP connection on which the HTTP upgrade was sent by hand.
+
+    `status` and `headers` are the server's answer; after a 101 the reader
+    yields raw WebSocket frames, which nothing answers (no pong, no close).
+    """
+
+    status: int
+    headers: dict[str, str]
+    body: bytes
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+
+    @property
+    def local_address(self) -> str:
+        host, port = self.writer.get_extra_info("sockname")[:2]
+        return f"{host}:{port}"
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+    async def frames_until_eof(self, timeout: float) -> list[tuple[int, bytes]]:
+        """(opcode, payload) of every server frame until the server closes TCP.
+
+        Raises TimeoutError if the connection is still open after `timeout`.
+        """
+        frames: list[tuple[int, bytes]] = []
+        async with asyncio.timeout(timeout):
+            while True:
+                try:
+                    head = await self.reader.readexactly(2)
+                except asyncio.IncompleteReadError:
+                    return frames
+                length = head[1] & 0x7F
+                if length == 126:
+                    length = struct.unpack("!H", await self.reader.readexactly(2))[0]
+                elif length == 127:
+                    length = struct.unpack("!Q", await self.reader.readexactly(8))[0]
+                frames.append((head[0] & 0x0F, await self.reader.readexactly(length)))
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+async def raw_upgrade(url: str, token: str | None = None, headers: Mapping[str, str] | None = None,
+                      path: str | None = None) -> RawConnection:
+    """Send `GET /ws?token=...` with upgrade headers over plain TCP; read the answer's head."""
+    parts = urlsplit(url)
+    target = path or (f"{parts.path}?token={token}" if token is not None else parts.path)
+    reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
+    lines = [
+        f"GET {target} HTTP/1.1",
+        f"Host: {parts.hostname}:{parts.port}",
+        "Upgrade: websocket",
+        "Connection: Upgrade",
+        f"Sec-WebSocket-Key: {base64.b64encode(os.urandom(16)).decode()}",
+        "Sec-WebSocket-Version: 13",
+        *(f"{k}: {v}" for k, v in (headers or {}).items()),
+    ]
+    writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
+    async with asyncio.timeout(10):
+        head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+        status_line, *header_lines = head.strip().split("\r\n")
+        fields = {}
+        for line in header_lines:
+            name, _, value = line.partition(":")
+            fields[name.strip().lower()] = value.strip()
+        body = b""
+        if "content-length" in fields:
+            body = await reader.readexactly(int(fields["content-length"]))
+    return RawConnection(int(status_line.split()[1]), fields, body, reader, writer)

@@ -8,12 +8,16 @@ stop. Redis is the real server (`ROUNDS_TEST_REDIS_URL`, default database
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import socket
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -86,6 +90,33 @@ class GatewayHandle:
     @property
     def audit_dir(self) -> Path:
         return Path(self.settings.var_dir) / "audit"
+
+    def audit_text(self) -> str:
+        """Every audit file of this gateway, concatenated (NDJSON)."""
+        return "".join(p.read_text() for p in sorted(self.audit_dir.glob("audit-*.ndjson")))
+
+    def audit_events(self, event_type: str | None = None, **fields: Any) -> list[dict[str, Any]]:
+        """Audit records so far, filtered by type and top-level field values."""
+        text = self.audit_text()
+        # A line being appended right now may be read half-written: leave it for the next poll.
+        complete = text[: text.rfind("\n") + 1]
+        records = [json.loads(line) for line in complete.splitlines() if line.strip()]
+        return [r for r in records if (event_type is None or r["eventType"] == event_type)
+                and all(r.get(k) == v for k, v in fields.items())]
+
+    async def wait_audit(self, event_type: str, timeout: float = 5.0, **fields: Any) -> dict[str, Any]:
+        """The first matching audit record, polling: other processes write the files.
+
+        Async so that the test's own clients keep answering pings meanwhile.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            found = self.audit_events(event_type, **fields)
+            if found:
+                return found[0]
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no {event_type} audit record with {fields} after {timeout}s")
+            await asyncio.sleep(0.05)
 
     def stop(self) -> None:
         self.gateway.stop(drain=True)
