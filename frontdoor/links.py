@@ -66,6 +66,7 @@ class _ShardLink:
             log.info("linked to shard-%d at %s:%d", self.shard, *self.address)
             await lost
             self.protocol = None
+            self.owner.on_down(self.shard)
             if not self.stopped:
                 log.warning("link to shard-%d lost; reconnecting", self.shard)
 
@@ -88,10 +89,12 @@ class ShardLinks:
 
     def __init__(self, frontdoor: FrontDoorId, epoch: str,
                  on_message: Callable[[LinkMessage], None],
-                 members_of: Callable[[ShardId], list[Join]]) -> None:
+                 members_of: Callable[[ShardId], list[Join]],
+                 on_down: Callable[[ShardId], None] = lambda shard: None) -> None:
         self.frontdoor = frontdoor
         self.epoch = epoch
         self.on_message = on_message
+        self.on_down = on_down
         self._members_of = members_of
         self.version = -1
         self.ring: HashRing | None = None

@@ -17,12 +17,14 @@ Nothing here knows about Ray.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import json
 import logging
 import time
 import uuid
-from collections.abc import Iterable
+import weakref
+from collections.abc import Coroutine, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -72,6 +74,7 @@ class Client:
     codec: Codec
     last_seen: float  # monotonic seconds of the last frame from the client
     rooms: dict[ResourceId, Join] = field(default_factory=dict)
+    joining: set[ResourceId] = field(default_factory=set)  # joins sent, RESOURCE_STATE not yet back
     close_reason: str = "disconnected"
 
 
@@ -84,9 +87,14 @@ class FrontDoor:
         self.sessions = sessions
         self.audit = audit
         self.epoch = uuid.uuid4().hex[:12]
-        self.links = ShardLinks(index, self.epoch, self._on_link_message, self._members_of)
+        self.links = ShardLinks(index, self.epoch, self._on_link_message, self._members_of, self._on_shard_down)
         self.clients: dict[ConnId, Client] = {}
         self._counter = itertools.count(1)
+        self._tasks: set[asyncio.Task[None]] = set()
+        # Upgrades accepted but not yet serving count against the cap too, so a
+        # burst of handshakes cannot overshoot it. Weak: a failed handshake's
+        # connection object just disappears from here.
+        self._accepting: weakref.WeakSet[ServerConnection] = weakref.WeakSet()
         self._server: Server | None = None
         self._reaper: asyncio.Task[None] | None = None
         self.draining = False
@@ -170,7 +178,7 @@ class FrontDoor:
         if url.path != "/ws":
             return _json_response(connection, 404, {"type": "NOT_FOUND", "data": {"path": url.path}})
         remote = _remote(connection)
-        if self.draining or len(self.clients) >= self.settings.max_connections_per_frontdoor:
+        if self.draining or len(self.clients) + len(self._accepting) >= self.settings.max_connections_per_frontdoor:
             self.rejected += 1
             reason = "draining" if self.draining else "max_connections"
             self._audit("CONNECTION_REJECTED", outcome="denied", details={"reason": reason, "remote": remote})
@@ -185,6 +193,7 @@ class FrontDoor:
             self._audit("CONNECTION_REJECTED", outcome="denied", details={"reason": exc.reason, "remote": remote})
             return _json_response(connection, 401, {"type": MessageType.UNAUTHORIZED, "data": {"reason": exc.reason}})
         connection.rounds_identity = identity  # type: ignore[attr-defined]
+        self._accepting.add(connection)
         return None
 
     # --- a connection's life ------------------------------------------------------------
@@ -194,6 +203,7 @@ class FrontDoor:
         client = Client(conn_id(self.index, next(self._counter)), ws, identity,
                         SessionId(uuid.uuid4().hex), codec_for(ws.subprotocol), time.monotonic())
         self.clients[client.conn] = client
+        self._accepting.discard(ws)
         user = UserId(identity.user_id)
         try:
             await self.sessions.open(user, client.session_id, {
@@ -263,10 +273,11 @@ class FrontDoor:
                                 f"at most {self.settings.max_rooms_per_connection} rooms per connection", req.ref)
         identity = client.identity
         join = Join(client.conn, req.ref, UserId(identity.user_id), identity.username, client.session_id,
-                    rid, req.resource_type, req.mode)
+                    rid, req.resource_type, req.mode, joined_at_ms=now_ms())
         if not self._to_shard(rid, join):
             raise ProtocolError(ErrorCode.UNAVAILABLE, "the shard for this resource is unavailable; retry", req.ref)
         client.rooms[rid] = join
+        client.joining.add(rid)
 
     def _leave(self, client: Client, req: LeaveResource) -> None:
         rid = req.resource_id
@@ -312,10 +323,21 @@ class FrontDoor:
         self._audit("USER_DISCONNECTED", client, details={
             "reason": reason, "code": ws.close_code, "rooms": sorted(client.rooms)})
 
+    def _on_shard_down(self, shard: ShardId) -> None:
+        """Joins sent to a shard whose link dropped may never be answered: fail
+        them now, so the client retries, and leave them out of the next Sync."""
+        route = self.links.route
+        for client in self.clients.values():
+            for rid in [r for r in client.joining if route(r) == shard]:
+                client.joining.discard(rid)
+                join = client.rooms.pop(rid)
+                self._send(client, MessageType.ERROR, error_data(
+                    ErrorCode.UNAVAILABLE, "the shard for this resource went away; retry the join",
+                    resourceId=rid), join.ref)
+
     def _members_of(self, shard: ShardId) -> list[Join]:
         route = self.links.route
-        return [Join(j.conn, None, j.user_id, j.username, j.session_id, j.resource_id, j.resource_type,
-                     j.mode, restore=True)
+        return [dataclasses.replace(j, ref=None, restore=True)
                 for c in self.clients.values() for j in c.rooms.values() if route(j.resource_id) == shard]
 
     async def _reap_idle(self) -> None:
@@ -328,7 +350,7 @@ class FrontDoor:
             for client in [c for c in self.clients.values() if c.last_seen < deadline]:
                 if client.close_reason != "timeout":
                     client.close_reason = "timeout"
-                    asyncio.create_task(client.ws.close(CloseCode.IDLE_TIMEOUT, "idle timeout"))
+                    self._spawn(client.ws.close(CloseCode.IDLE_TIMEOUT, "idle timeout"))
 
     # --- sending --------------------------------------------------------------------
 
@@ -342,6 +364,8 @@ class FrontDoor:
             case Reply(conn=conn, ref=ref, type=type_, data=data):
                 client = self.clients.get(conn)
                 if client is not None:
+                    if client.joining:
+                        client.joining.discard(data.get("resourceId"))  # type: ignore[arg-type]
                     self._send(client, type_, data, ref)
             case _:
                 log.error("%s: unexpected link message %s", self.name, type(msg).__name__)
@@ -370,7 +394,13 @@ class FrontDoor:
             client.close_reason = "overloaded"
             self.overloaded += 1
             log.warning("%s: conn %d is not reading; closing with %d", self.name, client.conn, CloseCode.OVERLOADED)
-            asyncio.create_task(client.ws.close(CloseCode.OVERLOADED, "not reading fast enough"))
+            self._spawn(client.ws.close(CloseCode.OVERLOADED, "not reading fast enough"))
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run a close in the background, holding a reference until it ends."""
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _audit(self, event_type: str, client: Client | None = None, *, outcome: str = "ok",
                resource: str | None = None, details: dict[str, Any] | None = None) -> None:

@@ -273,3 +273,23 @@ async def test_tabs_dropped_by_a_sync_send_each_remaining_tab_one_family_update(
         assert [(u["currentSubResourceId"], u["totalCount"]) for u in updates] == [(tab, 2)]
         assert [s["subResourceId"] for s in updates[0]["subResources"]] == [orders, vitals]
     assert shard.presence.rooms() == {orders: 1, vitals: 1}
+
+
+async def test_a_join_in_flight_when_the_link_drops_is_answered_unavailable(
+        inproc: InProcessGateway, connect: Connect, uid: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The shard hangs (takes the join and never answers), then the link drops:
+    # the client must hear about it instead of waiting forever, and the room
+    # must not be restored behind its back by the next Sync.
+    room = room_on(0, uid)
+    shard, door = inproc.shards[0], inproc.frontdoors[0]
+    a = await connect(f"a-{uid}", frontdoor=0)
+    monkeypatch.setattr(shard, "_on_message", lambda link, msg: None)
+    await a.send("JOIN_RESOURCE", {"resourceId": room, "mode": "editor"}, ref="j1")
+    await eventually(lambda: any(room in c.joining for c in door.clients.values()))
+    async with link_down(shard, door):
+        error = await a.expect("ERROR")
+        assert (error.ref, error.data["code"], error.data["resourceId"]) == ("j1", "UNAVAILABLE", room)
+        monkeypatch.undo()
+    assert shard.presence.rooms() == {}
+    state = await a.join(room)  # and the retry works
+    assert state.type == "RESOURCE_STATE"
