@@ -123,6 +123,13 @@ class Codec(Protocol):
     def decode(self, frame: str | bytes) -> Any: ...
 
 
+def _frame(type_: str, data: dict[str, Any], ref: Any) -> dict[str, Any]:
+    frame: dict[str, Any] = {"type": type_, "data": data}
+    if ref is not None:
+        frame["ref"] = ref
+    return frame
+
+
 def _json_default(value: Any) -> Any:
     if isinstance(value, (bytes, bytearray, memoryview)):
         return base64.b64encode(value).decode("ascii")
@@ -134,10 +141,7 @@ class JsonCodec:
     binary_as_base64 = True
 
     def encode(self, type_: str, data: dict[str, Any], ref: Any = None) -> str:
-        frame: dict[str, Any] = {"type": type_, "data": data}
-        if ref is not None:
-            frame["ref"] = ref
-        return json.dumps(frame, separators=(",", ":"), default=_json_default)
+        return json.dumps(_frame(type_, data, ref), separators=(",", ":"), default=_json_default)
 
     def decode(self, frame: str | bytes) -> Any:
         if isinstance(frame, bytes):
@@ -153,10 +157,7 @@ class MsgpackCodec:
     binary_as_base64 = False
 
     def encode(self, type_: str, data: dict[str, Any], ref: Any = None) -> bytes:
-        frame: dict[str, Any] = {"type": type_, "data": data}
-        if ref is not None:
-            frame["ref"] = ref
-        return msgpack.packb(frame, use_bin_type=True)
+        return msgpack.packb(_frame(type_, data, ref), use_bin_type=True)
 
     def decode(self, frame: str | bytes) -> Any:
         if isinstance(frame, str):
