@@ -38,7 +38,9 @@ def ray_init(settings: Settings) -> tuple[bool, str | None]:
         context = ray.init(address=settings.ray_address, namespace=settings.ray_namespace,
                            logging_level=logging.WARNING, log_to_driver=False)
         return False, _http(context.dashboard_url)
-    # A local head: GCS on a free port (never Redis's 6379), dashboard on loopback.
+    # A local head: GCS on a port the OS picks (never Redis's 6379), dashboard on loopback.
+    if os.environ.get("RAY_GCS_SERVER_PORT", "").strip() == "6379":
+        raise RuntimeError("RAY_GCS_SERVER_PORT=6379 would put Ray's GCS on Redis's port; unset it")
     context = ray.init(namespace=settings.ray_namespace, include_dashboard=True, dashboard_host="127.0.0.1",
                        dashboard_port=_free_port_from(settings.dashboard_port), num_cpus=os.cpu_count() or 2,
                        logging_level=logging.WARNING, log_to_driver=False)
