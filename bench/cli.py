@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from rounds.auth import private_key_for_dev
-from rounds.bench.loadgen import require_loopback_url
+from rounds.bench.plan import require_loopback_url
 from rounds.bench.presence import PresenceOptions, format_table, run_presence
 from rounds.config import Settings, load_settings
 

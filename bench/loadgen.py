@@ -19,7 +19,6 @@ Frames are the `/ws` protocol v1 in JSON (DESIGN.md, "Wire protocol v1").
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import json
 import random
 import signal
@@ -29,7 +28,6 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
 
 import uvloop
 from cryptography.hazmat.primitives import serialization
@@ -38,127 +36,14 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 
 from rounds.auth import mint_token
 from rounds.wire import MessageType
+from rounds.bench.plan import (
+    DRAIN, MEASURED, RAMP, Go, Progress, Ready, Stop, WorkerPlan, WorkerResult, bench_user_id, url_with_token,
+)
 
-RAMP, MEASURED, DRAIN = "ramp", "measured", "drain"
 PROGRESS_EVERY_S = 1.0
 SWEEP_EVERY_S = 0.5
 CLOSE_TIMEOUT_S = 5.0
 MAX_ERROR_TEXTS = 10
-
-
-# --- the URL rule -------------------------------------------------------------
-
-
-def require_loopback_url(url: str) -> str:
-    """Return `url` if it is `ws://` or `wss://` to a loopback host, else raise ValueError.
-
-    The load generator opens thousands of connections: it may only aim at
-    this machine (127.0.0.0/8, ::1 or the name `localhost`), never elsewhere.
-    """
-    parts = urlsplit(url)
-    if parts.scheme not in ("ws", "wss"):
-        raise ValueError(f"not a WebSocket URL (ws:// or wss://): {url!r}")
-    try:
-        host = parts.hostname
-        parts.port  # noqa: B018 - raises ValueError for a malformed port
-    except ValueError as error:
-        raise ValueError(f"malformed URL {url!r}: {error}") from None
-    if not host:
-        raise ValueError(f"URL has no host: {url!r}")
-    if host.lower() == "localhost":
-        return url
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        raise ValueError(f"only loopback targets are allowed, not the name {host!r}") from None
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    if not address.is_loopback:
-        raise ValueError(f"only loopback targets are allowed, not {host!r}")
-    return url
-
-
-def bench_user_id(index: int) -> str:
-    """The id of simulated user `index`; its token's `sub` and `userId`."""
-    return f"bench-u{index}"
-
-
-def url_with_token(url: str, token: str) -> str:
-    """Append `token=JWT` to the query (JWTs are URL-safe base64 with dots)."""
-    return f"{url}{'&' if '?' in url else '?'}token={token}"
-
-
-# --- messages between parent and workers ----------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class RoomPlan:
-    resource_id: str
-    members: tuple[int, ...]  # user indexes, see `bench_user_id`
-
-
-@dataclass(frozen=True, slots=True)
-class WorkerPlan:
-    """Everything a worker needs. Deadlines are `time.monotonic()` readings,
-    a clock shared by all processes of the machine."""
-
-    index: int
-    url: str  # ws://HOST:PORT/ws, without the token
-    private_key_pem: bytes
-    role: str
-    rooms: tuple[RoomPlan, ...]
-    heartbeat_s: float
-    churn_s: float  # mean time between two churns of one user; 0 disables churn
-    connect_concurrency: int
-    deflate: bool
-    seed: int
-    ramp_deadline: float  # connects and first joins not done by then count as failed
-    hard_deadline: float  # the worker must have sent its result by then
-    reply_timeout_s: float = 5.0  # RESOURCE_STATE, RESOURCE_LEFT, HEARTBEAT_ACK
-    fanout_timeout_s: float = 5.0  # USER_JOINED missing after this counts as a failure
-
-
-@dataclass(frozen=True, slots=True)
-class Go:
-    """Parent to worker: start the measured phase, end it at `until` (monotonic)."""
-
-    until: float
-
-
-@dataclass(frozen=True, slots=True)
-class Stop:
-    """Parent to worker: wind down now and send the result."""
-
-
-@dataclass(frozen=True, slots=True)
-class Progress:
-    worker: int
-    phase: str
-    connected: int
-    connect_failures: int
-    joined: int
-    frames_received: int
-
-
-@dataclass(frozen=True, slots=True)
-class Ready:
-    worker: int
-
-
-@dataclass(frozen=True, slots=True)
-class WorkerResult:
-    """Raw samples in ms by phase (of the request's send) and metric, and counters."""
-
-    worker: int
-    users: int
-    connected_at_end: int
-    samples: dict[str, dict[str, list[float]]]
-    counts: dict[str, Any]
-    errors: list[str]
-    deadline_hit: bool
-
-
-WorkerMessage = Progress | Ready | WorkerResult
 
 
 # --- the worker's state ---------------------------------------------------------

@@ -15,7 +15,7 @@ from typing import Any
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from rounds.bench.loadgen import MEASURED, RAMP
+from rounds.bench.plan import MEASURED, RAMP
 
 # (label, phase, metric) of the CDF curves, connect first as it happens first.
 CURVES = (

@@ -30,7 +30,8 @@ import psutil
 import websockets
 
 from rounds.bench import stats
-from rounds.bench.loadgen import (
+from rounds.bench.loadgen import worker_main
+from rounds.bench.plan import (
     DRAIN,
     MEASURED,
     RAMP,
@@ -42,7 +43,6 @@ from rounds.bench.loadgen import (
     WorkerPlan,
     WorkerResult,
     require_loopback_url,
-    worker_main,
 )
 
 SCHEMA = "rounds.bench.presence/1"

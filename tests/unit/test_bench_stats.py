@@ -10,7 +10,8 @@ from dataclasses import dataclass
 import pytest
 
 from rounds.bench import stats
-from rounds.bench.loadgen import Room, bench_user_id, require_loopback_url, url_with_token
+from rounds.bench.loadgen import Room
+from rounds.bench.plan import bench_user_id, require_loopback_url, url_with_token
 from rounds.bench.presence import PresenceOptions, assign_rooms, plan_rooms
 
 # --- percentiles ----------------------------------------------------------------
