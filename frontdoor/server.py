@@ -50,6 +50,9 @@ from rounds.wire import (
     JoinResource,
     LeaveResource,
     MessageType,
+    LockAcquire as LockAcquireRequest,
+    LockRelease as LockReleaseRequest,
+    LockRenew as LockRenewRequest,
     ProtocolError,
     ResourceUpdate,
     codec_for,
@@ -59,6 +62,7 @@ from rounds.wire import (
     MSGPACK,
 )
 from rounds.shard.events import Deliver, Disconnect, Join, Leave, Reply
+from rounds.shard.lock_events import LockAcquire, LockId, LockRelease, LockRenew
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +78,8 @@ class Client:
     codec: Codec
     last_seen: float  # monotonic seconds of the last frame from the client
     rooms: dict[ResourceId, Join] = field(default_factory=dict)
-    joining: set[ResourceId] = field(default_factory=set)  # joins sent, RESOURCE_STATE not yet back
+    joining: set[ResourceId] = field(default_factory=set)
+    lock_rooms: dict[ResourceId, ResourceId] = field(default_factory=dict)  # lock resource -> its room  # joins sent, RESOURCE_STATE not yet back
     close_reason: str = "disconnected"
 
 
@@ -244,6 +249,10 @@ class FrontDoor:
                     self._leave(client, request)
                 case ResourceUpdate():
                     self._update(client, request)
+                case LockAcquireRequest():
+                    self._lock_acquire(client, request)
+                case LockRenewRequest() | LockReleaseRequest():
+                    self._lock_forward(client, request)
         except ProtocolError as exc:
             self._send(client, MessageType.ERROR, error_data(exc.code, exc.message), exc.ref)
         except Exception:  # our bug: log it, tell the client without internals, keep going
@@ -302,6 +311,27 @@ class FrontDoor:
             return
         # TODO(#4): Y.js documents: validate, apply, UPDATE_ACK and relay.
         raise ProtocolError(ErrorCode.UNSUPPORTED, "document updates are not served yet", req.ref)
+
+    def _lock_acquire(self, client: Client, req: LockAcquireRequest) -> None:
+        # A lock lives on the shard of its room, with the room's members: its
+        # broadcasts and its release when the holder leaves stay local there.
+        join = client.rooms.get(req.room_id)
+        if join is None:
+            raise ProtocolError(ErrorCode.NOT_JOINED, f"join {req.room_id} before locking in it", req.ref)
+        command = LockAcquire(client.conn, req.ref, UserId(client.identity.user_id), req.resource_id,
+                              join.mode, req.room_id, req.ttl_ms)
+        if not self._to_shard(req.room_id, command):
+            raise ProtocolError(ErrorCode.UNAVAILABLE, "the shard for this room is unavailable; retry", req.ref)
+        client.lock_rooms[req.resource_id] = req.room_id
+
+    def _lock_forward(self, client: Client, req: LockRenewRequest | LockReleaseRequest) -> None:
+        room = client.lock_rooms.get(req.resource_id, req.resource_id)
+        command: LockRenew | LockRelease = (
+            LockRenew(client.conn, req.ref, req.resource_id, LockId(req.lock_id))
+            if isinstance(req, LockRenewRequest)
+            else LockRelease(client.conn, req.ref, req.resource_id, LockId(req.lock_id)))
+        if not self._to_shard(room, command):
+            raise ProtocolError(ErrorCode.UNAVAILABLE, "the shard for this lock is unavailable; retry", req.ref)
 
     def _to_shard(self, rid: ResourceId, msg: LinkMessage) -> bool:
         shard = self.links.route(rid)

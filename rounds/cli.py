@@ -196,6 +196,10 @@ def _print_status(state: dict[str, Any], status: dict[str, Any]) -> None:
         linked = sum(1 for up in f["shards"].values() if up)
         print(f"frontdoor-{f['frontdoor']:<4}{f['connections']:>7}{f['users']:>7}{f['rooms']:>7}"
               f"{f['rejected']:>10}  {linked}/{len(f['shards'])}")
+    locks = [lock for s in status["shards"] for lock in s.get("locks", [])]
+    print(f"\nheld locks: {len(locks)}")
+    for lock in locks:
+        print(f"  {lock['resourceId']:<40} by {lock['lockedBy']:<20} until {lock['expiresAt']}")
     conns = sum(f.get("connections", 0) for f in status["frontdoors"])
     rooms = sum(s.get("rooms", 0) for s in status["shards"])
     print(f"\ntotal: {conns} connections, {rooms} rooms")

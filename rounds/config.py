@@ -54,6 +54,8 @@ class Settings:
     max_connections_per_frontdoor: int = 10_000
     max_frame_bytes: int = 262_144  # larger client frames get ERROR TOO_LARGE
     max_rooms_per_connection: int = 100
+    lock_ttl_ms: int = 30_000  # a lock not renewed for this long expires (seed BE-001.3)
+    lock_max_ttl_ms: int = 300_000  # the most a LOCK_ACQUIRE may ask for with `ttlMs`
     # Roles absent from this map may use every mode (DESIGN.md, wire protocol).
     role_modes: Mapping[str, tuple[str, ...]] = field(
         default_factory=lambda: {"observer": (VIEWER,), "auditor": (VIEWER,)}

@@ -25,6 +25,7 @@ import msgpack
 
 from rounds.ids import FrontDoorId
 from rounds.shard.events import Deliver, Disconnect, Join, Leave, Reply, Sync
+from rounds.shard.lock_events import LockAcquire, LockRelease, LockRenew
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +41,13 @@ class Hello:
     epoch: str  # new each time the front door process starts
 
 
-LinkMessage = Hello | Sync | Join | Leave | Disconnect | Reply | Deliver
+LinkMessage = Hello | Sync | Join | Leave | Disconnect | LockAcquire | LockRenew | LockRelease | Reply | Deliver
 
-_TAGS: dict[type, int] = {Hello: 1, Sync: 2, Join: 3, Leave: 4, Disconnect: 5, Reply: 10, Deliver: 11}
+_TAGS: dict[type, int] = {
+    Hello: 1, Sync: 2, Join: 3, Leave: 4, Disconnect: 5,
+    LockAcquire: 6, LockRenew: 7, LockRelease: 8,
+    Reply: 10, Deliver: 11,
+}
 _CLASSES = {tag: cls for cls, tag in _TAGS.items()}
 _FIELDS = {cls: tuple(f.name for f in dataclasses.fields(cls)) for cls in _TAGS}
 

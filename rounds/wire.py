@@ -34,6 +34,9 @@ class MessageType(enum.StrEnum):
     JOIN_RESOURCE = "JOIN_RESOURCE"
     LEAVE_RESOURCE = "LEAVE_RESOURCE"
     RESOURCE_UPDATE = "RESOURCE_UPDATE"  # also server -> client (relayed)
+    LOCK_ACQUIRE = "LOCK_ACQUIRE"
+    LOCK_RENEW = "LOCK_RENEW"
+    LOCK_RELEASE = "LOCK_RELEASE"
     # server -> client
     CONNECTED = "CONNECTED"
     HEARTBEAT_ACK = "HEARTBEAT_ACK"
@@ -43,6 +46,12 @@ class MessageType(enum.StrEnum):
     USER_LEFT = "USER_LEFT"
     ALL_USERS = "resource:all_users"  # the seed's exact name
     PERMISSION_DENIED = "PERMISSION_DENIED"
+    LOCK_ACQUIRED = "LOCK_ACQUIRED"
+    LOCK_DENIED = "LOCK_DENIED"
+    LOCK_RENEWED = "LOCK_RENEWED"
+    LOCK_RELEASED = "LOCK_RELEASED"
+    RESOURCE_LOCKED = "RESOURCE_LOCKED"
+    RESOURCE_UNLOCKED = "RESOURCE_UNLOCKED"
     ERROR = "ERROR"
     UNAUTHORIZED = "UNAUTHORIZED"  # HTTP 401 body, before the upgrade
 
@@ -55,6 +64,9 @@ class ErrorCode(enum.StrEnum):
     ALREADY_JOINED = "ALREADY_JOINED"
     PERMISSION_DENIED = "PERMISSION_DENIED"
     TOO_MANY_ROOMS = "TOO_MANY_ROOMS"
+    NOT_LOCK_HOLDER = "NOT_LOCK_HOLDER"  # renew/release of a lock someone else holds
+    UNKNOWN_LOCK = "UNKNOWN_LOCK"  # renew/release of a lock that expired or never was
+    STALE_LOCK = "STALE_LOCK"  # an update fenced with a token older than the lock's
     UNSUPPORTED = "UNSUPPORTED"  # known request the gateway does not serve yet
     UNAVAILABLE = "UNAVAILABLE"  # the shard owning the resource is not reachable right now
     INTERNAL = "INTERNAL"  # our bug; details are in the server log, never sent
@@ -99,7 +111,29 @@ class ResourceUpdate:
     update: bytes
 
 
-Request = Heartbeat | JoinResource | LeaveResource | ResourceUpdate
+@dataclass(frozen=True, slots=True)
+class LockAcquire:
+    ref: Any
+    resource_id: ResourceId
+    room_id: ResourceId  # the room told about the lock: `roomId`, else the resource itself
+    ttl_ms: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class LockRenew:
+    ref: Any
+    resource_id: ResourceId
+    lock_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class LockRelease:
+    ref: Any
+    resource_id: ResourceId
+    lock_id: str
+
+
+Request = Heartbeat | JoinResource | LeaveResource | ResourceUpdate | LockAcquire | LockRenew | LockRelease
 
 
 class ProtocolError(Exception):
@@ -253,11 +287,40 @@ def _update(codec: Codec, ref: Any, data: dict[str, Any]) -> ResourceUpdate:
     return ResourceUpdate(ref, resource_id, update)
 
 
+def _lock_acquire(codec: Codec, ref: Any, data: dict[str, Any]) -> LockAcquire:
+    resource_id = _resource_id(data, ref)
+    room = data.get("roomId")
+    if room is not None:
+        room = _resource_id({"resourceId": room}, ref)
+    ttl = data.get("ttlMs")
+    if ttl is not None and (not isinstance(ttl, int) or isinstance(ttl, bool) or ttl <= 0):
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "'ttlMs' must be a positive integer", ref)
+    return LockAcquire(ref, resource_id, room or resource_id, ttl)
+
+
+def _lock_id(data: dict[str, Any], ref: Any) -> str:
+    value = data.get("lockId")
+    if not isinstance(value, str) or not value or len(value) > 128:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "'lockId' is required (the id from LOCK_ACQUIRED)", ref)
+    return value
+
+
+def _lock_renew(codec: Codec, ref: Any, data: dict[str, Any]) -> LockRenew:
+    return LockRenew(ref, _resource_id(data, ref), _lock_id(data, ref))
+
+
+def _lock_release(codec: Codec, ref: Any, data: dict[str, Any]) -> LockRelease:
+    return LockRelease(ref, _resource_id(data, ref), _lock_id(data, ref))
+
+
 _PARSERS = {
     MessageType.HEARTBEAT: _heartbeat,
     MessageType.JOIN_RESOURCE: _join,
     MessageType.LEAVE_RESOURCE: _leave,
     MessageType.RESOURCE_UPDATE: _update,
+    MessageType.LOCK_ACQUIRE: _lock_acquire,
+    MessageType.LOCK_RENEW: _lock_renew,
+    MessageType.LOCK_RELEASE: _lock_release,
 }
 
 

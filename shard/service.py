@@ -18,13 +18,17 @@ import logging
 from collections import deque
 from typing import Any
 
-from rounds.audit import AuditSink
+from rounds.audit import AuditEvent, AuditSink
 from rounds.backends.base import MirrorEvent, PresenceMirror
 from rounds.clock import now_ms
 from rounds.ids import ConnId, FrontDoorId, ShardId, frontdoor_of
 from rounds.link import Hello, LinkMessage, LinkProtocol
 from rounds.shard.events import Deliver, Disconnect, Event, Join, Leave, MemberGone, MirrorJoin, MirrorLeave, Reply, Sync
+from rounds.backends.locks import LockStore
+from rounds.shard.lock_events import AuditLock, LockAcquire, LockRelease, LockRenew, RoomBroadcast
+from rounds.shard.lock_shell import LockShell
 from rounds.shard.presence import Presence
+from rounds.wire import MessageType
 
 log = logging.getLogger(__name__)
 
@@ -32,9 +36,11 @@ MIRROR_QUEUE_MAX = 100_000
 
 
 class ShardService:
-    def __init__(self, index: ShardId, mirror: PresenceMirror, audit: AuditSink) -> None:
+    def __init__(self, index: ShardId, mirror: PresenceMirror, audit: AuditSink, lock_store: LockStore,
+                 lock_ttl_ms: int = 30_000, lock_max_ttl_ms: int = 300_000) -> None:
         self.index = index
         self.presence = Presence()
+        self.lock_shell = LockShell(f"shard-{index}", lock_store, self.dispatch, lock_ttl_ms, lock_max_ttl_ms)
         self.mirror = mirror
         self.audit = audit
         self._links: dict[FrontDoorId, LinkProtocol] = {}
@@ -72,6 +78,7 @@ class ShardService:
             self._server.close()
         for link in list(self._links.values()):
             link.close()
+        await self.lock_shell.stop()
         if self._mirror_task is not None:
             await self._drain_mirror()
             self._mirror_task.cancel()
@@ -86,6 +93,7 @@ class ShardService:
             "connections": self.presence.connections(),
             "rooms": len(rooms),
             "members": sum(rooms.values()),
+            "locks": [lock.wire() for lock in self.lock_shell.locks.locks()],
             "mirror": {"backend": self.mirror.name, "queued": len(self._mirror_queue),
                        "dropped": self.mirror_dropped, "failures": self.mirror_failures},
         }
@@ -121,22 +129,37 @@ class ShardService:
                 log.info("%s: frontdoor-%d linked (epoch %s)", self.name, fd, msg.epoch)
             case Join() | Leave() | Disconnect() | Sync():
                 self.dispatch(self.presence.handle(msg, now_ms()))
+            case LockAcquire() | LockRenew() | LockRelease():
+                self.lock_shell.handle(msg)
             case _:
                 log.error("%s: unexpected link message %s", self.name, type(msg).__name__)
 
     # --- events -----------------------------------------------------------------
 
-    def dispatch(self, events: list[Event]) -> None:
+    def dispatch(self, events: list[Any]) -> None:
+        """Carry out the machines' events (presence and locks alike)."""
         for event in events:
             match event:
+                case Reply(conn=conn, type=MessageType.RESOURCE_STATE, data=data):
+                    data["locks"] = self.lock_shell.locks.room_state(data["resourceId"])
+                    self._send(frontdoor_of(conn), event)
                 case Reply(conn=conn):
                     self._send(frontdoor_of(conn), event)
                 case Deliver(conns=conns, type=type_, data=data):
                     self._deliver(conns, type_, data)
+                case RoomBroadcast(room_id=room, except_conn=skip, type=type_, data=data):
+                    conns = tuple(m.conn for m in self.presence.members(room) if m.conn != skip)
+                    if conns:
+                        self._deliver(conns, type_, data)
                 case MirrorJoin() | MirrorLeave():
                     self._queue_mirror(event)
                 case MemberGone():
-                    pass  # locks release here (issue 3)
+                    self.lock_shell.handle(event)  # the holder's locks in that room go (issue 3)
+                case AuditLock():
+                    self.audit.emit(AuditEvent(
+                        event.event_type, self.name, event.outcome, user_id=event.user_id,
+                        resource_id=event.resource_id,
+                        details={"lockId": event.lock_id, "conn": event.conn, **event.details}))
 
     def _send(self, fd: FrontDoorId, msg: LinkMessage) -> None:
         link = self._links.get(fd)

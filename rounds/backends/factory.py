@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from rounds.backends.base import PresenceMirror, SessionStore
+from rounds.backends.locks import LockStore, MemoryLockStore
 from rounds.backends.memory import MemoryPresence, MemorySessions
 from rounds.config import Settings
 
@@ -22,3 +23,12 @@ def presence_mirror(settings: Settings, owner: str) -> PresenceMirror:
 
         return redis_backend.RedisPresence(redis_backend.connect(settings.redis_url), owner)
     return MemoryPresence()
+
+
+def lock_store(settings: Settings) -> LockStore:
+    if settings.redis_url:
+        from rounds.backends import redis as redis_backend
+        from rounds.backends.locks import RedisLockStore
+
+        return RedisLockStore(redis_backend.connect(settings.redis_url))
+    return MemoryLockStore()

@@ -1,0 +1,12 @@
+-- Release a lock (seed BE-001.3 "Explicit lock release"): delete the lock key
+-- and its metadata only if this lock id of this user still holds it (never
+-- read-then-write: a lock taken over in between must survive). The fence
+-- counter stays.
+-- KEYS[1] = lock:{resourceId}   KEYS[2] = lock:{resourceId}:metadata
+-- ARGV = lockId, userId
+-- Returns 1 when released, 0 when the lock was gone or held by another.
+if redis.call('HGET', KEYS[2], 'lockId') == ARGV[1] and redis.call('GET', KEYS[1]) == ARGV[2] then
+  redis.call('DEL', KEYS[1], KEYS[2])
+  return 1
+end
+return 0

@@ -1,0 +1,13 @@
+-- Renew a lock (seed BE-001.3 "Lock renewal before expiration"): extend both
+-- keys' TTL and the metadata's expiresAt, only if this lock id of this user
+-- still holds it, so a stale holder can never extend someone else's lock.
+-- KEYS[1] = lock:{resourceId}   KEYS[2] = lock:{resourceId}:metadata
+-- ARGV = lockId, userId, ttlMs, expiresAt (ISO)
+-- Returns 1 when renewed, 0 when the lock is gone or held by another.
+if redis.call('HGET', KEYS[2], 'lockId') == ARGV[1] and redis.call('GET', KEYS[1]) == ARGV[2] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[3])
+  redis.call('HSET', KEYS[2], 'expiresAt', ARGV[4])
+  redis.call('PEXPIRE', KEYS[2], ARGV[3])
+  return 1
+end
+return 0

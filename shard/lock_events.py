@@ -1,0 +1,222 @@
+"""Commands the lock machine accepts and the events it returns (issue 3).
+
+The vocabulary between `rounds.shard.locks` (pure) and its shell: requests
+from clients (`LockAcquire`, `LockRenew`, `LockRelease`), results the shell
+feeds back from the lock store (`GrantStored`, `GrantRefused`, `GrantFailed`,
+`LockLost`), and what the machine asks for in return: replies, room
+broadcasts, store requests and audit records. `MemberGone` (from presence) is
+also accepted; it lives in `rounds.shard.events` with the other shard events.
+
+The message types and error codes of the lock protocol are here until the
+wiring step moves them into `rounds.wire` (DESIGN.md fixes their names).
+Nothing in this module does I/O.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any, NewType
+
+from rounds.ids import ConnId, ResourceId, UserId
+from rounds.shard.events import MemberGone, Reply
+
+LockId = NewType("LockId", str)
+
+EXCLUSIVE = "exclusive"  # the seed's only `lockType`
+
+
+class LockMessage(enum.StrEnum):
+    """The lock messages of wire protocol v1 (DESIGN.md, fixed names)."""
+
+    # client -> server
+    LOCK_ACQUIRE = "LOCK_ACQUIRE"
+    LOCK_RENEW = "LOCK_RENEW"
+    LOCK_RELEASE = "LOCK_RELEASE"
+    # server -> the asker
+    LOCK_ACQUIRED = "LOCK_ACQUIRED"
+    LOCK_DENIED = "LOCK_DENIED"
+    LOCK_RENEWED = "LOCK_RENEWED"
+    LOCK_RELEASED = "LOCK_RELEASED"
+    # server -> the room
+    RESOURCE_LOCKED = "RESOURCE_LOCKED"
+    RESOURCE_UNLOCKED = "RESOURCE_UNLOCKED"
+
+
+class LockErrorCode(enum.StrEnum):
+    """`ERROR.code` values of the lock requests, beside `rounds.wire.ErrorCode`."""
+
+    NOT_LOCK_HOLDER = "NOT_LOCK_HOLDER"  # someone else holds it, or a wrong lockId
+    UNKNOWN_LOCK = "UNKNOWN_LOCK"  # nobody holds it: expired, released or never taken
+
+
+class UnlockReason(enum.StrEnum):
+    """`RESOURCE_UNLOCKED.reason` (DESIGN.md): released, expired, disconnected, left."""
+
+    RELEASED = "released"
+    EXPIRED = "expired"
+    DISCONNECTED = "disconnected"
+    LEFT = "left"
+
+
+# --- client requests (front door -> shard) ------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class LockAcquire:
+    conn: ConnId
+    ref: Any
+    user_id: UserId
+    resource_id: ResourceId
+    mode: str  # the connection's mode in the room: viewers cannot lock (issue 3)
+    room_id: ResourceId | None = None  # who hears about the lock; None: the resource itself
+    ttl_ms: int | None = None  # None: the machine's default; capped to [min, max]
+
+
+@dataclass(frozen=True, slots=True)
+class LockRenew:
+    conn: ConnId
+    ref: Any
+    resource_id: ResourceId
+    lock_id: LockId
+
+
+@dataclass(frozen=True, slots=True)
+class LockRelease:
+    conn: ConnId
+    ref: Any
+    resource_id: ResourceId
+    lock_id: LockId
+
+
+# --- store results (shell -> machine) -------------------------------------------
+# Every `StoreGrant` gets exactly one of GrantStored / GrantRefused / GrantFailed.
+
+
+@dataclass(frozen=True, slots=True)
+class GrantStored:
+    """The store set the lock; `fencing_token` is its counter for the resource."""
+
+    resource_id: ResourceId
+    lock_id: LockId
+    fencing_token: int
+
+
+@dataclass(frozen=True, slots=True)
+class GrantRefused:
+    """The store holds the lock for someone else (another shard's grant, or
+    this shard's previous life): the seed's `SET NX` returned nil."""
+
+    resource_id: ResourceId
+    lock_id: LockId  # the refused request, so a late answer never hits a newer one
+    holder_user_id: UserId
+    expires_at_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class GrantFailed:
+    """The store did not answer (error or timeout): the grant may or may not
+    have landed, so the machine asks for a release of that lock id."""
+
+    resource_id: ResourceId
+    lock_id: LockId
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class LockLost:
+    """A renew found the store no longer holding this lock id (it expired there
+    or was taken over): the machine drops it as expired."""
+
+    resource_id: ResourceId
+    lock_id: LockId
+
+
+LockCommand = LockAcquire | LockRenew | LockRelease | GrantStored | GrantRefused | GrantFailed | LockLost | MemberGone
+
+# --- events (machine -> shell) ----------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RoomBroadcast:
+    """One event for every member of a room but `except_conn`; the shell turns
+    it into a `Deliver` with presence's membership."""
+
+    room_id: ResourceId
+    except_conn: ConnId | None
+    type: str
+    data: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class StoreGrant:
+    """Ask the store for the lock (seed: `SET lock:{id} {userId} PX ttl NX` and
+    the metadata hash); answer with GrantStored, GrantRefused or GrantFailed."""
+
+    resource_id: ResourceId
+    lock_id: LockId
+    user_id: UserId
+    ttl_ms: int
+    acquired_at_ms: int
+    expires_at_ms: int
+    lock_type: str = EXCLUSIVE
+
+
+@dataclass(frozen=True, slots=True)
+class StoreRenew:
+    """Extend both keys' TTL if the store still has this lock id; if it does
+    not, answer with LockLost."""
+
+    resource_id: ResourceId
+    lock_id: LockId
+    user_id: UserId
+    ttl_ms: int
+    expires_at_ms: int  # the new `expiresAt` of the metadata hash
+
+
+@dataclass(frozen=True, slots=True)
+class StoreRelease:
+    """Delete the lock's keys if the store still has this lock id (no answer)."""
+
+    resource_id: ResourceId
+    lock_id: LockId
+    user_id: UserId
+
+
+StoreRequest = StoreGrant | StoreRenew | StoreRelease
+
+# action -> the audit event type when it went through
+_AUDIT_DONE = {
+    "acquire": "LOCK_ACQUIRED",
+    "deny": "LOCK_DENIED",
+    "renew": "LOCK_RENEWED",
+    "release": "LOCK_RELEASED",
+    "expire": "LOCK_EXPIRED",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class AuditLock:
+    """An audit record for a lock step (seed BE-001.3: "an audit log should
+    record the lock acquisition / renewal / release")."""
+
+    action: str  # acquire | deny | renew | release | expire
+    resource_id: ResourceId
+    user_id: UserId | None
+    lock_id: LockId | None
+    outcome: str  # "ok" | "denied" | "error"
+    details: dict[str, Any] = field(default_factory=dict)
+    # The connection concerned: a denied renew or release names no user (the
+    # asker is known by its connection), the shell resolves it.
+    conn: ConnId | None = None
+
+    @property
+    def event_type(self) -> str:
+        """The `AuditEvent.event_type` to record it under: `LOCK_RENEWED`, or
+        `LOCK_RENEW_DENIED` / `LOCK_ACQUIRE_FAILED` when it did not go through."""
+        if self.outcome == "ok" or self.action in ("deny", "expire"):
+            return _AUDIT_DONE[self.action]
+        return f"LOCK_{self.action.upper()}_{'DENIED' if self.outcome == 'denied' else 'FAILED'}"
+
+
+LockEvent = Reply | RoomBroadcast | StoreGrant | StoreRenew | StoreRelease | AuditLock
