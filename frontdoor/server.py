@@ -61,7 +61,7 @@ from rounds.wire import (
     JSON,
     MSGPACK,
 )
-from rounds.shard.events import Deliver, Disconnect, Join, Leave, Reply
+from rounds.shard.events import CheckFence, Deliver, Disconnect, Join, Leave, Reply
 from rounds.shard.lock_events import LockAcquire, LockId, LockRelease, LockRenew
 
 log = logging.getLogger(__name__)
@@ -308,6 +308,13 @@ class FrontDoor:
             self._send(client, MessageType.PERMISSION_DENIED, error_data(
                 ErrorCode.PERMISSION_DENIED, "viewers may not update the document",
                 resourceId=req.resource_id, mode=join.mode), req.ref)
+            return
+        if req.lock_resource_id is not None and req.fencing_token is not None:
+            # Fenced (issue 3): the lock's shard says whether the token is live.
+            room = client.lock_rooms.get(req.lock_resource_id, req.resource_id)
+            check = CheckFence(client.conn, req.ref, req.resource_id, req.lock_resource_id, req.fencing_token)
+            if not self._to_shard(room, check):
+                raise ProtocolError(ErrorCode.UNAVAILABLE, "the shard for this lock is unavailable; retry", req.ref)
             return
         # TODO(#4): Y.js documents: validate, apply, UPDATE_ACK and relay.
         raise ProtocolError(ErrorCode.UNSUPPORTED, "document updates are not served yet", req.ref)

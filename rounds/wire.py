@@ -109,6 +109,10 @@ class ResourceUpdate:
     ref: Any
     resource_id: ResourceId
     update: bytes
+    # Fencing (issue 3): the lock the writer holds and its token; a stale
+    # token is refused with STALE_LOCK.
+    lock_resource_id: ResourceId | None = None
+    fencing_token: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -284,7 +288,15 @@ def _update(codec: Codec, ref: Any, data: dict[str, Any]) -> ResourceUpdate:
     update = _binary(codec, data, "update", ref)
     if not update:
         raise ProtocolError(ErrorCode.BAD_REQUEST, "'update' is required (a Y.js update)", ref)
-    return ResourceUpdate(ref, resource_id, update)
+    lock = data.get("lockResourceId")
+    token = data.get("fencingToken")
+    if (lock is None) != (token is None):
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "'lockResourceId' and 'fencingToken' go together", ref)
+    if lock is not None:
+        lock = _resource_id({"resourceId": lock}, ref)
+        if not isinstance(token, int) or isinstance(token, bool) or token <= 0:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "'fencingToken' must be a positive integer", ref)
+    return ResourceUpdate(ref, resource_id, update, lock, token)
 
 
 def _lock_acquire(codec: Codec, ref: Any, data: dict[str, Any]) -> LockAcquire:

@@ -60,6 +60,19 @@ class Sync:
     joins: tuple[Join, ...]
 
 
+@dataclass(frozen=True, slots=True)
+class CheckFence:
+    """Is `fencing_token` still the live token of the lock on `lock_resource_id`?
+    The shard that owns the lock answers STALE_LOCK when it is not (issue 3:
+    a paused holder whose lock expired must not keep writing)."""
+
+    conn: ConnId
+    ref: Any
+    resource_id: ResourceId
+    lock_resource_id: ResourceId
+    fencing_token: int
+
+
 Command = Join | Leave | Disconnect | Sync
 
 # --- events (shard -> front doors and mirrors) ----------------------------------

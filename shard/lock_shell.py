@@ -32,7 +32,10 @@ from rounds.shard.lock_events import (
     StoreRelease,
     StoreRenew,
 )
+from rounds.shard.events import CheckFence, Reply
+from rounds.shard.lock_events import AuditLock
 from rounds.shard.locks import Locks
+from rounds.wire import ErrorCode, MessageType, error_data
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +70,22 @@ class LockShell:
                     rest.append(event)
         self._dispatch(rest)
         self._arm()
+
+    def check_fence(self, check: CheckFence) -> Reply:
+        """The answer to a fenced update: STALE_LOCK unless the token is the live
+        lock's. Until documents land (issue 4) a valid one gets UNSUPPORTED."""
+        lock = self.locks.holder(check.lock_resource_id)
+        if lock is None or lock.fencing_token != check.fencing_token:
+            self._dispatch([AuditLock("fence", check.lock_resource_id, None, None, "denied",
+                                      {"fencingToken": check.fencing_token, "conn": check.conn})])
+            return Reply(check.conn, check.ref, MessageType.ERROR, error_data(
+                ErrorCode.STALE_LOCK, "the lock this update is fenced with is no longer held with that token",
+                resourceId=check.resource_id, lockResourceId=check.lock_resource_id,
+                fencingToken=check.fencing_token,
+                currentToken=None if lock is None else lock.fencing_token))
+        # TODO(#4): apply the update; the fence is valid.
+        return Reply(check.conn, check.ref, MessageType.ERROR, error_data(
+            ErrorCode.UNSUPPORTED, "document updates are not served yet", resourceId=check.resource_id))
 
     # --- the store ----------------------------------------------------------------
 

@@ -23,7 +23,7 @@ from rounds.backends.base import MirrorEvent, PresenceMirror
 from rounds.clock import now_ms
 from rounds.ids import ConnId, FrontDoorId, ShardId, frontdoor_of
 from rounds.link import Hello, LinkMessage, LinkProtocol
-from rounds.shard.events import Deliver, Disconnect, Event, Join, Leave, MemberGone, MirrorJoin, MirrorLeave, Reply, Sync
+from rounds.shard.events import CheckFence, Deliver, Disconnect, Event, Join, Leave, MemberGone, MirrorJoin, MirrorLeave, Reply, Sync
 from rounds.backends.locks import LockStore
 from rounds.shard.lock_events import AuditLock, LockAcquire, LockRelease, LockRenew, RoomBroadcast
 from rounds.shard.lock_shell import LockShell
@@ -131,6 +131,8 @@ class ShardService:
                 self.dispatch(self.presence.handle(msg, now_ms()))
             case LockAcquire() | LockRenew() | LockRelease():
                 self.lock_shell.handle(msg)
+            case CheckFence():
+                self._send(frontdoor_of(msg.conn), self.lock_shell.check_fence(msg))
             case _:
                 log.error("%s: unexpected link message %s", self.name, type(msg).__name__)
 
