@@ -7,8 +7,6 @@ feeds back from the lock store (`GrantStored`, `GrantRefused`, `GrantFailed`,
 broadcasts, store requests and audit records. `MemberGone` (from presence) is
 also accepted; it lives in `rounds.shard.events` with the other shard events.
 
-The message types and error codes of the lock protocol are here until the
-wiring step moves them into `rounds.wire` (DESIGN.md fixes their names).
 Nothing in this module does I/O.
 """
 
@@ -20,34 +18,17 @@ from typing import Any, NewType
 
 from rounds.ids import ConnId, ResourceId, UserId
 from rounds.shard.events import MemberGone, Reply
+from rounds.wire import ErrorCode, MessageType
 
 LockId = NewType("LockId", str)
 
 EXCLUSIVE = "exclusive"  # the seed's only `lockType`
 
 
-class LockMessage(enum.StrEnum):
-    """The lock messages of wire protocol v1 (DESIGN.md, fixed names)."""
-
-    # client -> server
-    LOCK_ACQUIRE = "LOCK_ACQUIRE"
-    LOCK_RENEW = "LOCK_RENEW"
-    LOCK_RELEASE = "LOCK_RELEASE"
-    # server -> the asker
-    LOCK_ACQUIRED = "LOCK_ACQUIRED"
-    LOCK_DENIED = "LOCK_DENIED"
-    LOCK_RENEWED = "LOCK_RENEWED"
-    LOCK_RELEASED = "LOCK_RELEASED"
-    # server -> the room
-    RESOURCE_LOCKED = "RESOURCE_LOCKED"
-    RESOURCE_UNLOCKED = "RESOURCE_UNLOCKED"
-
-
-class LockErrorCode(enum.StrEnum):
-    """`ERROR.code` values of the lock requests, beside `rounds.wire.ErrorCode`."""
-
-    NOT_LOCK_HOLDER = "NOT_LOCK_HOLDER"  # someone else holds it, or a wrong lockId
-    UNKNOWN_LOCK = "UNKNOWN_LOCK"  # nobody holds it: expired, released or never taken
+# The lock messages and error codes are part of wire protocol v1 (DESIGN.md,
+# fixed names) and live with the others in `rounds.wire`.
+LockMessage = MessageType
+LockErrorCode = ErrorCode
 
 
 class UnlockReason(enum.StrEnum):
@@ -214,9 +195,10 @@ class AuditLock:
     def event_type(self) -> str:
         """The `AuditEvent.event_type` to record it under: `LOCK_RENEWED`, or
         `LOCK_RENEW_DENIED` / `LOCK_ACQUIRE_FAILED` when it did not go through."""
+        verb = f"LOCK_{self.action.upper()}"
         if self.outcome == "ok" or self.action in ("deny", "expire"):
-            return _AUDIT_DONE[self.action]
-        return f"LOCK_{self.action.upper()}_{'DENIED' if self.outcome == 'denied' else 'FAILED'}"
+            return _AUDIT_DONE.get(self.action, verb)  # an action added later still gets a name
+        return f"{verb}_{'DENIED' if self.outcome == 'denied' else 'FAILED'}"
 
 
 LockEvent = Reply | RoomBroadcast | StoreGrant | StoreRenew | StoreRelease | AuditLock

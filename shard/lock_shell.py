@@ -7,7 +7,9 @@ armed for the next expiry, so a lock nobody asks about still expires on time
 and its room hears `RESOURCE_UNLOCKED "expired"`. Replies, room broadcasts
 and audit records go to the shard's `dispatch`.
 
-Bounds: a store call that takes longer than `STORE_TIMEOUT_S` counts as
+Store requests of one resource run in order, one at a time (`_queue`); the
+machine keeps each queue short, since it denies acquires while a grant is
+pending. A store call that takes longer than `STORE_TIMEOUT_S` counts as
 failed (`GrantFailed`: the machine refuses the grant and asks for a release).
 """
 
@@ -16,21 +18,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import Callable, Coroutine
+from collections import deque
+from collections.abc import Callable
 from typing import Any
 
-from rounds.backends.locks import Granted, LockStore
+from rounds.backends.locks import LockStore, perform
 from rounds.clock import now_ms
+from rounds.ids import ResourceId
 from rounds.shard.lock_events import (
-    GrantFailed,
-    GrantRefused,
-    GrantStored,
     LockCommand,
     LockEvent,
-    LockLost,
     StoreGrant,
     StoreRelease,
     StoreRenew,
+    StoreRequest,
 )
 from rounds.shard.events import CheckFence, Reply
 from rounds.shard.lock_events import AuditLock
@@ -52,6 +53,7 @@ class LockShell:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: int | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._queues: dict[ResourceId, deque[StoreRequest]] = {}
 
     def handle(self, command: LockCommand) -> None:
         self._emit(self.locks.handle(command, now_ms()))
@@ -60,12 +62,8 @@ class LockShell:
         rest: list[Any] = []
         for event in events:
             match event:
-                case StoreGrant():
-                    self._spawn(self._grant(event))
-                case StoreRenew():
-                    self._spawn(self._renew(event))
-                case StoreRelease():
-                    self._spawn(self._release(event))
+                case StoreGrant() | StoreRenew() | StoreRelease():
+                    self._queue(event)
                 case _:
                     rest.append(event)
         self._dispatch(rest)
@@ -77,7 +75,7 @@ class LockShell:
         lock = self.locks.holder(check.lock_resource_id)
         if lock is None or lock.fencing_token != check.fencing_token:
             self._dispatch([AuditLock("fence", check.lock_resource_id, None, None, "denied",
-                                      {"fencingToken": check.fencing_token, "conn": check.conn})])
+                                      {"fencingToken": check.fencing_token}, check.conn)])
             return Reply(check.conn, check.ref, MessageType.ERROR, error_data(
                 ErrorCode.STALE_LOCK, "the lock this update is fenced with is no longer held with that token",
                 resourceId=check.resource_id, lockResourceId=check.lock_resource_id,
@@ -87,43 +85,31 @@ class LockShell:
         return Reply(check.conn, check.ref, MessageType.ERROR, error_data(
             ErrorCode.UNSUPPORTED, "document updates are not served yet", resourceId=check.resource_id))
 
-    # --- the store ----------------------------------------------------------------
+    # --- the store ------------------------------------------------------------------
 
-    async def _grant(self, ev: StoreGrant) -> None:
-        try:
-            async with asyncio.timeout(STORE_TIMEOUT_S):
-                result = await self.store.grant(ev.resource_id, ev.lock_id, ev.user_id, ev.ttl_ms,
-                                                ev.acquired_at_ms, ev.expires_at_ms, ev.lock_type)
-        except Exception as exc:  # down, slow or broken: the grant is refused, never assumed
-            log.error("%s: lock store grant failed for %s: %r", self.name, ev.resource_id, exc)
-            self.handle(GrantFailed(ev.resource_id, ev.lock_id, type(exc).__name__))
+    def _queue(self, request: StoreRequest) -> None:
+        """Store requests of one resource run one at a time, in the order the
+        machine emitted them: a release must reach the store before the next
+        grant, or that grant is refused by the lock just let go."""
+        queue = self._queues.get(request.resource_id)
+        if queue is not None:
+            queue.append(request)
             return
-        if isinstance(result, Granted):
-            self.handle(GrantStored(ev.resource_id, ev.lock_id, result.fencing_token))
-        else:
-            self.handle(GrantRefused(ev.resource_id, ev.lock_id, result.holder_user_id, result.expires_at_ms))
-
-    async def _renew(self, ev: StoreRenew) -> None:
-        try:
-            async with asyncio.timeout(STORE_TIMEOUT_S):
-                kept = await self.store.renew(ev.resource_id, ev.lock_id, ev.user_id, ev.ttl_ms, ev.expires_at_ms)
-        except Exception as exc:  # the lock stays live here until its old deadline
-            log.error("%s: lock store renew failed for %s: %r", self.name, ev.resource_id, exc)
-            return
-        if not kept:
-            self.handle(LockLost(ev.resource_id, ev.lock_id))
-
-    async def _release(self, ev: StoreRelease) -> None:
-        try:
-            async with asyncio.timeout(STORE_TIMEOUT_S):
-                await self.store.release(ev.resource_id, ev.lock_id, ev.user_id)
-        except Exception as exc:  # the store's own TTL removes it
-            log.error("%s: lock store release failed for %s: %r", self.name, ev.resource_id, exc)
-
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.create_task(coro)
+        self._queues[request.resource_id] = deque([request])
+        task = asyncio.create_task(self._run_queue(request.resource_id))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    async def _run_queue(self, resource: ResourceId) -> None:
+        queue = self._queues[resource]
+        try:
+            while queue:
+                answer = await perform(self.store, queue[0], STORE_TIMEOUT_S)
+                queue.popleft()
+                if answer is not None:
+                    self.handle(answer)
+        finally:
+            del self._queues[resource]
 
     # --- expiry -------------------------------------------------------------------
 

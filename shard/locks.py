@@ -30,7 +30,7 @@ import heapq
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from rounds.clock import iso_ms
 from rounds.config import EDITOR
@@ -57,6 +57,8 @@ from rounds.shard.lock_events import (
     UnlockReason,
 )
 from rounds.wire import ErrorCode, MessageType
+
+K = TypeVar("K")
 
 DEFAULT_TTL_MS = 30_000  # seed BE-001.3: "Lock TTL of 30 seconds (configurable)"
 MAX_TTL_MS = 300_000
@@ -385,11 +387,8 @@ class Locks:
     def _remove(self, lock: Lock) -> None:
         del self._locks[lock.resource_id]
         self._ids.discard(lock.lock_id)
-        for index, key in ((self._by_conn, lock.conn), (self._by_room, lock.room_id)):
-            members = index[key]
-            members.discard(lock.resource_id)
-            if not members:
-                del index[key]
+        _discard(self._by_conn, lock.conn, lock.resource_id)
+        _discard(self._by_room, lock.room_id, lock.resource_id)
 
     def _push_deadline(self, lock: Lock) -> None:
         heapq.heappush(self._deadlines, (lock.expires_at_ms, lock.resource_id, lock.lock_id))
@@ -406,6 +405,13 @@ class Locks:
         self._tokens.move_to_end(rid)
         if len(self._tokens) > self._remembered_tokens:
             self._tokens.popitem(last=False)
+
+
+def _discard(index: dict[K, set[ResourceId]], key: K, resource: ResourceId) -> None:
+    members = index[key]
+    members.discard(resource)
+    if not members:
+        del index[key]
 
 
 def _error_data(code: ErrorCode | LockErrorCode, message: str, resource: ResourceId) -> dict[str, Any]:

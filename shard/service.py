@@ -21,7 +21,7 @@ from typing import Any
 from rounds.audit import AuditEvent, AuditSink
 from rounds.backends.base import MirrorEvent, PresenceMirror
 from rounds.clock import now_ms
-from rounds.ids import ConnId, FrontDoorId, ShardId, frontdoor_of
+from rounds.ids import ConnId, FrontDoorId, ShardId, UserId, frontdoor_of
 from rounds.link import Hello, LinkMessage, LinkProtocol
 from rounds.shard.events import CheckFence, Deliver, Disconnect, Event, Join, Leave, MemberGone, MirrorJoin, MirrorLeave, Reply, Sync
 from rounds.backends.locks import LockStore
@@ -158,10 +158,22 @@ class ShardService:
                 case MemberGone():
                     self.lock_shell.handle(event)  # the holder's locks in that room go (issue 3)
                 case AuditLock():
+                    user = event.user_id if event.user_id is not None else self._user_of(event.conn)
                     self.audit.emit(AuditEvent(
-                        event.event_type, self.name, event.outcome, user_id=event.user_id,
+                        event.event_type, self.name, event.outcome, user_id=user,
                         resource_id=event.resource_id,
                         details={"lockId": event.lock_id, "conn": event.conn, **event.details}))
+
+    def _user_of(self, conn: ConnId | None) -> UserId | None:
+        """Who a connection is, for an audit record that names only the
+        connection (a refused renew, release or fenced update)."""
+        if conn is None:
+            return None
+        for room in self.presence.rooms_of(conn):
+            for member in self.presence.members(room):
+                if member.conn == conn:
+                    return member.user_id
+        return None
 
     def _send(self, fd: FrontDoorId, msg: LinkMessage) -> None:
         link = self._links.get(fd)

@@ -338,6 +338,16 @@ def test_once_expired_others_can_acquire_with_a_higher_token() -> None:
     assert of(events, Reply)[0].data["fencingToken"] == 6 and lock.user_id == "usr_002"
 
 
+def test_a_grant_stored_after_its_deadline_is_granted_and_expires_at_once() -> None:
+    # the store took longer than the TTL: the asker learns both, nobody is left holding
+    locks = machine()
+    [grant] = locks.handle(acquire(A, "usr_001", ttl_ms=SECOND), T0)
+    events = locks.handle(GrantStored(FIELD, grant.lock_id, 1), T0 + 1_500)
+    assert [e.type for e in events if isinstance(e, (Reply, RoomBroadcast))] == [
+        "LOCK_ACQUIRED", "RESOURCE_LOCKED", "RESOURCE_UNLOCKED"]
+    assert locks.get(FIELD) is None and locks.next_deadline() is None
+
+
 def test_a_due_lock_expires_before_the_next_command_even_if_the_timer_is_late() -> None:
     locks = machine()
     take(locks, A, "usr_001", T0, token=1)
@@ -486,6 +496,15 @@ def test_a_joining_member_sees_the_rooms_held_locks() -> None:
     assert [lock.resource_id for lock in locks.locks_of(A)] == [FIELD]
 
 
+@pytest.mark.parametrize("action, outcome, event_type", [
+    ("acquire", "ok", "LOCK_ACQUIRED"), ("acquire", "error", "LOCK_ACQUIRE_FAILED"), ("deny", "denied", "LOCK_DENIED"),
+    ("renew", "ok", "LOCK_RENEWED"), ("renew", "denied", "LOCK_RENEW_DENIED"), ("release", "ok", "LOCK_RELEASED"),
+    ("release", "denied", "LOCK_RELEASE_DENIED"), ("expire", "ok", "LOCK_EXPIRED"),
+    ("fence", "denied", "LOCK_FENCE_DENIED"), ("fence", "ok", "LOCK_FENCE")])
+def test_each_audit_record_has_a_stable_event_type(action: str, outcome: str, event_type: str) -> None:
+    assert AuditLock(action, FIELD, None, None, outcome).event_type == event_type
+
+
 def test_an_unknown_command_is_a_bug() -> None:
     with pytest.raises(TypeError):
         machine().handle("LOCK_ACQUIRE", T0)  # type: ignore[arg-type]
@@ -497,12 +516,3 @@ def test_the_lock_machine_imports_no_io_library_even_indirectly(module: str) -> 
     assert module in graph
     assert not {f"{m} imports {n}" for m, names in graph.items() for n in names if n.split(".")[0] in FORBIDDEN}
 
-
-def test_a_grant_stored_after_its_deadline_is_granted_and_expires_at_once() -> None:
-    # the store took longer than the TTL: the asker learns both, nobody is left holding
-    locks = machine()
-    [grant] = locks.handle(acquire(A, "usr_001", ttl_ms=SECOND), T0)
-    events = locks.handle(GrantStored(FIELD, grant.lock_id, 1), T0 + 1_500)
-    assert [e.type for e in events if isinstance(e, (Reply, RoomBroadcast))] == [
-        "LOCK_ACQUIRED", "RESOURCE_LOCKED", "RESOURCE_UNLOCKED"]
-    assert locks.get(FIELD) is None and locks.next_deadline() is None

@@ -60,7 +60,7 @@ UNLOCK_REASON = {"left": "left", "disconnected": "disconnected", "timeout": "dis
 
 conns = st.sampled_from(CONNS)
 resources = st.sampled_from(RESOURCES)
-steps = st.integers(0, 3_000)
+steps = st.one_of(st.just(0), st.integers(0, 2_000))  # mostly inside a TTL
 
 
 @dataclass
@@ -218,7 +218,7 @@ class LockMachine(RuleBasedStateMachine):
     # --- client rules -------------------------------------------------------------------
 
     @rule(conn=conns, rid=resources, in_page=st.booleans(), dt=steps,
-          ttl=st.sampled_from([None, 500, 1_000, 5_000, 45_000]),
+          ttl=st.sampled_from([None, None, 500, 1_000, 5_000, 45_000]),
           mode=st.sampled_from(["editor", "editor", "editor", "viewer"]))
     def acquire(self, conn: ConnId, rid: ResourceId, in_page: bool, dt: int, ttl: int | None, mode: str) -> None:
         self.tick(dt)
@@ -232,10 +232,17 @@ class LockMachine(RuleBasedStateMachine):
             assert len(asked) == 1 and ref in self.waiting
             assert asked[0].ttl_ms == (10_000 if ttl is None else min(max(ttl, 1_000), 40_000))
 
-    @rule(conn=conns, rid=resources, data=st.data(), dt=steps)
-    def renew(self, conn: ConnId, rid: ResourceId, data: st.DataObject, dt: int) -> None:
+    def pick(self, data: st.DataObject, rid: ResourceId) -> tuple[ConnId, LockId]:
+        """Mostly the holder with its lock id; else anyone with any id seen."""
+        held = self.held.get(rid)
+        if held is not None and data.draw(st.integers(0, 3), label="as holder") > 0:
+            return held.conn, held.lock_id
+        return data.draw(conns, label="conn"), data.draw(st.sampled_from(self.seen_ids), label="lock id")
+
+    @rule(rid=resources, data=st.data(), dt=steps)
+    def renew(self, rid: ResourceId, data: st.DataObject, dt: int) -> None:
         self.tick(dt)
-        lock_id = data.draw(st.sampled_from(self.seen_ids))
+        conn, lock_id = self.pick(data, rid)
         expected = self.expected_answer(conn, rid, lock_id, "LOCK_RENEWED")
         events = self.run(LockRenew(conn, "renew", rid, lock_id))
         [reply] = [e for e in events if isinstance(e, Reply)]
@@ -246,14 +253,15 @@ class LockMachine(RuleBasedStateMachine):
             assert lock is not None and lock.expires_at_ms == self.now + lock.ttl_ms
             self.held[rid].expires_at_ms = lock.expires_at_ms
 
-    @rule(conn=conns, rid=resources, data=st.data(), dt=steps)
-    def release(self, conn: ConnId, rid: ResourceId, data: st.DataObject, dt: int) -> None:
+    @rule(rid=resources, data=st.data(), dt=steps)
+    def release(self, rid: ResourceId, data: st.DataObject, dt: int) -> None:
         self.tick(dt)
-        lock_id = data.draw(st.sampled_from(self.seen_ids))
+        conn, lock_id = self.pick(data, rid)
         expected = self.expected_answer(conn, rid, lock_id, "LOCK_RELEASED")
         events = self.run(LockRelease(conn, "release", rid, lock_id))
         [reply] = [e for e in events if isinstance(e, Reply)]
         assert (reply.type, reply.data.get("code")) == expected
+        event(f"release answered {reply.type} {reply.data.get('code', '')}".strip())
         if reply.type == "LOCK_RELEASED":
             assert rid not in self.held and self.locks.get(rid) is None
 
@@ -265,9 +273,17 @@ class LockMachine(RuleBasedStateMachine):
             return "ERROR", "NOT_LOCK_HOLDER"
         return "ERROR", "UNKNOWN_LOCK"
 
-    @rule(conn=conns, room=st.sampled_from(ROOMS), reason=st.sampled_from(sorted(UNLOCK_REASON)), dt=steps)
-    def member_gone(self, conn: ConnId, room: ResourceId, reason: str, dt: int) -> None:
+    @rule(data=st.data(), reason=st.sampled_from(sorted(UNLOCK_REASON)), dt=steps)
+    def member_gone(self, data: st.DataObject, reason: str, dt: int) -> None:
         self.tick(dt)
+        holders = sorted({(h.conn, h.room) for h in self.held.values()})
+        pending = sorted({(p.conn, p.room) for p in self.pending.values()})
+        if bool(pending) and data.draw(st.integers(0, 4), label="a pending asker") == 0:
+            conn, room = data.draw(st.sampled_from(pending), label="asker and room")
+        elif bool(holders) and data.draw(st.booleans(), label="a holder"):
+            conn, room = data.draw(st.sampled_from(holders), label="holder and room")
+        else:
+            conn, room = data.draw(conns, label="conn"), data.draw(st.sampled_from(ROOMS), label="room")
         losing = {rid for rid, h in self.held.items() if (h.conn, h.room) == (conn, room)}
         events = self.run(MemberGone(conn, room, reason))
         unlocked = {e.data["resourceId"]: e.data["reason"] for e in events if isinstance(e, RoomBroadcast)}
@@ -277,11 +293,15 @@ class LockMachine(RuleBasedStateMachine):
     # --- store and time rules --------------------------------------------------------------
 
     @precondition(lambda self: bool(self.queue))
-    @rule(dt=st.integers(0, 500))
-    def store_answers(self, dt: int) -> None:
+    @rule(dt=st.integers(0, 500), outcome=st.sampled_from(["answer"] * 6 + ["failed", "failed after landing"]))
+    def store_answers(self, dt: int, outcome: str) -> None:
         self.tick(dt)
         request = self.queue.popleft()
         match request:
+            case StoreGrant() if outcome != "answer":
+                if outcome == "failed after landing":  # it timed out after the script ran
+                    self.store.grant(request, self.now)
+                self.run(GrantFailed(request.resource_id, request.lock_id, "TimeoutError"))
             case StoreGrant():
                 self.run(self.store.grant(request, self.now))
             case StoreRenew():
@@ -290,22 +310,13 @@ class LockMachine(RuleBasedStateMachine):
             case StoreRelease():
                 self.store.release(request, self.now)
 
-    @precondition(lambda self: bool(self.queue) and isinstance(self.queue[0], StoreGrant))
-    @rule(landed=st.booleans())
-    def store_fails_a_grant(self, landed: bool) -> None:
-        request = self.queue.popleft()
-        assert isinstance(request, StoreGrant)
-        if landed:  # it timed out after the script ran
-            self.store.grant(request, self.now)
-        self.run(GrantFailed(request.resource_id, request.lock_id, "TimeoutError"))
-
     @rule(rid=resources, ttl=st.integers(1, 20_000))
     def someone_else_takes_it_in_the_store(self, rid: ResourceId, ttl: int) -> None:
         if self.store.live(rid, self.now) is None:
             self.store.fence[rid] = self.store.fence.get(rid, 0) + 1
             self.store.held[rid] = (LockId(f"foreign-{next(self.refs)}"), FOREIGN, self.now + ttl)
 
-    @rule(dt=st.integers(0, 45_000))
+    @rule(dt=st.sampled_from([1, 999, 1_000, 5_000, 10_000, 45_000]))
     def time_passes(self, dt: int) -> None:
         self.tick(dt)
 
@@ -341,7 +352,7 @@ class LockMachine(RuleBasedStateMachine):
 
 
 LockMachine.TestCase.settings = settings(
-    max_examples=200, stateful_step_count=40, deadline=None,
+    max_examples=300, stateful_step_count=50, deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
 TestLocksKeepTheirPromises = LockMachine.TestCase

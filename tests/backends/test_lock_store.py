@@ -1,0 +1,415 @@
+"""Every `LockStore` passes this one suite (STYLE habit 5): memory and Redis.
+
+The store is where a grant is decided and others see it (story BE-001.3):
+`lock:{resourceId}` (SET NX with a TTL), the `lock:{resourceId}:metadata`
+hash with the same TTL, and a fencing counter that never goes back. A small
+harness per implementation reads that state back (Redis: GET, HGETALL, PTTL
+on the real test database; memory: its dicts) and lets time pass (Redis:
+really; memory: a fake clock).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Protocol, cast
+
+import pytest
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from rounds.backends import redis as redis_backend
+from rounds.backends.locks import (
+    Granted,
+    LockStore,
+    MemoryLockStore,
+    RedisLockStore,
+    Refused,
+    lock_fence_key,
+    lock_key,
+    lock_meta_key,
+    perform,
+)
+from rounds.clock import now_ms
+from rounds.ids import ResourceId, UserId
+from rounds.shard.lock_events import (
+    GrantFailed,
+    GrantRefused,
+    GrantStored,
+    LockId,
+    LockLost,
+    StoreGrant,
+    StoreRelease,
+    StoreRenew,
+)
+
+T0 = int(datetime(2025, 11, 17, 10, 30, tzinfo=UTC).timestamp() * 1000)
+TTL = 30_000
+USR1, USR2 = UserId("usr_001"), UserId("usr_002")
+
+
+class Harness(Protocol):
+    @property
+    def store(self) -> LockStore: ...
+
+    async def holder(self, rid: ResourceId) -> str | None:
+        """`GET lock:{rid}`."""
+
+    async def metadata(self, rid: ResourceId) -> dict[str, str]:
+        """`HGETALL lock:{rid}:metadata`."""
+
+    async def pttls(self, rid: ResourceId) -> tuple[int, int]:
+        """PTTL of the lock key and of its metadata (-2: no key)."""
+
+    async def advance(self, ms: int) -> None:
+        """Let `ms` pass for the store."""
+
+    def clock(self) -> int:
+        """The store's idea of now (ms)."""
+
+    def restarted(self) -> LockStore:
+        """A new store over the same data, as a restarted shard would make."""
+
+
+class MemoryHarness:
+    def __init__(self) -> None:
+        self.now = T0
+        self.store = MemoryLockStore(clock=lambda: self.now)
+
+    async def holder(self, rid: ResourceId) -> str | None:
+        lock = self.store.live(rid)
+        return None if lock is None else lock.user_id
+
+    async def metadata(self, rid: ResourceId) -> dict[str, str]:
+        lock = self.store.live(rid)
+        return {} if lock is None else dict(lock.metadata)
+
+    async def pttls(self, rid: ResourceId) -> tuple[int, int]:
+        lock = self.store.live(rid)
+        left = -2 if lock is None else lock.deadline_ms - self.now
+        return left, left
+
+    async def advance(self, ms: int) -> None:
+        self.now += ms
+
+    def clock(self) -> int:
+        return self.now
+
+    def restarted(self) -> LockStore:
+        # A memory store dies with its process; its counters restart above
+        # clock * 1000, and a restart takes far more than a millisecond.
+        self.now += 1_000
+        self.store = MemoryLockStore(clock=lambda: self.now)
+        return self.store
+
+
+class RedisHarness:
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.reader = redis_backend.connect(url)
+        self.store = RedisLockStore(redis_backend.connect(url))
+        self.stores: list[RedisLockStore] = [self.store]
+
+    async def holder(self, rid: ResourceId) -> str | None:
+        return cast(str | None, await self.reader.get(lock_key(rid)))  # decode_responses: str
+
+    async def metadata(self, rid: ResourceId) -> dict[str, str]:
+        return cast(dict[str, str], await self.reader.hgetall(lock_meta_key(rid)))
+
+    async def pttls(self, rid: ResourceId) -> tuple[int, int]:
+        return await self.reader.pttl(lock_key(rid)), await self.reader.pttl(lock_meta_key(rid))
+
+    async def advance(self, ms: int) -> None:
+        await asyncio.sleep(ms / 1000)
+
+    def clock(self) -> int:
+        return now_ms()
+
+    def restarted(self) -> LockStore:
+        self.store = RedisLockStore(redis_backend.connect(self.url))
+        self.stores.append(self.store)
+        return self.store
+
+    async def aclose(self, tag: str) -> None:
+        for key in [k async for k in self.reader.scan_iter(match=f"lock:*{tag}*")]:
+            await self.reader.delete(key)
+        await self.reader.aclose()
+        for store in self.stores:
+            await store.aclose()
+
+
+@pytest.fixture
+def tag() -> str:
+    return f"lk-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def rid(tag: str) -> ResourceId:
+    return ResourceId(f"input-field-123-{tag}")  # the seed's field, unique per test
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def harness(request: pytest.FixtureRequest, redis_url: str, tag: str) -> AsyncIterator[Harness]:
+    if request.param == "memory":
+        yield MemoryHarness()
+        return
+    redis_harness = RedisHarness(redis_url)
+    try:
+        yield redis_harness
+    finally:
+        await redis_harness.aclose(tag)
+
+
+async def grant(store: LockStore, rid: ResourceId, lock_id: str, user: UserId = USR1, ttl_ms: int = TTL,
+                at_ms: int = T0) -> Granted | Refused:
+    return await store.grant(rid, LockId(lock_id), user, ttl_ms, at_ms, at_ms + ttl_ms)
+
+
+# --- Scenario: Acquire lock on available resource ----------------------------------
+
+
+async def test_a_free_resource_is_granted_with_a_fencing_token(harness: Harness, rid: ResourceId) -> None:
+    result = await grant(harness.store, rid, "L1")
+    assert isinstance(result, Granted) and result.fencing_token > 0
+    assert await harness.holder(rid) == "usr_001"  # SET lock:{id} usr_001 ... NX
+
+
+async def test_the_metadata_hash_holds_the_seeds_fields_plus_lock_id_and_token(harness: Harness,
+                                                                               rid: ResourceId) -> None:
+    result = await grant(harness.store, rid, "L1")
+    assert isinstance(result, Granted)
+    assert await harness.metadata(rid) == {
+        "lockType": "exclusive",
+        "acquiredAt": "2025-11-17T10:30:00.000Z",
+        "expiresAt": "2025-11-17T10:30:30.000Z",
+        "userId": "usr_001",
+        "lockId": "L1",
+        "fencingToken": str(result.fencing_token),
+    }
+
+
+async def test_both_keys_carry_the_lock_ttl_in_milliseconds(harness: Harness, rid: ResourceId) -> None:
+    await grant(harness.store, rid, "L1", ttl_ms=7_500)
+    lock_ttl, meta_ttl = await harness.pttls(rid)
+    assert 7_000 < lock_ttl <= 7_500 and 7_000 < meta_ttl <= 7_500
+
+
+# --- Scenario: Lock denied when resource already locked --------------------------------
+
+
+async def test_a_held_resource_is_refused_with_holder_and_expiry(harness: Harness, rid: ResourceId) -> None:
+    await grant(harness.store, rid, "L1", USR2, ttl_ms=TTL)
+    result = await grant(harness.store, rid, "L2", USR1)
+    assert isinstance(result, Refused) and result.holder_user_id == "usr_002"
+    lock_ttl, _ = await harness.pttls(rid)
+    assert abs(result.expires_at_ms - (harness.clock() + lock_ttl)) < 1_000  # when the holder's lock ends
+    assert (await harness.metadata(rid))["lockId"] == "L1"  # the holder's metadata is untouched
+
+
+# --- Scenario: Lock renewal before expiration --------------------------------------------
+
+
+async def test_the_holder_renews_both_ttls_and_the_expiry(harness: Harness, rid: ResourceId) -> None:
+    await grant(harness.store, rid, "L1", ttl_ms=2_000)
+    await harness.advance(500)
+    assert await harness.store.renew(rid, LockId("L1"), USR1, 30_000, T0 + 30_500) is True
+    lock_ttl, meta_ttl = await harness.pttls(rid)
+    assert 29_000 < lock_ttl <= 30_000 and 29_000 < meta_ttl <= 30_000
+    assert (await harness.metadata(rid))["expiresAt"] == "2025-11-17T10:30:30.500Z"
+
+
+@pytest.mark.parametrize("lock_id, user", [("L2", USR1), ("L1", USR2)], ids=["wrong-lock-id", "wrong-user"])
+async def test_only_the_holder_can_renew(harness: Harness, rid: ResourceId, lock_id: str, user: UserId) -> None:
+    await grant(harness.store, rid, "L1", ttl_ms=5_000)
+    assert await harness.store.renew(rid, LockId(lock_id), user, 60_000, T0 + 60_000) is False
+    lock_ttl, _ = await harness.pttls(rid)
+    assert lock_ttl <= 5_000
+    assert (await harness.metadata(rid))["expiresAt"] == "2025-11-17T10:30:05.000Z"
+
+
+async def test_an_expired_lock_cannot_be_renewed(harness: Harness, rid: ResourceId) -> None:
+    await grant(harness.store, rid, "L1", ttl_ms=100)
+    await harness.advance(150)
+    assert await harness.store.renew(rid, LockId("L1"), USR1, TTL, T0 + TTL) is False
+    assert await harness.holder(rid) is None
+
+
+# --- Scenario: Lock expires automatically -----------------------------------------------------
+
+
+async def test_an_expired_lock_is_gone_and_the_next_grant_gets_a_higher_token(harness: Harness,
+                                                                             rid: ResourceId) -> None:
+    first = await grant(harness.store, rid, "L1", ttl_ms=100)
+    await harness.advance(150)
+    assert await harness.holder(rid) is None and await harness.metadata(rid) == {}
+    second = await grant(harness.store, rid, "L2", USR2)
+    assert isinstance(first, Granted) and isinstance(second, Granted)
+    assert second.fencing_token > first.fencing_token
+
+
+# --- Scenario: Explicit lock release ----------------------------------------------------------
+
+
+async def test_the_holder_releases_and_both_keys_go(harness: Harness, rid: ResourceId) -> None:
+    await grant(harness.store, rid, "L1")
+    assert await harness.store.release(rid, LockId("L1"), USR1) is True
+    assert await harness.holder(rid) is None and await harness.metadata(rid) == {}
+    assert await harness.pttls(rid) == (-2, -2)
+    assert await harness.store.release(rid, LockId("L1"), USR1) is False  # already gone
+
+
+@pytest.mark.parametrize("lock_id, user", [("L2", USR1), ("L1", USR2)], ids=["wrong-lock-id", "wrong-user"])
+async def test_only_the_holder_can_release(harness: Harness, rid: ResourceId, lock_id: str, user: UserId) -> None:
+    await grant(harness.store, rid, "L1")
+    assert await harness.store.release(rid, LockId(lock_id), user) is False
+    assert await harness.holder(rid) == "usr_001" and (await harness.metadata(rid))["lockId"] == "L1"
+
+
+async def test_a_stale_holder_cannot_release_the_next_holders_lock(harness: Harness, rid: ResourceId) -> None:
+    await grant(harness.store, rid, "L1", ttl_ms=100)
+    await harness.advance(150)
+    await grant(harness.store, rid, "L2", USR1)  # same user, new lock
+    assert await harness.store.release(rid, LockId("L1"), USR1) is False
+    assert (await harness.metadata(rid))["lockId"] == "L2"
+
+
+# --- fencing tokens -------------------------------------------------------------------------------
+
+
+async def test_fencing_tokens_strictly_increase_over_many_grants(harness: Harness, rid: ResourceId) -> None:
+    tokens = []
+    for i in range(20):
+        result = await grant(harness.store, rid, f"L{i}", UserId(f"usr_{i % 3}"))
+        assert isinstance(result, Granted)
+        tokens.append(result.fencing_token)
+        assert await harness.store.release(rid, LockId(f"L{i}"), UserId(f"usr_{i % 3}"))
+    assert all(a < b for a, b in zip(tokens, tokens[1:]))
+
+
+async def test_fencing_tokens_keep_increasing_across_a_new_store_instance(harness: Harness,
+                                                                          rid: ResourceId) -> None:
+    first = await grant(harness.store, rid, "L1", ttl_ms=100)
+    assert isinstance(first, Granted)
+    store = harness.restarted()
+    await harness.advance(150)  # the old lock expires meanwhile
+    second = await grant(store, rid, "L2")
+    assert isinstance(second, Granted) and second.fencing_token > first.fencing_token
+
+
+async def test_fencing_counters_are_per_resource(harness: Harness, tag: str) -> None:
+    a, b = ResourceId(f"input-a-{tag}"), ResourceId(f"input-b-{tag}")
+    for _ in range(3):
+        await grant(harness.store, a, "La")
+        await harness.store.release(a, LockId("La"), USR1)
+    first_a = await grant(harness.store, a, "La")
+    first_b = await grant(harness.store, b, "Lb")
+    assert isinstance(first_a, Granted) and isinstance(first_b, Granted)
+    if isinstance(harness, RedisHarness):
+        assert (first_a.fencing_token, first_b.fencing_token) == (4, 1)
+
+
+async def test_redis_keeps_the_seeds_key_names_and_a_fence_that_never_expires(redis_url: str, tag: str) -> None:
+    rid = ResourceId(f"input-field-123-{tag}")
+    harness = RedisHarness(redis_url)
+    try:
+        await grant(harness.store, rid, "L1", ttl_ms=100)
+        assert lock_key(rid) == f"lock:input-field-123-{tag}"
+        assert lock_meta_key(rid) == f"lock:input-field-123-{tag}:metadata"
+        assert await harness.reader.type(f"lock:input-field-123-{tag}") == "string"
+        assert await harness.reader.type(f"lock:input-field-123-{tag}:metadata") == "hash"
+        assert await harness.reader.get(lock_fence_key(rid)) == "1"
+        assert await harness.reader.pttl(lock_fence_key(rid)) == -1
+    finally:
+        await harness.aclose(tag)
+
+
+# --- contention --------------------------------------------------------------------------------
+
+
+async def test_fifty_racers_get_exactly_one_grant_per_round_with_increasing_tokens(harness: Harness,
+                                                                                 rid: ResourceId) -> None:
+    # issue 3's contention test, at the store: 50 clients race for one lock, round after round
+    tokens: list[int] = []
+    for round_ in range(50):
+        results = await asyncio.gather(*(grant(harness.store, rid, f"L{round_}-{racer}", UserId(f"usr_{racer}"))
+                                         for racer in range(50)))
+        winners = [(racer, r) for racer, r in enumerate(results) if isinstance(r, Granted)]
+        assert len(winners) == 1, f"round {round_}: {len(winners)} grants"
+        racer, won = winners[0]
+        assert all(r.holder_user_id == f"usr_{racer}" for r in results if isinstance(r, Refused))
+        tokens.append(won.fencing_token)  # type: ignore[union-attr]
+        assert await harness.store.release(rid, LockId(f"L{round_}-{racer}"), UserId(f"usr_{racer}"))
+    assert all(a < b for a, b in zip(tokens, tokens[1:]))
+
+
+# --- the shell's step and health ----------------------------------------------------------------
+
+
+async def test_perform_turns_store_results_into_the_machines_commands(harness: Harness, rid: ResourceId) -> None:
+    lid, other = LockId("L1"), LockId("L2")
+    stored = await perform(harness.store, StoreGrant(rid, lid, USR1, TTL, T0, T0 + TTL))
+    assert isinstance(stored, GrantStored) and (stored.resource_id, stored.lock_id) == (rid, lid)
+    refused = await perform(harness.store, StoreGrant(rid, other, USR2, TTL, T0, T0 + TTL))
+    assert isinstance(refused, GrantRefused) and (refused.lock_id, refused.holder_user_id) == (other, USR1)
+    assert await perform(harness.store, StoreRenew(rid, lid, USR1, TTL, T0 + TTL)) is None
+    assert await perform(harness.store, StoreRenew(rid, other, USR2, TTL, T0 + TTL)) == LockLost(rid, other)
+    assert await perform(harness.store, StoreRelease(rid, lid, USR1)) is None
+    assert await harness.holder(rid) is None
+
+
+class BrokenStore(MemoryLockStore):
+    """A store whose server is gone (every call raises), or hangs (never answers)."""
+
+    name = "broken"
+
+    def __init__(self, hang: bool = False) -> None:
+        super().__init__()
+        self.hang = hang
+
+    async def _fail(self) -> None:
+        if self.hang:
+            await asyncio.Event().wait()
+        raise ConnectionError("Connection refused")
+
+    async def grant(self, *args: object, **kwargs: object) -> Granted | Refused:  # type: ignore[override]
+        await self._fail()
+        raise AssertionError("unreachable")
+
+    async def renew(self, *args: object, **kwargs: object) -> bool:  # type: ignore[override]
+        await self._fail()
+        return False
+
+    async def release(self, *args: object, **kwargs: object) -> bool:  # type: ignore[override]
+        await self._fail()
+        return False
+
+
+@pytest.mark.parametrize("hang", [False, True], ids=["error", "timeout"])
+async def test_perform_answers_a_failing_grant_with_grant_failed_and_only_logs_the_rest(
+        rid: ResourceId, hang: bool, caplog: pytest.LogCaptureFixture) -> None:
+    store = BrokenStore(hang)
+    failed = await perform(store, StoreGrant(rid, LockId("L1"), USR1, TTL, T0, T0 + TTL), timeout_s=0.05)
+    assert isinstance(failed, GrantFailed) and failed.lock_id == "L1"
+    assert failed.reason.startswith("TimeoutError" if hang else "ConnectionError")
+    # a failed renew or release changes nothing in the machine: logged with its stack, not raised
+    assert await perform(store, StoreRenew(rid, LockId("L1"), USR1, TTL, T0 + TTL), timeout_s=0.05) is None
+    assert await perform(store, StoreRelease(rid, LockId("L1"), USR1), timeout_s=0.05) is None
+    assert [r.exc_info is not None for r in caplog.records if r.name == "rounds.locks"] == [True] * 3
+
+
+async def test_an_unreachable_redis_reports_not_ok() -> None:
+    no_retry = Retry(NoBackoff(), 0)  # redis-py would otherwise retry for seconds
+    broken = RedisLockStore(aioredis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.2, retry=no_retry))
+    try:
+        health = await broken.health()
+        assert (health["backend"], health["ok"]) == ("redis", False)
+    finally:
+        await broken.aclose()
+
+
+async def test_a_healthy_store_reports_ok_with_its_name(harness: Harness) -> None:
+    health = await harness.store.health()
+    assert health["ok"] is True and health["backend"] == harness.store.name
