@@ -67,6 +67,7 @@ from rounds.shard.lock_events import LockAcquire, LockId, LockRelease, LockRenew
 log = logging.getLogger(__name__)
 
 MAX_CLIENT_BUFFER_BYTES = 4 * 1024 * 1024
+MAX_LOCK_ROOMS_PER_CLIENT = 256
 
 
 @dataclass(slots=True, eq=False)
@@ -78,8 +79,8 @@ class Client:
     codec: Codec
     last_seen: float  # monotonic seconds of the last frame from the client
     rooms: dict[ResourceId, Join] = field(default_factory=dict)
-    joining: set[ResourceId] = field(default_factory=set)
-    lock_rooms: dict[ResourceId, ResourceId] = field(default_factory=dict)  # lock resource -> its room  # joins sent, RESOURCE_STATE not yet back
+    joining: set[ResourceId] = field(default_factory=set)  # joins sent, RESOURCE_STATE not yet back
+    lock_rooms: dict[ResourceId, ResourceId] = field(default_factory=dict)  # lock resource -> its room
     close_reason: str = "disconnected"
 
 
@@ -329,7 +330,11 @@ class FrontDoor:
                               join.mode, req.room_id, req.ttl_ms)
         if not self._to_shard(req.room_id, command):
             raise ProtocolError(ErrorCode.UNAVAILABLE, "the shard for this room is unavailable; retry", req.ref)
+        client.lock_rooms.pop(req.resource_id, None)
         client.lock_rooms[req.resource_id] = req.room_id
+        if len(client.lock_rooms) > MAX_LOCK_ROOMS_PER_CLIENT:
+            # Only a routing hint for renew/release; forget the oldest.
+            del client.lock_rooms[next(iter(client.lock_rooms))]
 
     def _lock_forward(self, client: Client, req: LockRenewRequest | LockReleaseRequest) -> None:
         room = client.lock_rooms.get(req.resource_id, req.resource_id)

@@ -10,6 +10,7 @@ v1), so reasons are short, stable and never contain the token.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -204,7 +205,13 @@ def mint_token(
     optional = {"username": username, "iss": issuer, "aud": audience}
     claims.update({name: value for name, value in optional.items() if value is not None})
     headers = {"kid": kid} if kid is not None else None
-    return jwt.encode(claims, private_key_pem, algorithm=ALGORITHM, headers=headers)
+    return jwt.encode(claims, _signing_key(private_key_pem), algorithm=ALGORITHM, headers=headers)
+
+
+@functools.lru_cache(maxsize=8)
+def _signing_key(private_key_pem: bytes) -> Any:
+    """The parsed private key: parsing a PEM costs tens of ms, signing far less."""
+    return serialization.load_pem_private_key(private_key_pem, password=None)
 
 
 def parse_ttl(text: str) -> int:

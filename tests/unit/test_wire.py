@@ -26,7 +26,11 @@ from rounds.wire import (
     Heartbeat,
     JoinResource,
     LeaveResource,
+    LockAcquire,
+    LockRelease,
+    LockRenew,
     ProtocolError,
+    ResourceUpdate,
     codec_for,
     error_data,
     parse_request,
@@ -284,3 +288,130 @@ def test_random_request_shaped_json_raises_nothing_but_protocol_error(obj: dict[
 @settings(max_examples=300, deadline=None)
 def test_random_request_shaped_msgpack_raises_nothing_but_protocol_error(obj: dict[str, Any]) -> None:
     only_protocol_errors(MSGPACK, msgpack.packb(obj, use_bin_type=True))
+
+
+# --- lock requests and fenced updates (issue 3) ------------------------------------------
+
+FIELD = "document:7/field:dose"
+
+
+@CODECS
+def test_a_lock_acquire_without_room_is_announced_to_the_resource_itself(codec: Codec) -> None:
+    request = parse_request(codec, frame(codec, {"type": "LOCK_ACQUIRE", "ref": "a1",
+                                                 "data": {"resourceId": PAGE}}))
+    assert request == LockAcquire("a1", PAGE, PAGE, None)
+
+
+@CODECS
+def test_a_lock_acquire_parses_its_room_and_ttl(codec: Codec) -> None:
+    request = parse_request(codec, frame(codec, {"type": "LOCK_ACQUIRE", "ref": 7, "data": {
+        "resourceId": FIELD, "roomId": "document:7", "ttlMs": 5_000}}))
+    assert request == LockAcquire(7, FIELD, "document:7", 5_000)
+
+
+@CODECS
+def test_a_lock_acquire_leaves_capping_a_huge_ttl_to_the_lock_machine(codec: Codec) -> None:
+    request = parse_request(codec, frame(codec, {"type": "LOCK_ACQUIRE", "data": {
+        "resourceId": PAGE, "ttlMs": 10**12}}))
+    assert isinstance(request, LockAcquire) and request.ttl_ms == 10**12
+
+
+@CODECS
+def test_a_lock_renew_and_release_parse_their_lock_id(codec: Codec) -> None:
+    renew = parse_request(codec, frame(codec, {"type": "LOCK_RENEW", "ref": "n",
+                                               "data": {"resourceId": PAGE, "lockId": "abc"}}))
+    release = parse_request(codec, frame(codec, {"type": "LOCK_RELEASE", "ref": "l",
+                                                 "data": {"resourceId": PAGE, "lockId": "abc"}}))
+    assert renew == LockRenew("n", PAGE, "abc")
+    assert release == LockRelease("l", PAGE, "abc")
+
+
+@CODECS
+def test_an_update_without_fencing_fields_is_unfenced(codec: Codec) -> None:
+    request = parse_request(codec, frame(codec, {"type": "RESOURCE_UPDATE", "ref": "u", "data": {
+        "resourceId": PAGE, "update": binary(codec, b"\x01\x02")}}))
+    assert request == ResourceUpdate("u", PAGE, b"\x01\x02", None, None)
+
+
+@CODECS
+def test_an_update_parses_the_lock_and_token_it_is_fenced_with(codec: Codec) -> None:
+    request = parse_request(codec, frame(codec, {"type": "RESOURCE_UPDATE", "ref": "u", "data": {
+        "resourceId": "document:7", "update": binary(codec, b"\x01"), "lockResourceId": FIELD,
+        "fencingToken": 42}}))
+    assert request == ResourceUpdate("u", "document:7", b"\x01", FIELD, 42)
+
+
+ACQ, RENEW, RELEASE, UPDATE = "LOCK_ACQUIRE", "LOCK_RENEW", "LOCK_RELEASE", "RESOURCE_UPDATE"
+UPD = base64.b64encode(b"\x01").decode()  # JSON form; the msgpack cases get raw bytes below
+LOCK_MALFORMED: list[tuple[str, str, dict[str, Any]]] = [
+    ("acquire without resourceId", ACQ, {}),
+    ("acquire with empty resourceId", ACQ, {"resourceId": ""}),
+    ("acquire with empty roomId", ACQ, {"resourceId": PAGE, "roomId": ""}),
+    ("acquire with non-string roomId", ACQ, {"resourceId": PAGE, "roomId": 7}),
+    ("acquire with too long roomId", ACQ, {"resourceId": PAGE, "roomId": "r" * (MAX_RESOURCE_ID_CHARS + 1)}),
+    ("acquire with zero ttl", ACQ, {"resourceId": PAGE, "ttlMs": 0}),
+    ("acquire with negative ttl", ACQ, {"resourceId": PAGE, "ttlMs": -1}),
+    ("acquire with fractional ttl", ACQ, {"resourceId": PAGE, "ttlMs": 1500.5}),
+    ("acquire with string ttl", ACQ, {"resourceId": PAGE, "ttlMs": "30000"}),
+    ("acquire with boolean ttl", ACQ, {"resourceId": PAGE, "ttlMs": True}),
+    ("renew without lockId", RENEW, {"resourceId": PAGE}),
+    ("renew with empty lockId", RENEW, {"resourceId": PAGE, "lockId": ""}),
+    ("renew with non-string lockId", RENEW, {"resourceId": PAGE, "lockId": 12}),
+    ("renew with too long lockId", RENEW, {"resourceId": PAGE, "lockId": "x" * 129}),
+    ("renew without resourceId", RENEW, {"lockId": "abc"}),
+    ("release without lockId", RELEASE, {"resourceId": PAGE}),
+    ("release with null lockId", RELEASE, {"resourceId": PAGE, "lockId": None}),
+    ("release without resourceId", RELEASE, {"lockId": "abc"}),
+    ("fenced update without token", UPDATE, {"resourceId": PAGE, "update": UPD, "lockResourceId": FIELD}),
+    ("fenced update without lock", UPDATE, {"resourceId": PAGE, "update": UPD, "fencingToken": 3}),
+    ("fenced update with zero token", UPDATE, {"resourceId": PAGE, "update": UPD, "lockResourceId": FIELD,
+                                               "fencingToken": 0}),
+    ("fenced update with negative token", UPDATE, {"resourceId": PAGE, "update": UPD, "lockResourceId": FIELD,
+                                                   "fencingToken": -4}),
+    ("fenced update with string token", UPDATE, {"resourceId": PAGE, "update": UPD, "lockResourceId": FIELD,
+                                                 "fencingToken": "4"}),
+    ("fenced update with fractional token", UPDATE, {"resourceId": PAGE, "update": UPD, "lockResourceId": FIELD,
+                                                     "fencingToken": 4.5}),
+    ("fenced update with boolean token", UPDATE, {"resourceId": PAGE, "update": UPD, "lockResourceId": FIELD,
+                                                  "fencingToken": True}),
+    ("fenced update with empty lock", UPDATE, {"resourceId": PAGE, "update": UPD, "lockResourceId": "",
+                                               "fencingToken": 4}),
+    ("fenced update with non-string lock", UPDATE, {"resourceId": PAGE, "update": UPD, "lockResourceId": 9,
+                                                    "fencingToken": 4}),
+]
+
+
+@CODECS
+@pytest.mark.parametrize(("case", "type_", "data"), LOCK_MALFORMED, ids=[m[0] for m in LOCK_MALFORMED])
+def test_a_malformed_lock_request_or_fence_is_a_bad_request_with_its_ref(
+        codec: Codec, case: str, type_: str, data: dict[str, Any]) -> None:
+    if codec is MSGPACK and "update" in data:
+        data = {**data, "update": b"\x01"}
+    error = refused(codec, frame(codec, {"type": type_, "ref": "bad", "data": data}))
+    assert (error.code, error.ref) == (ErrorCode.BAD_REQUEST, "bad")
+
+
+lock_like = st.fixed_dictionaries(
+    {"type": st.sampled_from(["LOCK_ACQUIRE", "LOCK_RENEW", "LOCK_RELEASE", "RESOURCE_UPDATE"])},
+    optional={
+        "ref": json_values,
+        "data": st.fixed_dictionaries({}, optional={
+            "resourceId": st.text(max_size=20) | json_values,
+            "roomId": st.text(max_size=20) | json_values,
+            "ttlMs": st.integers(-(2**63), 2**64 - 1) | json_values,
+            "lockId": st.text(max_size=20) | json_values,
+            "update": st.binary(max_size=8) | json_values,
+            "lockResourceId": st.text(max_size=20) | json_values,
+            "fencingToken": st.integers(-(2**63), 2**64 - 1) | json_values,
+        }) | json_values,
+    },
+)
+
+
+@CODECS
+@given(obj=lock_like)
+@settings(max_examples=300, deadline=None)
+def test_random_lock_shaped_requests_raise_nothing_but_protocol_error(codec: Codec, obj: dict[str, Any]) -> None:
+    raw = (json.dumps(obj, default=lambda b: base64.b64encode(b).decode()) if codec is JSON
+           else msgpack.packb(obj, use_bin_type=True))
+    only_protocol_errors(codec, raw)
