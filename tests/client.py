@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import inspect
 import json
 import os
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -205,3 +206,20 @@ async def raw_upgrade(url: str, token: str | None = None, headers: Mapping[str, 
         if "content-length" in fields:
             body = await reader.readexactly(int(fields["content-length"]))
     return RawConnection(int(status_line.split()[1]), fields, body, reader, writer)
+
+
+async def eventually(check: Callable[[], Any], timeout: float = 5.0, what: str = "condition",
+                     interval: float = 0.05) -> Any:
+    """Poll `check` (plain or async) until it returns something truthy: other
+    processes (the shards' mirror, Ray's restarts) act on their own time."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        result = check()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return result
+        if loop.time() > deadline:
+            raise AssertionError(f"{what}: still {result!r} after {timeout}s")
+        await asyncio.sleep(interval)

@@ -28,7 +28,7 @@ import pytest
 import redis
 
 from rounds.routing import HashRing
-from tests.client import Client, Frame
+from tests.client import Client, Frame, eventually
 from tests.conftest import GatewayHandle, gateway_settings
 
 pytestmark = pytest.mark.ray
@@ -62,17 +62,6 @@ async def connect(gateway: GatewayHandle) -> AsyncIterator[Connect]:
     for client in opened:
         await client.close()
 
-
-async def eventually(check: Callable[[], Any], timeout: float = 5.0) -> Any:
-    """Poll `check` until it returns something truthy (store writes may follow the reply)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"still {result!r} after {timeout}s")
-        await asyncio.sleep(0.02)
 
 
 def ms_of(iso: str) -> float:

@@ -21,7 +21,7 @@ import pytest
 import redis
 
 from rounds.routing import HashRing
-from tests.client import Client, Frame
+from tests.client import Client, Frame, eventually
 from tests.conftest import GatewayHandle
 
 pytestmark = pytest.mark.ray
@@ -46,17 +46,6 @@ async def connect(gateway: GatewayHandle) -> AsyncIterator[Connect]:
     for client in opened:
         await client.close()
 
-
-async def eventually(check: Callable[[], Any], timeout: float = 5.0) -> Any:
-    """Poll `check` until it returns something truthy (the mirror is asynchronous)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"still {result!r} after {timeout}s")
-        await asyncio.sleep(0.05)
 
 
 def users_key(room: str) -> str:

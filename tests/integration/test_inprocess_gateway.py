@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from rounds.frontdoor.server import FrontDoor
 from rounds.inprocess import InProcessGateway
 from rounds.routing import HashRing
 from rounds.shard.service import ShardService
-from tests.client import Client
+from tests.client import Client, eventually
 from tests.conftest import gateway_settings
 
 Connect = Callable[..., Awaitable[Client]]
@@ -81,14 +80,6 @@ def room_on(shard: int, uid: str, template: str = "page:/ward/{n}-{uid}") -> str
     ring = HashRing([0, 1])
     return next(r for r in (template.format(n=n, uid=uid) for n in range(1000)) if ring.shard_for(r) == shard)
 
-
-async def eventually(check: Callable[[], Any], timeout: float = 5.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (result := check()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"still {result!r} after {timeout}s")
-        await asyncio.sleep(0.01)
-    return result
 
 
 def types(frames: list[Any]) -> list[str]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ import ray
 import redis
 
 from rounds.routing import HashRing
-from tests.client import Client, Frame
+from tests.client import Client, Frame, eventually
 from tests.conftest import GatewayHandle, gateway_settings
 
 pytestmark = pytest.mark.ray
@@ -33,16 +32,6 @@ RECOVERY_S = 15.0
 # first asked about it.
 LOCK_TTL_MS = 8_000
 
-
-async def eventually(check: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = await check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: still {result!r} after {timeout}s")
-        await asyncio.sleep(0.1)
 
 
 async def acquire_when_back(client: Client, resource: str) -> Frame:

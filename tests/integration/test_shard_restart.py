@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,23 +18,13 @@ import pytest
 import ray
 
 from rounds.routing import HashRing
-from tests.client import Client, Frame
+from tests.client import Client, Frame, eventually
 from tests.conftest import GatewayHandle, gateway_settings
 
 pytestmark = pytest.mark.ray
 
 RECOVERY_S = 15.0
 
-
-async def eventually(check: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = await check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: still {result!r} after {timeout}s")
-        await asyncio.sleep(0.2)
 
 
 async def join_when_back(url: str, token: str, room: str) -> tuple[Client, Frame]:
