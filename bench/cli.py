@@ -3,7 +3,7 @@
 Belongs here: the argparse tree under `bench`, reading the environment (once,
 in the handler, through `load_settings`), starting and stopping the gateway a
 run targets, writing the report files. Must not be here: the benchmarks
-themselves (`presence.py`, later `locks` and `crdt`).
+themselves (`presence.py`, `locks.py`, later `crdt`).
 
 The main CLI calls `add_parser(subparsers)` and then `args.func(args)`, which
 returns the exit code: 0 the run completed without failures; 1 it completed
@@ -18,6 +18,7 @@ import argparse
 import ipaddress
 import json
 import os
+import shlex
 import sys
 import time
 from collections.abc import Iterator
@@ -27,13 +28,14 @@ from pathlib import Path
 from typing import Any
 
 from rounds.auth import private_key_for_dev
+from rounds.bench import locks
 from rounds.bench.plan import require_loopback_url
 from rounds.bench.presence import PresenceOptions, format_table, run_presence
 from rounds.config import Settings, load_settings
 
-# matplotlib (`rounds.bench.plot`) and Ray (`rounds.cluster.launch`) are
-# imported where used: every `rounds` command builds this parser, and they
-# cost seconds to import.
+# matplotlib (`rounds.bench.plot`), Ray (`rounds.cluster.launch`) and the
+# synchronous Redis client are imported where used: every `rounds` command
+# builds this parser, and they cost seconds to import.
 
 EXIT_OK, EXIT_FAILURES, EXIT_USAGE, EXIT_GATEWAY, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
@@ -44,7 +46,8 @@ def add_parser(subparsers: Any) -> None:
     bench = subparsers.add_parser("bench", help="load benchmarks against a local gateway")
     kinds = bench.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
     _add_presence(kinds)
-    # `locks` and `crdt` get their own `_add_...` here, sharing `_add_target_options`.
+    _add_locks(kinds)
+    # `crdt` gets its own `_add_...` here, sharing `_add_gateway_options`.
 
 
 def _add_presence(kinds: Any) -> None:
@@ -87,6 +90,51 @@ def _add_presence(kinds: Any) -> None:
     parser.set_defaults(func=run_presence_command)
 
 
+def _add_locks(kinds: Any) -> None:
+    defaults = locks.LocksOptions()
+    parser = kinds.add_parser(
+        "locks",
+        help="lock acquire/release round trips, uncontended and contended, under presence load",
+        description=(
+            "Per lock backend (Redis, then the embedded memory store; one gateway each, one after the other): "
+            "a floor phase (bare SET NX + DEL against the same Redis, from the same client process), an "
+            "uncontended phase (each locker locks its own field in its own room, acquire/release in a loop) "
+            "and a contended phase (all contenders race for one field each round), while presence users "
+            "heartbeat and churn. Reports p50/p95/p99/max, each p99 against the targets (5 ms seed bar, "
+            "2 ms goal) and as a ratio to the SET NX p99, the grant rate and the gateway's CPU, as JSON "
+            "and PNG in --out."
+        ),
+    )
+    parser.add_argument(
+        "--duration", type=float, default=defaults.duration_s, metavar="S",
+        help="measured seconds per backend: 20%% floor, 40%% uncontended, 40%% contended (default %(default)s)",
+    )
+    parser.add_argument("--lockers", type=int, default=defaults.lockers,
+                        help="uncontended lockers, one room and field each (default %(default)s)")
+    parser.add_argument("--contenders", type=int, default=defaults.contenders,
+                        help="clients in one room racing for one field each round (default %(default)s)")
+    parser.add_argument("--presence-users", type=int, default=defaults.presence_users,
+                        help="background users doing presence traffic (default %(default)s)")
+    parser.add_argument("--presence-processes", type=int, default=defaults.presence_processes,
+                        help="worker processes of the presence load (default %(default)s)")
+    parser.add_argument(
+        "--pause-ms", type=float, default=defaults.pause_ms, metavar="MS",
+        help="think time of a lock client after each reply, drawn from [0.5, 1.5] x this; 0 for a closed "
+             "loop at full speed (default %(default)s)",
+    )
+    parser.add_argument("--backends", choices=tuple(locks.BACKENDS), default=defaults.backends,
+                        help="lock stores to bench, one gateway each (default %(default)s)")
+    parser.add_argument(
+        "--redis-url", metavar="URL",
+        help=f"loopback Redis of the redis run and of the floor (default {locks.DEFAULT_REDIS_URL} with "
+             "--backends both or redis; with memory, no floor unless given)",
+    )
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of the pauses and presence timing")
+    _add_gateway_options(parser.add_argument_group("gateway (one started per backend)"))
+    _add_output_options(parser)
+    parser.set_defaults(func=run_locks_command)
+
+
 def _add_target_options(parser: argparse.ArgumentParser) -> None:
     target = parser.add_argument_group("target")
     target.add_argument("--url", help="bench this running gateway (ws://127.0.0.1:PORT/ws) instead of starting one")
@@ -94,9 +142,17 @@ def _add_target_options(parser: argparse.ArgumentParser) -> None:
         "--pid", type=int, action="append", default=None,
         help="with --url: a gateway process to sample for CPU/RSS (repeatable; none: not reported)",
     )
-    target.add_argument("--shards", type=int, help="shards of the gateway the bench starts")
-    target.add_argument("--frontdoors", type=int, help="front doors of the gateway the bench starts")
-    target.add_argument("--port", type=int, help="port of the gateway the bench starts")
+    _add_gateway_options(target)
+    _add_output_options(parser)
+
+
+def _add_gateway_options(parser: Any) -> None:
+    parser.add_argument("--shards", type=int, help="shards of the gateway the bench starts")
+    parser.add_argument("--frontdoors", type=int, help="front doors of the gateway the bench starts")
+    parser.add_argument("--port", type=int, help="port of the gateway the bench starts")
+
+
+def _add_output_options(parser: argparse.ArgumentParser) -> None:
     output = parser.add_argument_group("output")
     output.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for the JSON and PNG (default bench/results)")
     output.add_argument("--no-plot", action="store_true", help="write the JSON report only")
@@ -159,7 +215,7 @@ def _check_target_options(args: argparse.Namespace) -> None:
         raise _UsageError(f"{', '.join(given)}: only for the gateway the bench starts, not with --url")
 
 
-class _GatewayError(Exception):
+class _GatewayError(locks.GatewayUnavailable):
     pass
 
 
@@ -169,14 +225,25 @@ def _target(args: argparse.Namespace, settings: Settings) -> Iterator[_Target]:
     if args.url is not None:
         yield _Target(args.url, args.pid, {"url": args.url, "own_gateway": False, "pids": args.pid})
         return
+    with _own_gateway(_gateway_settings(args, settings)) as target:
+        yield target
+
+
+def _gateway_settings(args: argparse.Namespace, settings: Settings) -> Settings:
+    """`settings` with the gateway options given, on loopback whatever the configuration says."""
+    changes = {name: getattr(args, name) for name in ("shards", "frontdoors", "port") if getattr(args, name) is not None}
+    if not _is_loopback_host(settings.host):
+        changes["host"] = "127.0.0.1"  # the bench's own gateway never listens beyond this machine
+    return settings.replace(**changes)
+
+
+@contextmanager
+def _own_gateway(gateway_settings: Settings) -> Iterator[_Target]:
+    """A gateway started here with `gateway_settings`, stopped on exit."""
     try:
         from rounds.cluster.launch import Gateway
     except ImportError as error:
         raise _GatewayError(f"cannot start a gateway (rounds.cluster.launch): {error}") from error
-    changes = {name: getattr(args, name) for name in ("shards", "frontdoors", "port") if getattr(args, name) is not None}
-    if not _is_loopback_host(settings.host):
-        changes["host"] = "127.0.0.1"  # the bench's own gateway never listens beyond this machine
-    gateway_settings = settings.replace(**changes)
     _log(f"bench: starting a gateway ({gateway_settings.shards} shards, {gateway_settings.frontdoors} front doors)")
     started = time.monotonic()
     try:
@@ -196,6 +263,7 @@ def _target(args: argparse.Namespace, settings: Settings) -> Iterator[_Target]:
                 "shards": gateway_settings.shards,
                 "frontdoors": gateway_settings.frontdoors,
                 "port": gateway_settings.port,
+                "redis_url": gateway_settings.redis_url,
             },
         )
     finally:
@@ -222,6 +290,88 @@ def _run_and_write(options: PresenceOptions, settings: Settings, target: _Target
     print(format_table(run.report))
     print(f"\nreport: {json_path}" + (f"\nchart:  {png_path}" if plot else ""))
     return EXIT_OK if run.report["ok"] else EXIT_FAILURES
+
+
+def run_locks_command(args: argparse.Namespace) -> int:
+    """Run `rounds bench locks`; see the module docstring for exit codes."""
+    try:
+        options = locks.LocksOptions(
+            duration_s=args.duration,
+            lockers=args.lockers,
+            contenders=args.contenders,
+            presence_users=args.presence_users,
+            presence_processes=args.presence_processes,
+            pause_ms=args.pause_ms,
+            backends=args.backends,
+            redis_url=locks.resolve_redis_url(args.backends, args.redis_url),
+            seed=args.seed,
+        )
+        options.check()
+    except ValueError as error:
+        return _fail(EXIT_USAGE, str(error))
+    settings = getattr(args, "settings", None) or load_settings(getattr(args, "config", None), env=os.environ)
+    settings = _gateway_settings(args, settings)
+    if options.redis_url is not None:
+        problem = _redis_problem(options.redis_url)
+        if problem is not None:
+            return _fail(EXIT_GATEWAY, f"Redis at {options.redis_url} is not usable: {problem}")
+    started = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    try:
+        run = locks.run_locks(options, settings, _own_gateway, private_key_for_dev(settings), _log, _delete_keys)
+    except KeyboardInterrupt:
+        return _fail(EXIT_INTERRUPTED, "interrupted")
+    report = run.report
+    report["command"] = shlex.join(["rounds", *sys.argv[1:]])
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"locks-{options.backends}-{started}"
+    json_path, png_path = out / f"{stem}.json", out / f"{stem}.png"
+    plot = not args.no_plot and any(not r.get("error") for r in report["runs"])
+    report["files"] = {"json": json_path.name, "png": png_path.name if plot else None}
+    if plot:
+        from rounds.bench.plot import plot_locks
+
+        plot_locks(report, run.samples, png_path)
+    _write_json(json_path, report)
+    print(locks.format_table(report))
+    print(f"\nreport: {json_path}" + (f"\nchart:  {png_path}" if plot else ""))
+    if any(r.get("error") for r in report["runs"]):
+        return EXIT_GATEWAY
+    return EXIT_OK if report["ok"] else EXIT_FAILURES
+
+
+def _redis_problem(url: str) -> str | None:
+    """Why the bench cannot use the Redis at `url`, or None if it answers PING."""
+    import redis
+
+    client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
+    try:
+        client.ping()
+    except (redis.RedisError, OSError) as error:
+        return f"{type(error).__name__}: {error}"
+    finally:
+        client.close()
+    return None
+
+
+def _delete_keys(url: str, prefix: str) -> int:
+    """Delete the keys of a Redis run's rooms, users and locks (fencing counters
+    never expire) and of its floor, at most 100,000 a pattern."""
+    import redis
+
+    client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=5)
+    deleted = 0
+    try:
+        patterns = (f"lock:document:{prefix}-*", f"resource:document:{prefix}-*", f"user:{prefix}-*", f"{prefix}:*")
+        for pattern in patterns:
+            batch = list(client.scan_iter(match=pattern, count=1000))[:100_000]
+            for start in range(0, len(batch), 1000):
+                deleted += client.delete(*batch[start:start + 1000])
+    except (redis.RedisError, OSError) as error:
+        _log(f"rounds bench: could not delete the keys of {prefix}: {error}")
+    finally:
+        client.close()
+    return deleted
 
 
 def _write_json(path: Path, report: dict[str, Any]) -> None:

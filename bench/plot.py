@@ -1,4 +1,4 @@
-"""Charts of a presence benchmark run, drawn to a PNG next to its JSON report.
+"""Charts of a benchmark run (presence, locks), drawn to a PNG next to its JSON report.
 
 Belongs here: turning a report and its raw samples into a figure. Must not
 be here: running anything or computing the report's figures. Uses
@@ -91,3 +91,88 @@ def _cpu_over_time(axes: Any, report: Mapping[str, Any]) -> None:
     else:
         axes.set_title("CPU (gateway processes not sampled)")
     axes.legend(loc="upper left")
+
+
+# --- the locks benchmark --------------------------------------------------------------
+
+# (label, metric, line style) of the lock curves in each phase's panel.
+LOCK_CURVES = (
+    ("acquire", "acquire_ms", "-"),
+    ("release", "release_ms", "--"),
+)
+FLOOR_CURVE = ("SET NX floor", "floor", "set_nx_ms", ":")
+
+
+def plot_locks(
+    report: Mapping[str, Any], samples: Mapping[str, Mapping[str, Mapping[str, Sequence[float]]]], path: Path
+) -> Path:
+    """Draw lock latency CDFs per phase (a curve per backend and operation, plus each
+    run's SET NX floor and the 2 ms / 5 ms targets) and the gateway's CPU to `path`."""
+    figure = Figure(figsize=(12, 9.5), layout="constrained")
+    FigureCanvasAgg(figure)
+    top, bottom = figure.subfigures(2, 1, height_ratios=(3, 2))
+    panels = top.subplots(1, 2, sharey=True)
+    colours = {run["backend"]: f"C{i}" for i, run in enumerate(report["runs"])}
+    for axes, phase in zip(panels, ("uncontended", "contended")):
+        for backend, by_phase in samples.items():
+            for label, metric, style in LOCK_CURVES:
+                _cdf(axes, by_phase.get(phase, {}).get(metric, ()), f"{backend} {label}", style, colours.get(backend))
+            name, floor_phase, metric, style = FLOOR_CURVE
+            _cdf(axes, by_phase.get(floor_phase, {}).get(metric, ()), f"{name} ({backend} run)", style,
+                 colours.get(backend))
+        targets = report["targets_ms"]
+        for value, label in ((targets["goal_p99"], "goal"), (targets["seed_p99"], "seed bar")):
+            axes.axvline(value, color="tab:red", linewidth=0.8, linestyle="-." if label == "goal" else "-")
+            axes.text(value * 1.04, 0.03, f"p99 {label} {value:g} ms", color="tab:red", fontsize=8, rotation=90)
+        for q in (0.5, 0.95, 0.99):
+            axes.axhline(q, color="grey", linewidth=0.6, linestyle=":")
+        axes.set_xscale("log")
+        axes.set_xlabel("round trip at the client (ms, log scale)")
+        axes.set_ylim(0, 1.01)
+        axes.set_title(f"{phase}" + (" (acquire: ACQUIRED or DENIED)" if phase == "contended" else ""))
+        axes.grid(True, which="both", linewidth=0.3)
+        if axes.get_legend_handles_labels()[0]:
+            axes.legend(loc="lower right", fontsize=8)
+    panels[0].set_ylabel("fraction of samples ≤ x")
+    _lock_cpu(bottom.subplots(), report, colours)
+    s = report["settings"]
+    figure.suptitle(
+        f"rounds locks bench: {s['lockers']} lockers, {s['contenders']} contenders, "
+        f"{s['presence_users']} presence users, {s['duration_s']:g} s per backend, {report['started_at']}"
+    )
+    figure.savefig(path, dpi=110)
+    return path
+
+
+def _cdf(axes: Any, values: Sequence[float], label: str, style: str, colour: str | None) -> None:
+    data = sorted(values)
+    if not data:
+        return
+    n = len(data)
+    axes.step([max(v, 1e-3) for v in data], [(i + 1) / n for i in range(n)], style, where="post",
+              label=f"{label} (n={n})", color=colour)
+
+
+def _lock_cpu(axes: Any, report: Mapping[str, Any], colours: Mapping[str, str]) -> None:
+    """Gateway CPU per run against seconds since its measured phase began, phases shaded."""
+    shaded = False
+    for run in report["runs"]:
+        if run.get("error"):
+            continue
+        origin = run["phases_s"]["measured_from"] or 0.0
+        points = [(p["t_s"] - origin, p["cpu_percent"]) for p in run["gateway"]["timeline"]
+                  if p.get("cpu_percent") is not None]
+        if points:
+            axes.plot(*zip(*points), color=colours.get(run["backend"]), label=f"gateway CPU, {run['backend']} run")
+        if not shaded:
+            for i, (name, (start, end)) in enumerate(run["phases_s"]["windows"].items()):
+                axes.axvspan(start - origin, end - origin, color=f"C{i + 4}", alpha=0.08)
+                axes.text((start + end) / 2 - origin, 0.98, name, transform=axes.get_xaxis_transform(),
+                          ha="center", va="top", fontsize=8)
+            shaded = True
+    axes.set_xlabel("seconds since the measured phase began (negative: ramp)")
+    axes.set_ylabel("CPU (% of one core)")
+    axes.set_title("gateway CPU, summed over its processes (presence load throughout)")
+    axes.grid(True, linewidth=0.3)
+    if axes.get_legend_handles_labels()[0]:
+        axes.legend(loc="upper left", fontsize=8)

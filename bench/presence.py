@@ -12,6 +12,8 @@ room; limited to `RAMP_LIMIT_S`), then *measured* (`duration_s` of
 heartbeats and churn, started for all workers at once), then *drain* (late
 replies get their timeout, connections close). The whole run stops by
 itself at `duration_s + DEADLINE_MARGIN_S`.
+Benchmarks that need presence traffic as background load (`locks.py`) add
+`Companion` workers, which go through the same phases.
 """
 
 from __future__ import annotations
@@ -110,12 +112,26 @@ class PresenceOptions:
         return -(-self.users // self.room_size)
 
 
+@dataclass(frozen=True, slots=True)
+class Companion:
+    """A worker process beside the presence workers: `target(plan, control, results)`
+    is its entry, with `loadgen.worker_main`'s pipe and queue, and `plan(index,
+    ramp_deadline, hard_deadline)` its picklable plan. It sends `Ready(index)`
+    after its ramp and a `WorkerResult` before `hard_deadline`."""
+
+    name: str
+    target: Callable[[Any, Any, Any], None]
+    plan: Callable[[int, float, float], Any]
+
+
 @dataclass(slots=True)
 class PresenceRun:
-    """The report (JSON-ready) and the merged raw samples (for the plot)."""
+    """The report (JSON-ready) and the merged raw samples (for the plot); each
+    companion's result by name (None if none came), kept out of the figures."""
 
     report: dict[str, Any]
     samples: dict[str, dict[str, list[float]]]
+    companions: dict[str, WorkerResult | None] = field(default_factory=dict)
 
 
 # --- planning -------------------------------------------------------------------
@@ -255,6 +271,7 @@ class _Conductor:
         private_key_pem: bytes,
         gateway_pids: Sequence[int] | None,
         log: Callable[[str], None],
+        companions: Sequence[Companion] = (),
     ) -> None:
         self.options = options
         self.url = url
@@ -286,6 +303,14 @@ class _Conductor:
             )
             for index, rooms in enumerate(assigned)
         ]
+        # Companions are workers numbered after the presence workers.
+        self.companions = list(companions)
+        self.targets: list[tuple[Callable[[Any, Any, Any], None], Any, str]] = [
+            (worker_main, plan, f"bench-worker-{plan.index}") for plan in self.plans
+        ] + [
+            (c.target, c.plan(len(self.plans) + j, self.ramp_deadline, self.stop_at), f"bench-{c.name}")
+            for j, c in enumerate(self.companions)
+        ]
         self.gateway = _Timeline(ProcessSampler(gateway_pids)) if gateway_pids is not None else None
         self.loadgen: _Timeline | None = None
         self.processes: list[Any] = []
@@ -301,11 +326,9 @@ class _Conductor:
         self.aborted: str | None = None  # why the run was stopped early, if it was
 
     def run(self) -> None:
-        for plan in self.plans:
+        for target, plan, name in self.targets:
             receive, send = self.context.Pipe(duplex=False)
-            process = self.context.Process(
-                target=worker_main, args=(plan, receive, self.results), name=f"bench-worker-{plan.index}"
-            )
+            process = self.context.Process(target=target, args=(plan, receive, self.results), name=name)
             process.start()
             receive.close()
             self.processes.append(process)
@@ -325,7 +348,7 @@ class _Conductor:
     def _loop(self) -> None:
         next_sample = time.monotonic() + SAMPLE_EVERY_S
         next_progress = time.monotonic() + PROGRESS_EVERY_S
-        while len(self.finished) < len(self.plans) and self.aborted is None:
+        while len(self.finished) < len(self.targets) and self.aborted is None:
             now = time.monotonic()
             if now >= self.stop_at:
                 self.deadline_hit = True
@@ -345,7 +368,7 @@ class _Conductor:
             self._receive(timeout=max(0.0, min(next_sample, next_progress) - time.monotonic()))
 
     def _advance(self, now: float) -> None:
-        if self.phase == RAMP and len(self.ready) == len(self.plans):
+        if self.phase == RAMP and len(self.ready) == len(self.targets):
             self.measure_started = now
             self.measure_until = now + self.options.duration_s
             self._sample(mark="measure_start")
@@ -398,7 +421,7 @@ class _Conductor:
             except OSError:
                 pass  # that worker is gone already; it is reported as missing
         grace = time.monotonic() + STOP_GRACE_S
-        while len(self.finished) < len(self.plans) and time.monotonic() < grace:
+        while len(self.finished) < len(self.targets) and time.monotonic() < grace:
             self._receive(timeout=0.1)
 
     def _reap(self) -> None:
@@ -427,7 +450,7 @@ class _Conductor:
         elif self.phase == MEASURED and self.measure_until is not None:
             tail = f"frames {frames} | {max(0.0, self.measure_until - now):.0f} s left"
         else:
-            tail = f"waiting for {len(self.plans) - len(self.finished)} worker result(s)"
+            tail = f"waiting for {len(self.targets) - len(self.finished)} worker result(s)"
         return f"{head} | {tail}"
 
 
@@ -438,16 +461,19 @@ def run_presence(
     gateway_pids: Sequence[int] | None,
     log: Callable[[str], None],
     target: dict[str, Any] | None = None,
+    companions: Sequence[Companion] = (),
 ) -> PresenceRun:
     """Run the benchmark against `url` (loopback only) and return its report.
 
     `gateway_pids` are sampled for CPU and RSS (None: not reported); `log`
-    receives progress lines; `target` is copied into the report as is.
+    receives progress lines; `target` is copied into the report as is;
+    `companions` run beside the presence workers (their processes count as
+    load generator in the report's CPU figures).
     """
     options.check()
     require_loopback_url(url)
     started_at = datetime.now(UTC)
-    conductor = _Conductor(options, url, private_key_pem, gateway_pids, log)
+    conductor = _Conductor(options, url, private_key_pem, gateway_pids, log, companions)
     conductor.run()
     return _build(conductor, started_at, target or {"url": url})
 
@@ -456,7 +482,7 @@ def run_presence(
 
 
 def _build(run: _Conductor, started_at: datetime, target: dict[str, Any]) -> PresenceRun:
-    results = [run.finished[i] for i in sorted(run.finished)]
+    results = [run.finished[i] for i in range(len(run.plans)) if i in run.finished]
     samples = {phase: stats.merge_samples(r.samples.get(phase, {}) for r in results) for phase in (RAMP, MEASURED)}
     counts = stats.merge_counts(r.counts for r in results)
     failures = {name: int(counts.get(name, 0)) for name in FAILURE_COUNTS}
@@ -502,7 +528,8 @@ def _build(run: _Conductor, started_at: datetime, target: dict[str, Any]) -> Pre
         "machine": _machine_figures(run.loadgen, run.load_at_start),
         "worker_errors": [text for r in results for text in r.errors],
     }
-    return PresenceRun(report, samples)
+    companions = {c.name: run.finished.get(len(run.plans) + j) for j, c in enumerate(run.companions)}
+    return PresenceRun(report, samples, companions)
 
 
 def _since(origin: float | None, at: float | None) -> float | None:
