@@ -24,7 +24,6 @@ import random
 import signal
 import time
 import traceback
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,13 +35,13 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 from rounds.auth import mint_token
 from rounds.wire import MessageType
 from rounds.bench.plan import (
-    DRAIN, MEASURED, RAMP, Go, Progress, Ready, Stop, WorkerPlan, WorkerResult, bench_user_id, url_with_token,
+    DRAIN, MEASURED, RAMP, Go, Progress, Ready, Recorder, Stop, WorkerPlan, WorkerResult, bench_user_id,
+    url_with_token,
 )
 
 PROGRESS_EVERY_S = 1.0
 SWEEP_EVERY_S = 0.5
 CLOSE_TIMEOUT_S = 5.0
-MAX_ERROR_TEXTS = 10
 
 
 # --- the worker's state ---------------------------------------------------------
@@ -137,34 +136,6 @@ class Room:
         return all(r.expected <= r.received or not r.confirmed for rs in self.pending.values() for r in rs)
 
 
-class _Recorder:
-    """Samples by phase and metric, plus counters; all numbers stay raw."""
-
-    def __init__(self) -> None:
-        self.samples: dict[str, dict[str, list[float]]] = {RAMP: {}, MEASURED: {}}
-        self.counts: Counter[str] = Counter()
-        self.by_key: dict[str, Counter[str]] = {}
-        self.errors: list[str] = []
-
-    def sample(self, phase: str, metric: str, start: float, end: float) -> None:
-        self.samples.setdefault(phase, {}).setdefault(metric, []).append((end - start) * 1000.0)
-
-    def count(self, name: str, key: str | None = None, n: int = 1) -> None:
-        if key is None:
-            self.counts[name] += n
-        else:
-            self.by_key.setdefault(name, Counter())[key] += n
-
-    def error(self, text: str) -> None:
-        if len(self.errors) < MAX_ERROR_TEXTS:
-            self.errors.append(text)
-
-    def counts_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = dict(self.counts)
-        out.update({name: dict(counter) for name, counter in self.by_key.items()})
-        return out
-
-
 # --- the worker -----------------------------------------------------------------
 
 
@@ -174,7 +145,7 @@ class Worker:
     def __init__(self, plan: WorkerPlan, send: Callable[[WorkerMessage], None]) -> None:
         self.plan = plan
         self.send = send
-        self.rec = _Recorder()
+        self.rec = Recorder(phases=(RAMP, MEASURED))
         self.phase = RAMP
         self.rooms: dict[str, Room] = {}
         self.users: list[_User] = []

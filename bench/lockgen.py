@@ -32,7 +32,6 @@ import signal
 import sys
 import time
 import traceback
-from collections import Counter
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
@@ -44,7 +43,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from rounds.auth import mint_token
-from rounds.bench.plan import Go, Ready, Stop, WorkerResult, url_with_token
+from rounds.bench.plan import Go, Ready, Recorder, Stop, WorkerResult, url_with_token
 from rounds.wire import MessageType
 
 SETTLE, FLOOR, UNCONTENDED, CONTENDED = "settle", "floor", "uncontended", "contended"
@@ -58,7 +57,6 @@ SETTLE_S, SETTLE_SHARE_MAX = 1.0, 0.1
 PHASE_SHARES = ((FLOOR, 0.2), (UNCONTENDED, 0.4), (CONTENDED, 0.4))
 CLOSE_TIMEOUT_S = 3.0
 PROGRESS_EVERY_S = 1.0
-MAX_ERROR_TEXTS = 10
 FLOOR_VALUE = "bench"
 
 
@@ -128,46 +126,13 @@ class _Client:
         self.joined = False
 
 
-class _Recorder:
-    """Raw samples in ms by phase and metric (capped), counters, first error texts."""
-
-    def __init__(self, max_samples: int) -> None:
-        self.max_samples = max_samples
-        self.samples: dict[str, dict[str, list[float]]] = {}
-        self.counts: Counter[str] = Counter()
-        self.by_key: dict[str, Counter[str]] = {}
-        self.errors: list[str] = []
-
-    def sample(self, phase: str, metric: str, start: float, end: float) -> None:
-        values = self.samples.setdefault(phase, {}).setdefault(metric, [])
-        if len(values) < self.max_samples:
-            values.append((end - start) * 1000.0)
-        else:
-            self.counts["samples_dropped"] += 1
-
-    def count(self, name: str, key: str | None = None, n: int = 1) -> None:
-        if key is None:
-            self.counts[name] += n
-        else:
-            self.by_key.setdefault(name, Counter())[key] += n
-
-    def error(self, text: str) -> None:
-        if len(self.errors) < MAX_ERROR_TEXTS:
-            self.errors.append(text)
-
-    def counts_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = dict(self.counts)
-        out.update({name: dict(counter) for name, counter in self.by_key.items()})
-        return out
-
-
 class LockWorker:
     """Runs one `LockPlan` on the running event loop; see `lock_worker_main`."""
 
     def __init__(self, plan: LockPlan, send: Callable[[Any], None]) -> None:
         self.plan = plan
         self.send = send
-        self.rec = _Recorder(plan.max_samples)
+        self.rec = Recorder(plan.max_samples)
         self.phase = "ramp"
         self.pause_s = plan.pause_ms / 1000.0
         self.lockers = [_Client(f"{plan.prefix}-u{i}", locker_room(plan.prefix, i)) for i in range(plan.lockers)]

@@ -8,11 +8,13 @@ parent) and `loadgen.py` (a worker). Must not be here: sockets, timing.
 from __future__ import annotations
 
 import ipaddress
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
 RAMP, MEASURED, DRAIN = "ramp", "measured", "drain"
+MAX_ERROR_TEXTS = 10  # first error texts kept per worker
 
 
 # --- the URL rule -------------------------------------------------------------
@@ -128,3 +130,37 @@ class WorkerResult:
 
 
 WorkerMessage = Progress | Ready | WorkerResult
+
+
+class Recorder:
+    """Raw samples in ms by phase and metric (at most `max_samples` each when
+    given; the rest are counted as dropped), counters, first error texts."""
+
+    def __init__(self, max_samples: int | None = None, phases: tuple[str, ...] = ()) -> None:
+        self.max_samples = max_samples
+        self.samples: dict[str, dict[str, list[float]]] = {phase: {} for phase in phases}
+        self.counts: Counter[str] = Counter()
+        self.by_key: dict[str, Counter[str]] = {}
+        self.errors: list[str] = []
+
+    def sample(self, phase: str, metric: str, start: float, end: float) -> None:
+        values = self.samples.setdefault(phase, {}).setdefault(metric, [])
+        if self.max_samples is None or len(values) < self.max_samples:
+            values.append((end - start) * 1000.0)
+        else:
+            self.counts["samples_dropped"] += 1
+
+    def count(self, name: str, key: str | None = None, n: int = 1) -> None:
+        if key is None:
+            self.counts[name] += n
+        else:
+            self.by_key.setdefault(name, Counter())[key] += n
+
+    def error(self, text: str) -> None:
+        if len(self.errors) < MAX_ERROR_TEXTS:
+            self.errors.append(text)
+
+    def counts_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = dict(self.counts)
+        out.update({name: dict(counter) for name, counter in self.by_key.items()})
+        return out
