@@ -558,17 +558,23 @@ def _loop_time(loop: asyncio.AbstractEventLoop, monotonic_deadline: float) -> fl
 
 
 def worker_main(plan: WorkerPlan, control: Any, results: Any) -> None:
-    """Entry of a spawned worker: `control` is the receiving end of a Pipe carrying
-    `Go`/`Stop`, `results` a multiprocessing Queue for `WorkerMessage`s."""
+    """Entry of a spawned presence worker; see `serve_worker`."""
+    serve_worker(lambda send: Worker(plan, send), control, results)
+
+
+def serve_worker(make: Callable[[Callable[[Any], None]], Any], control: Any, results: Any) -> None:
+    """Run one bench worker in this process: `control` is the receiving end of a
+    Pipe carrying `Go`/`Stop`, `results` a multiprocessing Queue for its
+    messages; `make(send)` builds the worker (`on_control`, async `run`)."""
     # Ctrl-C reaches the whole process group: the parent turns it into `Stop`,
     # so that the worker still closes its connections and sends its result.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    uvloop.run(_worker_async(plan, control, results))
+    uvloop.run(_serve_async(make, control, results))
 
 
-async def _worker_async(plan: WorkerPlan, control: Any, results: Any) -> None:
+async def _serve_async(make: Callable[[Callable[[Any], None]], Any], control: Any, results: Any) -> None:
     loop = asyncio.get_running_loop()
-    worker = Worker(plan, results.put)
+    worker = make(results.put)
 
     def on_readable() -> None:
         try:

@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import signal
 import sys
 import time
 import traceback
@@ -37,12 +36,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
-import uvloop
 from redis.exceptions import RedisError
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from rounds.auth import mint_token
+from rounds.bench.loadgen import serve_worker
 from rounds.bench.plan import Go, Ready, Recorder, Stop, WorkerResult, url_with_token
 from rounds.wire import MessageType
 
@@ -532,27 +531,4 @@ def _log(line: str) -> None:
 
 def lock_worker_main(plan: LockPlan, control: Any, results: Any) -> None:
     """Entry of the spawned lock worker; same pipe and queue as `loadgen.worker_main`."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent turns Ctrl-C into Stop
-    uvloop.run(_worker_async(plan, control, results))
-
-
-async def _worker_async(plan: LockPlan, control: Any, results: Any) -> None:
-    loop = asyncio.get_running_loop()
-    worker = LockWorker(plan, results.put)
-
-    def on_readable() -> None:
-        try:
-            message = control.recv()
-        except (EOFError, OSError):
-            loop.remove_reader(control.fileno())
-            message = None  # the parent is gone: stop
-        worker.on_control(message)
-
-    loop.add_reader(control.fileno(), on_readable)
-    try:
-        results.put(await worker.run())
-    finally:
-        try:
-            loop.remove_reader(control.fileno())
-        except (ValueError, OSError):
-            pass  # already removed after EOF
+    serve_worker(lambda send: LockWorker(plan, send), control, results)

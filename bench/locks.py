@@ -28,7 +28,6 @@ and `targets` (goal / seed / miss) keyed `phase.operation`, `contention`
 from __future__ import annotations
 
 import os
-import platform
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
@@ -41,7 +40,7 @@ from urllib.parse import urlsplit
 from rounds.bench import stats
 from rounds.bench.lockgen import CONTENDED, FLOOR, UNCONTENDED, LockPlan, lock_worker_main, phase_windows
 from rounds.bench.plan import require_loopback_url
-from rounds.bench.presence import Companion, PresenceOptions, PresenceRun, run_presence
+from rounds.bench.presence import Companion, PresenceOptions, PresenceRun, environment, run_presence
 from rounds.config import Settings
 
 SCHEMA = "rounds.bench.locks/1"
@@ -369,18 +368,9 @@ def _share(part: float, whole: float) -> float | None:
 
 
 def _environment() -> dict[str, Any]:
-    import psutil
     import redis
-    import websockets
 
-    return {
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "websockets": websockets.__version__,
-        "redis_py": redis.__version__,
-        "psutil": psutil.__version__,
-    }
+    return {**environment(), "redis_py": redis.__version__}
 
 
 # --- the table ----------------------------------------------------------------------

@@ -506,7 +506,7 @@ def _build(run: _Conductor, started_at: datetime, target: dict[str, Any]) -> Pre
         "deadline_hit": deadline_hit,
         "target": target,
         "settings": {**asdict(run.options), "rooms": run.options.rooms, "workers": len(run.plans)},
-        "environment": _environment(),
+        "environment": environment(),
         "phases_s": {
             "ramp": round((run.measure_started or time.monotonic()) - run.started, 3),
             "measured": _since(run.measure_started, run.measure_ended) if run.measure_started is not None else 0.0,
@@ -562,7 +562,8 @@ def _machine_figures(timeline: _Timeline | None, load_at_start: float) -> dict[s
     }
 
 
-def _environment() -> dict[str, Any]:
+def environment() -> dict[str, Any]:
+    """The machine and library versions a report was measured with."""
     return {
         "cpu_count": os.cpu_count(),
         "python": platform.python_version(),
