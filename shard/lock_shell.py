@@ -130,6 +130,9 @@ class LockShell:
         self._timer_at = None
         self._emit(self.locks.expire(now_ms()))
 
+    async def start(self) -> None:
+        """Called once when the shard starts, before front doors link."""
+
     async def stop(self) -> None:
         if self._timer is not None:
             self._timer.cancel()

@@ -66,6 +66,7 @@ class ShardService:
                 log.info("%s: cleared %d rooms mirrored before this start", self.name, cleared)
         except Exception:  # Redis down: serve anyway; stale mirror keys are named in the runbook
             log.exception("%s: could not reset the presence mirror", self.name)
+        await self.lock_shell.start()
         self._server = await loop.create_server(self._new_link, host, port)
         self._mirror_task = asyncio.create_task(self._mirror_writer(), name=f"{self.name}-mirror")
         sock_host, sock_port = self._server.sockets[0].getsockname()[:2]
