@@ -56,6 +56,11 @@ class Settings:
     max_rooms_per_connection: int = 100
     lock_ttl_ms: int = 30_000  # a lock not renewed for this long expires (seed BE-001.3)
     lock_max_ttl_ms: int = 300_000  # the most a LOCK_ACQUIRE may ask for with `ttlMs`
+    max_update_bytes: int = 262_144  # one Y.js update (also bounded by max_frame_bytes on /ws)
+    max_document_bytes: int = 16 * 1024 * 1024  # a document's encoded state; updates past it get TOO_LARGE
+    doc_snapshot_delay_ms: int = 2_000  # after a change, the document is snapshotted this much later
+    doc_log_max_entries: int = 1_000  # ...or sooner, once this many updates wait in its log
+    doc_idle_unload_ms: int = 300_000  # a document nobody joined or changed for this long leaves memory
     # Roles absent from this map may use every mode (DESIGN.md, wire protocol).
     role_modes: Mapping[str, tuple[str, ...]] = field(
         default_factory=lambda: {"observer": (VIEWER,), "auditor": (VIEWER,)}

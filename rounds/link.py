@@ -24,7 +24,7 @@ from typing import Any
 import msgpack
 
 from rounds.ids import FrontDoorId
-from rounds.shard.events import CheckFence, Deliver, Disconnect, Join, Leave, Reply, Sync
+from rounds.shard.events import Awareness, CheckFence, Deliver, Disconnect, DocSync, DocUpdate, Join, Leave, Reply, Sync
 from rounds.shard.lock_events import LockAcquire, LockRelease, LockRenew
 
 log = logging.getLogger(__name__)
@@ -42,12 +42,12 @@ class Hello:
 
 
 LinkMessage = (Hello | Sync | Join | Leave | Disconnect | LockAcquire | LockRenew | LockRelease | CheckFence
-               | Reply | Deliver)
+               | DocUpdate | DocSync | Awareness | Reply | Deliver)
 
 _TAGS: dict[type, int] = {
     Hello: 1, Sync: 2, Join: 3, Leave: 4, Disconnect: 5,
     LockAcquire: 6, LockRenew: 7, LockRelease: 8, CheckFence: 9,
-    Reply: 10, Deliver: 11,
+    Reply: 10, Deliver: 11, DocUpdate: 12, DocSync: 13, Awareness: 14,
 }
 _CLASSES = {tag: cls for cls, tag in _TAGS.items()}
 _FIELDS = {cls: tuple(f.name for f in dataclasses.fields(cls)) for cls in _TAGS}

@@ -37,11 +37,13 @@ class MessageType(enum.StrEnum):
     LOCK_ACQUIRE = "LOCK_ACQUIRE"
     LOCK_RENEW = "LOCK_RENEW"
     LOCK_RELEASE = "LOCK_RELEASE"
+    AWARENESS_UPDATE = "AWARENESS_UPDATE"  # also server -> client (relayed)
     # server -> client
     CONNECTED = "CONNECTED"
     HEARTBEAT_ACK = "HEARTBEAT_ACK"
     RESOURCE_STATE = "RESOURCE_STATE"
     RESOURCE_LEFT = "RESOURCE_LEFT"
+    UPDATE_ACK = "UPDATE_ACK"
     USER_JOINED = "USER_JOINED"
     USER_LEFT = "USER_LEFT"
     ALL_USERS = "resource:all_users"  # the seed's exact name
@@ -59,7 +61,8 @@ class MessageType(enum.StrEnum):
 class ErrorCode(enum.StrEnum):
     BAD_REQUEST = "BAD_REQUEST"  # not a JSON/msgpack object, or a field is wrong
     UNKNOWN_TYPE = "UNKNOWN_TYPE"
-    TOO_LARGE = "TOO_LARGE"
+    TOO_LARGE = "TOO_LARGE"  # a frame, an update or the document it would grow
+    BAD_UPDATE = "BAD_UPDATE"  # not a Y.js (v1) update; the document is unchanged
     NOT_JOINED = "NOT_JOINED"
     ALREADY_JOINED = "ALREADY_JOINED"
     PERMISSION_DENIED = "PERMISSION_DENIED"
@@ -116,6 +119,13 @@ class ResourceUpdate:
 
 
 @dataclass(frozen=True, slots=True)
+class AwarenessUpdate:
+    ref: Any
+    resource_id: ResourceId
+    update: bytes  # a y-protocols awareness update
+
+
+@dataclass(frozen=True, slots=True)
 class LockAcquire:
     ref: Any
     resource_id: ResourceId
@@ -137,7 +147,8 @@ class LockRelease:
     lock_id: str
 
 
-Request = Heartbeat | JoinResource | LeaveResource | ResourceUpdate | LockAcquire | LockRenew | LockRelease
+Request = (Heartbeat | JoinResource | LeaveResource | ResourceUpdate | AwarenessUpdate | LockAcquire | LockRenew
+           | LockRelease)
 
 
 class ProtocolError(Exception):
@@ -299,6 +310,14 @@ def _update(codec: Codec, ref: Any, data: dict[str, Any]) -> ResourceUpdate:
     return ResourceUpdate(ref, resource_id, update, lock, token)
 
 
+def _awareness(codec: Codec, ref: Any, data: dict[str, Any]) -> AwarenessUpdate:
+    resource_id = _resource_id(data, ref)
+    update = _binary(codec, data, "update", ref)
+    if not update:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "'update' is required (a y-protocols awareness update)", ref)
+    return AwarenessUpdate(ref, resource_id, update)
+
+
 def _lock_acquire(codec: Codec, ref: Any, data: dict[str, Any]) -> LockAcquire:
     resource_id = _resource_id(data, ref)
     room = data.get("roomId")
@@ -333,6 +352,7 @@ _PARSERS = {
     MessageType.LOCK_ACQUIRE: _lock_acquire,
     MessageType.LOCK_RENEW: _lock_renew,
     MessageType.LOCK_RELEASE: _lock_release,
+    MessageType.AWARENESS_UPDATE: _awareness,
 }
 
 

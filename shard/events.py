@@ -32,6 +32,11 @@ class Join:
     # When the front door first forwarded this join (ms since the epoch): a
     # restored member keeps its original `joinedAt`. Ignored unless `restore`.
     joined_at_ms: int | None = None
+    # Documents (issue 4): what the joiner has, so `RESOURCE_STATE.state` is
+    # only what it lacks; and which endpoint it came in by ("ws" or "yjs": a
+    # y-websocket client gets the document through its own sync steps).
+    state_vector: bytes | None = None
+    kind: str = "ws"
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +76,41 @@ class CheckFence:
     resource_id: ResourceId
     lock_resource_id: ResourceId
     fencing_token: int
+
+
+@dataclass(frozen=True, slots=True)
+class DocUpdate:
+    """A Y.js update from a room member (`/ws` RESOURCE_UPDATE or a
+    y-websocket sync step 2 / update). `ack`: answer UPDATE_ACK once durable;
+    a fenced update names its lock and token (issue 3)."""
+
+    conn: ConnId
+    ref: Any
+    resource_id: ResourceId
+    update: bytes
+    ack: bool = True
+    lock_resource_id: ResourceId | None = None
+    fencing_token: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DocSync:
+    """A y-websocket client's sync step 1: answer with what it lacks."""
+
+    conn: ConnId
+    resource_id: ResourceId
+    state_vector: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Awareness:
+    """A y-protocols awareness update from a room member, to relay; with an
+    empty update, a request for everyone's current states."""
+
+    conn: ConnId
+    ref: Any
+    resource_id: ResourceId
+    update: bytes
 
 
 Command = Join | Leave | Disconnect | Sync
