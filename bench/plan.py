@@ -109,6 +109,7 @@ class Progress:
     connect_failures: int
     joined: int
     frames_received: int
+    extra: dict[str, int] = field(default_factory=dict)  # more running totals for the progress line
 
 
 @dataclass(frozen=True, slots=True)
