@@ -41,8 +41,10 @@ from rounds.clock import now_ms
 from rounds.config import EDITOR, Settings
 from rounds.ids import ConnId, FrontDoorId, ResourceId, SessionId, ShardId, UserId, conn_id
 from rounds.link import LinkMessage
+from rounds.frontdoor.yjs import YJS, command_for, resource_from_path
 from rounds.wire import (
     SUBPROTOCOLS,
+    AwarenessUpdate,
     Codec,
     CloseCode,
     ErrorCode,
@@ -58,10 +60,8 @@ from rounds.wire import (
     codec_for,
     error_data,
     parse_request,
-    JSON,
-    MSGPACK,
 )
-from rounds.shard.events import CheckFence, Deliver, Disconnect, Join, Leave, Reply
+from rounds.shard.events import Awareness, Deliver, Disconnect, DocUpdate, Join, Leave, Reply
 from rounds.shard.lock_events import LockAcquire, LockId, LockRelease, LockRenew
 
 log = logging.getLogger(__name__)
@@ -76,12 +76,13 @@ class Client:
     ws: ServerConnection
     identity: Identity
     session_id: SessionId
-    codec: Codec
+    codec: Codec  # JSON, msgpack, or YJS for a y-websocket client of one room
     last_seen: float  # monotonic seconds of the last frame from the client
     rooms: dict[ResourceId, Join] = field(default_factory=dict)
     joining: set[ResourceId] = field(default_factory=set)  # joins sent, RESOURCE_STATE not yet back
     lock_rooms: dict[ResourceId, ResourceId] = field(default_factory=dict)  # lock resource -> its room
     close_reason: str = "disconnected"
+    yjs_resource: ResourceId | None = None  # the room of a y-websocket client
 
 
 class FrontDoor:
@@ -181,7 +182,7 @@ class FrontDoor:
         if url.path == "/health":
             body = await self.health()
             return _json_response(connection, 503 if body["status"] == "down" else 200, body)
-        if url.path != "/ws":
+        if url.path != "/ws" and resource_from_path(url.path) is None:
             return _json_response(connection, 404, {"type": "NOT_FOUND", "data": {"path": url.path}})
         remote = _remote(connection)
         if self.draining or len(self.clients) + len(self._accepting) >= self.settings.max_connections_per_frontdoor:
@@ -206,8 +207,10 @@ class FrontDoor:
 
     async def _handle(self, ws: ServerConnection) -> None:
         identity: Identity = ws.rounds_identity  # type: ignore[attr-defined]
+        yjs_resource = resource_from_path(urlsplit(ws.request.path).path) if ws.request is not None else None
         client = Client(conn_id(self.index, next(self._counter)), ws, identity,
-                        SessionId(uuid.uuid4().hex), codec_for(ws.subprotocol), time.monotonic())
+                        SessionId(uuid.uuid4().hex), YJS if yjs_resource else codec_for(ws.subprotocol),
+                        time.monotonic(), yjs_resource=yjs_resource)
         self.clients[client.conn] = client
         self._accepting.discard(ws)
         user = UserId(identity.user_id)
@@ -218,18 +221,22 @@ class FrontDoor:
             log.exception("%s: session store failed on open; continuing without it", self.name)
         self._audit("USER_CONNECTED", client, details={"role": identity.role, "remote": _remote(ws),
                                                         "subprotocol": client.codec.name})
-        self._send(client, MessageType.CONNECTED, {
-            "sessionId": client.session_id,
-            "userId": identity.user_id,
-            "username": identity.username,
-            "role": identity.role,
-            "heartbeatIntervalMs": self.settings.heartbeat_interval_ms,
-            "idleTimeoutMs": self.settings.idle_timeout_ms,
-        })
+        if yjs_resource is not None:
+            self._yjs_join(client, yjs_resource)
+        else:
+            self._send(client, MessageType.CONNECTED, {
+                "sessionId": client.session_id,
+                "userId": identity.user_id,
+                "username": identity.username,
+                "role": identity.role,
+                "heartbeatIntervalMs": self.settings.heartbeat_interval_ms,
+                "idleTimeoutMs": self.settings.idle_timeout_ms,
+            })
+        on_frame = self._on_yjs_frame if yjs_resource is not None else self._on_frame
         try:
             async for frame in ws:
                 client.last_seen = time.monotonic()
-                await self._on_frame(client, frame)
+                await on_frame(client, frame)
         except ConnectionClosed:
             pass
         finally:
@@ -250,6 +257,8 @@ class FrontDoor:
                     self._leave(client, request)
                 case ResourceUpdate():
                     self._update(client, request)
+                case AwarenessUpdate():
+                    self._awareness(client, request)
                 case LockAcquireRequest():
                     self._lock_acquire(client, request)
                 case LockRenewRequest() | LockReleaseRequest():
@@ -283,7 +292,7 @@ class FrontDoor:
                                 f"at most {self.settings.max_rooms_per_connection} rooms per connection", req.ref)
         identity = client.identity
         join = Join(client.conn, req.ref, UserId(identity.user_id), identity.username, client.session_id,
-                    rid, req.resource_type, req.mode, joined_at_ms=now_ms())
+                    rid, req.resource_type, req.mode, joined_at_ms=now_ms(), state_vector=req.state_vector)
         if not self._to_shard(rid, join):
             raise ProtocolError(ErrorCode.UNAVAILABLE, "the shard for this resource is unavailable; retry", req.ref)
         client.rooms[rid] = join
@@ -310,15 +319,61 @@ class FrontDoor:
                 ErrorCode.PERMISSION_DENIED, "viewers may not update the document",
                 resourceId=req.resource_id, mode=join.mode), req.ref)
             return
-        if req.lock_resource_id is not None and req.fencing_token is not None:
-            # Fenced (issue 3): the lock's shard says whether the token is live.
+        if req.lock_resource_id is not None:
+            # Fenced (issue 3): the document's shard checks the token, so the
+            # lock must live there too (its room is this document's family).
             room = client.lock_rooms.get(req.lock_resource_id, req.resource_id)
-            check = CheckFence(client.conn, req.ref, req.resource_id, req.lock_resource_id, req.fencing_token)
-            if not self._to_shard(room, check):
-                raise ProtocolError(ErrorCode.UNAVAILABLE, "the shard for this lock is unavailable; retry", req.ref)
+            if self.links.route(room) != self.links.route(req.resource_id):
+                raise ProtocolError(ErrorCode.BAD_REQUEST, "a fenced update must name a lock taken in this "
+                                    "document's room (or its family)", req.ref)
+        update = DocUpdate(client.conn, req.ref, req.resource_id, req.update, True,
+                           req.lock_resource_id, req.fencing_token)
+        if not self._to_shard(req.resource_id, update):
+            raise ProtocolError(ErrorCode.UNAVAILABLE, "the shard for this resource is unavailable; retry", req.ref)
+
+    def _awareness(self, client: Client, req: AwarenessUpdate) -> None:
+        if req.resource_id not in client.rooms:
+            raise ProtocolError(ErrorCode.NOT_JOINED, f"not joined to {req.resource_id}", req.ref)
+        if not self._to_shard(req.resource_id, Awareness(client.conn, req.ref, req.resource_id, req.update)):
+            raise ProtocolError(ErrorCode.UNAVAILABLE, "the shard for this resource is unavailable; retry", req.ref)
+
+    # --- y-websocket clients (issue 4) -------------------------------------------------
+
+    def _yjs_join(self, client: Client, rid: ResourceId) -> None:
+        allowed = self.settings.allowed_modes(client.identity.role)
+        mode = EDITOR if EDITOR in allowed else allowed[0]
+        identity = client.identity
+        join = Join(client.conn, None, UserId(identity.user_id), identity.username, client.session_id,
+                    rid, "document", mode, joined_at_ms=now_ms(), kind="yjs")
+        client.rooms[rid] = join
+        if self._to_shard(rid, join):
+            client.joining.add(rid)
+        else:
+            log.warning("%s: shard for %s unavailable; closing y-websocket conn %d", self.name, rid, client.conn)
+            self._spawn(client.ws.close(1013, "shard unavailable; retry"))
+
+    async def _on_yjs_frame(self, client: Client, frame: str | bytes) -> None:
+        rid = client.yjs_resource
+        assert rid is not None
+        try:
+            if isinstance(frame, bytes) and len(frame) > self.settings.max_update_bytes + 64:
+                raise ValueError(f"frame of {len(frame)} bytes exceeds the update limit")
+            command = command_for(client.conn, rid, YJS.decode(frame))
+        except ValueError as exc:  # YProtocolError included: y-websocket has no error message
+            log.info("%s: dropped a bad y-websocket frame from conn %d (%s): %s",
+                     self.name, client.conn, client.identity.user_id, exc)
             return
-        # TODO(#4): Y.js documents: validate, apply, UPDATE_ACK and relay.
-        raise ProtocolError(ErrorCode.UNSUPPORTED, "document updates are not served yet", req.ref)
+        if command is None or rid not in client.rooms:
+            return
+        if isinstance(command, DocUpdate) and client.rooms[rid].mode != EDITOR:
+            # The y-websocket way: drop it (the client keeps its local edit);
+            # the audit trail and the log say who tried.
+            log.info("%s: dropped an update to %s from viewer %s (y-websocket)",
+                     self.name, rid, client.identity.user_id)
+            self._audit("PERMISSION_DENIED", client, outcome="denied", resource=rid,
+                        details={"action": "update", "mode": client.rooms[rid].mode, "endpoint": "yjs"})
+            return
+        self._to_shard(rid, command)
 
     def _lock_acquire(self, client: Client, req: LockAcquireRequest) -> None:
         # A lock lives on the shard of its room, with the room's members: its
@@ -397,7 +452,20 @@ class FrontDoor:
     # --- sending --------------------------------------------------------------------
 
     def _send(self, client: Client, type_: str, data: dict[str, Any], ref: Any = None) -> None:
-        broadcast((client.ws,), client.codec.encode(type_, data, ref))
+        frame = client.codec.encode(type_, data, ref)
+        if frame is not None:
+            broadcast((client.ws,), frame)
+
+    def _send_yjs(self, client: Client, type_: str, data: dict[str, Any]) -> None:
+        if type_ == MessageType.RESOURCE_STATE:
+            for frame in YJS.greeting(data):
+                broadcast((client.ws,), frame)
+        elif type_ == MessageType.ERROR:
+            log.info("%s: y-websocket conn %d: %s %s", self.name, client.conn, data.get("code"), data.get("message"))
+            if data.get("code") == ErrorCode.UNAVAILABLE and client.yjs_resource not in client.rooms:
+                self._spawn(client.ws.close(1013, "document unavailable; retry"))
+        else:
+            self._send(client, type_, data)
 
     def _on_link_message(self, msg: LinkMessage) -> None:
         match msg:
@@ -405,16 +473,23 @@ class FrontDoor:
                 self._deliver(conns, type_, data)
             case Reply(conn=conn, ref=ref, type=type_, data=data):
                 client = self.clients.get(conn)
-                if client is not None:
-                    if client.joining:
-                        client.joining.discard(data.get("resourceId"))  # type: ignore[arg-type]
+                if client is None:
+                    return
+                if client.joining:
+                    rid = data.get("resourceId")
+                    if rid in client.joining:
+                        client.joining.discard(rid)
+                        if type_ == MessageType.ERROR:  # the join failed (its document could not load)
+                            client.rooms.pop(rid, None)
+                if client.codec is YJS:
+                    self._send_yjs(client, type_, data)
+                else:
                     self._send(client, type_, data, ref)
             case _:
                 log.error("%s: unexpected link message %s", self.name, type(msg).__name__)
 
     def _deliver(self, conns: Iterable[ConnId], type_: str, data: dict[str, Any]) -> None:
-        as_json: list[ServerConnection] = []
-        as_msgpack: list[ServerConnection] = []
+        by_codec: dict[Any, list[ServerConnection]] = {}
         clients = self.clients
         for conn in conns:
             client = clients.get(conn)
@@ -425,11 +500,15 @@ class FrontDoor:
             if transport is not None and transport.get_write_buffer_size() > MAX_CLIENT_BUFFER_BYTES:
                 self._overloaded(client)
                 continue
-            (as_msgpack if client.codec is MSGPACK else as_json).append(ws)
-        if as_json:
-            broadcast(as_json, JSON.encode(type_, data))
-        if as_msgpack:
-            broadcast(as_msgpack, MSGPACK.encode(type_, data))
+            group = by_codec.get(client.codec)
+            if group is None:
+                by_codec[client.codec] = [ws]
+            else:
+                group.append(ws)
+        for codec, group in by_codec.items():
+            frame = codec.encode(type_, data)  # once per codec, whatever the number of recipients
+            if frame is not None:
+                broadcast(group, frame)
 
     def _overloaded(self, client: Client) -> None:
         if client.close_reason != "overloaded":

@@ -25,7 +25,7 @@ def audit_sink(settings: Settings) -> AuditSink:
 def make_shard(index: int, settings: Settings, audit: AuditSink | None = None) -> ShardService:
     return ShardService(ShardId(index), factory.presence_mirror(settings, f"{settings.ray_namespace}/shard-{index}"),
                         audit or audit_sink(settings), factory.lock_store(settings),
-                        settings.lock_ttl_ms, settings.lock_max_ttl_ms)
+                        factory.doc_store(settings), settings)
 
 
 def make_frontdoor(index: int, settings: Settings, audit: AuditSink | None = None) -> FrontDoor:

@@ -23,12 +23,31 @@ from rounds.backends.base import MirrorEvent, PresenceMirror
 from rounds.clock import now_ms
 from rounds.ids import ConnId, FrontDoorId, ShardId, UserId, frontdoor_of
 from rounds.link import Hello, LinkMessage, LinkProtocol
-from rounds.shard.events import CheckFence, Deliver, Disconnect, Event, Join, Leave, MemberGone, MirrorJoin, MirrorLeave, Reply, Sync
+from rounds.shard.events import (
+    Awareness,
+    CheckFence,
+    Deliver,
+    Disconnect,
+    DocSync,
+    DocUpdate,
+    Join,
+    Leave,
+    MemberGone,
+    MirrorJoin,
+    MirrorLeave,
+    Reply,
+    Sync,
+)
+from rounds.backends.docs import DocStore
 from rounds.backends.locks import LockStore
+from rounds.config import Settings
+from rounds.ids import ResourceId
+from rounds.shard.doc_shell import DocShell
+from rounds.shard.presence import Member
 from rounds.shard.lock_events import AuditLock, LockAcquire, LockRelease, LockRenew, RoomBroadcast
 from rounds.shard.lock_shell import LockShell
 from rounds.shard.presence import Presence
-from rounds.wire import MessageType
+from rounds.wire import ErrorCode, MessageType, error_data
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +56,13 @@ MIRROR_QUEUE_MAX = 100_000
 
 class ShardService:
     def __init__(self, index: ShardId, mirror: PresenceMirror, audit: AuditSink, lock_store: LockStore,
-                 lock_ttl_ms: int = 30_000, lock_max_ttl_ms: int = 300_000) -> None:
+                 doc_store: DocStore, settings: Settings) -> None:
         self.index = index
         self.presence = Presence()
-        self.lock_shell = LockShell(f"shard-{index}", lock_store, self.dispatch, lock_ttl_ms, lock_max_ttl_ms)
+        self.lock_shell = LockShell(f"shard-{index}", lock_store, self.dispatch,
+                                    settings.lock_ttl_ms, settings.lock_max_ttl_ms)
+        self.docs = DocShell(f"shard-{index}", doc_store, self.dispatch, self._handle,
+                             lambda room: bool(self.presence.members(room)), settings)
         self.mirror = mirror
         self.audit = audit
         self._links: dict[FrontDoorId, LinkProtocol] = {}
@@ -67,6 +89,7 @@ class ShardService:
         except Exception:  # Redis down: serve anyway; stale mirror keys are named in the runbook
             log.exception("%s: could not reset the presence mirror", self.name)
         await self.lock_shell.start()
+        self.docs.start()
         self._server = await loop.create_server(self._new_link, host, port)
         self._mirror_task = asyncio.create_task(self._mirror_writer(), name=f"{self.name}-mirror")
         sock_host, sock_port = self._server.sockets[0].getsockname()[:2]
@@ -80,6 +103,7 @@ class ShardService:
         for link in list(self._links.values()):
             link.close()
         await self.lock_shell.stop()
+        await self.docs.stop()
         if self._mirror_task is not None:
             await self._drain_mirror()
             self._mirror_task.cancel()
@@ -95,12 +119,14 @@ class ShardService:
             "rooms": len(rooms),
             "members": sum(rooms.values()),
             "locks": [lock.wire() for lock in self.lock_shell.locks.locks()],
+            "documents": self.docs.stats(),
             "mirror": {"backend": self.mirror.name, "queued": len(self._mirror_queue),
                        "dropped": self.mirror_dropped, "failures": self.mirror_failures},
         }
 
     async def health(self) -> dict[str, Any]:
-        return {"shard": self.index, "ok": True, "mirror": await self.mirror.health()}
+        return {"shard": self.index, "ok": True, "mirror": await self.mirror.health(),
+                "documents": await self.docs.store.health()}
 
     # --- links ------------------------------------------------------------------
 
@@ -128,14 +154,68 @@ class ShardService:
                     old.close()
                 self._links[fd] = link
                 log.info("%s: frontdoor-%d linked (epoch %s)", self.name, fd, msg.epoch)
+            case _:
+                self._handle(msg)
+
+    def _handle(self, msg: Any) -> None:
+        """One command from a front door, in order per room: commands of a room
+        whose document is being loaded wait for it (`DocShell.gate`)."""
+        match msg:
+            case Join(restore=False) | DocUpdate() | DocSync():
+                if self.docs.gate(msg.resource_id, msg, needs_document=True):
+                    return
+            case Leave() | Awareness():
+                if self.docs.gate(msg.resource_id, msg, needs_document=False):
+                    return
+            case LockAcquire():
+                if self.docs.gate(msg.room_id, msg, needs_document=False):
+                    return
+            case Disconnect():
+                self.docs.hold_for_gated(msg)
+        match msg:
+            case Join(restore=False):
+                events = self.presence.handle(msg, now_ms())
+                for event in events:
+                    if isinstance(event, Reply) and event.type == MessageType.RESOURCE_STATE and event.conn == msg.conn:
+                        self.docs.fill_state(event.data, msg.state_vector, msg.kind)
+                self.dispatch(events)
             case Join() | Leave() | Disconnect() | Sync():
                 self.dispatch(self.presence.handle(msg, now_ms()))
+            case DocUpdate():
+                self._update(msg)
+            case DocSync():
+                if self._member(msg.conn, msg.resource_id) is not None:
+                    self.docs.sync(msg)
+            case Awareness():
+                if self._member(msg.conn, msg.resource_id) is not None:
+                    self.docs.relay_awareness(msg)
             case LockAcquire() | LockRenew() | LockRelease():
                 self.lock_shell.handle(msg)
             case CheckFence():
                 self._send(frontdoor_of(msg.conn), self.lock_shell.check_fence(msg))
             case _:
                 log.error("%s: unexpected link message %s", self.name, type(msg).__name__)
+
+    def _update(self, msg: DocUpdate) -> None:
+        member = self._member(msg.conn, msg.resource_id)
+        if member is None:
+            self._send(frontdoor_of(msg.conn), Reply(msg.conn, msg.ref, MessageType.ERROR, error_data(
+                ErrorCode.NOT_JOINED, f"not joined to {msg.resource_id}", resourceId=msg.resource_id)))
+            return
+        if msg.fencing_token is not None and msg.lock_resource_id is not None:
+            lock = self.lock_shell.locks.holder(msg.lock_resource_id)
+            if lock is None or lock.fencing_token != msg.fencing_token:
+                # STALE_LOCK, audited, by the lock shell (issue 3)
+                self._send(frontdoor_of(msg.conn), self.lock_shell.check_fence(CheckFence(
+                    msg.conn, msg.ref, msg.resource_id, msg.lock_resource_id, msg.fencing_token)))
+                return
+        self.docs.update(msg, member.user_id)
+
+    def _member(self, conn: ConnId, room: ResourceId) -> Member | None:
+        for member in self.presence.members(room):
+            if member.conn == conn:
+                return member
+        return None
 
     # --- events -----------------------------------------------------------------
 
@@ -156,8 +236,9 @@ class ShardService:
                         self._deliver(conns, type_, data)
                 case MirrorJoin() | MirrorLeave():
                     self._queue_mirror(event)
-                case MemberGone():
+                case MemberGone(conn=conn, resource_id=room):
                     self.lock_shell.handle(event)  # the holder's locks in that room go (issue 3)
+                    self.docs.member_gone(conn, room)  # and its cursors (issue 4)
                 case AuditLock():
                     user = event.user_id if event.user_id is not None else self._user_of(event.conn)
                     self.audit.emit(AuditEvent(

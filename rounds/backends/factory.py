@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from rounds.backends.base import PresenceMirror, SessionStore
+from rounds.backends.docs import DocStore, MemoryDocStore
 from rounds.backends.locks import LockStore, MemoryLockStore
 from rounds.backends.memory import MemoryPresence, MemorySessions
 from rounds.config import Settings
@@ -32,3 +33,11 @@ def lock_store(settings: Settings) -> LockStore:
 
         return RedisLockStore(redis_backend.connect(settings.redis_url))
     return MemoryLockStore()
+
+
+def doc_store(settings: Settings) -> DocStore:
+    if settings.redis_url:
+        from rounds.backends.docs import RedisDocStore, connect_binary
+
+        return RedisDocStore(connect_binary(settings.redis_url))
+    return MemoryDocStore()

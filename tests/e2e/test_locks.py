@@ -26,6 +26,7 @@ from typing import Any
 
 import pytest
 import redis
+from pycrdt import Doc, Text
 
 from rounds.routing import HashRing
 from tests.client import Client, Frame, eventually
@@ -577,16 +578,18 @@ async def test_an_update_fenced_with_a_stale_token_is_refused_with_stale_lock(
     room = f"document:7-{uid}"
     field = f"{room}/field:dose"
     slow, fast = await members(connect, room, f"slow-{uid}", f"fast-{uid}", on=short_gateway)
-    update = base64.b64encode(b"\x01\x00\x01").decode()
+    writer = Doc()
+    writer.get("dose", type=Text).insert(0, "5 mg")
+    update = base64.b64encode(writer.get_update()).decode()
 
     def fenced(token: int) -> dict[str, Any]:
         return {"resourceId": room, "update": update, "lockResourceId": field, "fencingToken": token}
 
     first = await acquire(slow, field, roomId=room)
     token = first.data["fencingToken"]
-    # with the live token the fence passes; the update itself waits for documents (issue 4)
+    # with the live token the fence passes and the update is applied
     live = await slow.request("RESOURCE_UPDATE", fenced(token), ref="u1")
-    assert (live.type, live.ref, live.data["code"]) == ("ERROR", "u1", "UNSUPPORTED")
+    assert (live.type, live.ref, live.data["revision"]) == ("UPDATE_ACK", "u1", 1)
 
     # the slow holder pauses; its lock expires
     await slow.expect("RESOURCE_UNLOCKED", timeout=SHORT_TTL_MS / 1000 + 1.0, resourceId=field)
@@ -604,7 +607,7 @@ async def test_an_update_fenced_with_a_stale_token_is_refused_with_stale_lock(
     record = await short_gateway.wait_audit("LOCK_FENCE_DENIED", userId=f"slow-{uid}", resourceId=field)
     assert record["details"]["fencingToken"] == token
     current = await fast.request("RESOURCE_UPDATE", fenced(second.data["fencingToken"]), ref="u4")
-    assert (current.type, current.data["code"]) == ("ERROR", "UNSUPPORTED")
+    assert (current.type, current.data["revision"]) == ("UPDATE_ACK", 2)
     # a token from the future is no better than an old one
     future = await fast.request("RESOURCE_UPDATE", fenced(second.data["fencingToken"] + 1), ref="u5")
     assert (future.type, future.data["code"]) == ("ERROR", "STALE_LOCK")

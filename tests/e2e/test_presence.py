@@ -94,7 +94,7 @@ async def test_join_resource_as_editor(connect: Connect, rdb: redis.Redis, uid: 
     assert mine["username"] == "usr_001@example.com"
     assert mine["mode"] == "editor"
     assert abs(ms_of(mine["joinedAt"]) - before_ms) < 5_000
-    assert state.data["state"] == ""  # an empty Y.js document, base64 in JSON
+    assert base64.b64decode(state.data["state"]) == b"\x00\x00"  # an empty Y.js update, base64 in JSON
     assert state.data["revision"] == 0
     assert state.data["locks"] == []
 
@@ -460,7 +460,7 @@ async def test_msgpack_and_json_clients_in_one_room_see_each_others_presence(
     packed = await connect(f"packed-{uid}", binary=True)
     assert packed.ws.subprotocol == "rounds.v1.msgpack"
     state = await packed.join(room)
-    assert state.data["state"] == b""  # raw bytes in msgpack
+    assert state.data["state"] == b"\x00\x00"  # an empty Y.js update, raw bytes in msgpack
 
     text = await connect(f"text-{uid}")
     text_state = await text.join(room, "viewer")

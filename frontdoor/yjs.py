@@ -1,0 +1,98 @@
+"""`/yjs/{resourceId}`: the y-websocket protocol for stock Y.js clients (issue 4).
+
+A y-websocket connection is one member of one room. The front door joins it
+on connect (as an editor if the role may edit, else as a viewer), turns its
+frames into the same shard commands as `/ws` (`DocSync`, `DocUpdate` without
+an ack, `Awareness`) and turns what the shard sends into y-websocket frames
+with `YjsCodec`, which stands beside the JSON and msgpack codecs of `/ws`:
+shards know nothing of it. Presence and lock events have no y-websocket
+form; such a client sees the others through awareness.
+
+The stock server's habits are kept where clients rely on them: on connect
+the server sends its sync step 1 (the client answers with step 2, i.e. what
+the server lacks) and the room's awareness; awareness is echoed to its
+sender too (y-websocket clients reconnect after 30 s without a message).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import unquote
+
+from rounds.ids import ConnId, ResourceId
+from rounds.shard.doc_shell import SYNC_STEP2
+from rounds.shard.events import Awareness, DocSync, DocUpdate
+from rounds.wire import MAX_RESOURCE_ID_CHARS, MessageType
+from rounds.yproto import (
+    AwarenessMessage,
+    QueryAwareness,
+    SyncStep1,
+    SyncStep2,
+    SyncUpdate,
+    YMessage,
+    awareness_message,
+    decode_message,
+    sync_step1,
+    sync_step2,
+    sync_update,
+)
+
+PATH_PREFIX = "/yjs/"
+SUBPROTOCOL_YJS = "y-websocket"  # our name for it in audit records; the client offers none
+
+
+def resource_from_path(path: str) -> ResourceId | None:
+    """`/yjs/document:999/tab:notes` -> `document:999/tab:notes` (percent-decoded)."""
+    if not path.startswith(PATH_PREFIX):
+        return None
+    resource = unquote(path[len(PATH_PREFIX):])
+    if not resource or len(resource) > MAX_RESOURCE_ID_CHARS:
+        return None
+    return ResourceId(resource)
+
+
+class YjsCodec:
+    """Shard events -> y-websocket frames; None for what it cannot carry."""
+
+    name = SUBPROTOCOL_YJS
+    binary_as_base64 = False
+
+    def encode(self, type_: str, data: dict[str, Any], ref: Any = None) -> bytes | None:
+        frame = _FRAMES.get(type_)
+        return None if frame is None else frame(data["update"])
+
+    def greeting(self, data: dict[str, Any]) -> list[bytes]:
+        """What a joined y-websocket client gets first: our sync step 1 and the
+        room's awareness."""
+        frames = [sync_step1(data["stateVector"])]
+        if data.get("awareness"):
+            frames.append(awareness_message(data["awareness"]))
+        return frames
+
+    def decode(self, frame: str | bytes) -> YMessage:
+        if isinstance(frame, str):
+            raise ValueError("text frame on a y-websocket connection")
+        return decode_message(frame)
+
+
+_FRAMES = {
+    MessageType.RESOURCE_UPDATE: sync_update,
+    MessageType.AWARENESS_UPDATE: awareness_message,
+    SYNC_STEP2: sync_step2,
+}
+
+YJS = YjsCodec()
+
+
+def command_for(conn: ConnId, resource: ResourceId, message: YMessage) -> DocSync | DocUpdate | Awareness | None:
+    """The shard command for one decoded y-websocket message (None: nothing to do)."""
+    match message:
+        case SyncStep1(state_vector=vector):
+            return DocSync(conn, resource, vector)
+        case SyncStep2(update=update) | SyncUpdate(update=update):
+            return DocUpdate(conn, None, resource, update, ack=False)
+        case AwarenessMessage(update=update):
+            return Awareness(conn, None, resource, update)
+        case QueryAwareness():
+            return Awareness(conn, None, resource, b"")
+    return None  # auth messages: the token was checked before the upgrade

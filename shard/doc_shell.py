@@ -1,0 +1,322 @@
+"""The documents' asyncio shell inside a shard (issue 4).
+
+Around the in-memory `Documents` and each room's `RoomAwareness`:
+
+- **Loading.** A room's document is read from the `DocStore` before its first
+  use. Until it is in memory, the room's commands wait in arrival order
+  (`gate`); a failed load answers the waiting joins and updates with
+  `UNAVAILABLE` and lets the rest through, and the next use tries again.
+  Nothing is ever served from an empty document that the store might hold.
+- **Updates.** Applied in memory at once and relayed to the room at once;
+  appended to the store's log by one writer task per room, in order, in
+  batches; `UPDATE_ACK` goes out only after the append returned. So an
+  acknowledged update survives a crash of this process. A store that fails
+  is retried with back-off while acks wait; past `MAX_UNWRITTEN` waiting
+  updates a room refuses new ones with `UNAVAILABLE` instead of applying them.
+- **Snapshots.** `doc_snapshot_delay_ms` after a change, or once
+  `doc_log_max_entries` updates wait in the log, the writer stores the whole
+  state as the snapshot and trims the log it covers; again at shutdown.
+- **Unloading.** A document no member has and nobody used for
+  `doc_idle_unload_ms` is snapshotted and leaves memory (with its awareness).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from rounds.backends.docs import DocStore
+from rounds.clock import now_ms
+from rounds.config import Settings
+from rounds.ids import ConnId, ResourceId, UserId
+from rounds.shard.awareness import RoomAwareness
+from rounds.shard.documents import Documents, DocumentError
+from rounds.shard.events import Awareness, DocSync, DocUpdate, Join, Reply
+from rounds.shard.lock_events import RoomBroadcast
+from rounds.wire import ErrorCode, MessageType, error_data
+from rounds.yproto import YProtocolError
+
+log = logging.getLogger(__name__)
+
+STORE_TIMEOUT_S = 5.0
+MAX_UNWRITTEN = 10_000  # updates of one room applied but not yet in the store
+SYNC_STEP2 = "SYNC_STEP2"  # internal reply type: a y-websocket client's missing part
+
+
+@dataclass(slots=True)
+class _Pending:
+    revision: int
+    update: bytes
+    conn: ConnId
+    ref: Any
+    ack: bool
+
+
+class DocShell:
+    def __init__(self, name: str, store: DocStore, dispatch: Callable[[list[Any]], None],
+                 replay: Callable[[Any], None], has_members: Callable[[ResourceId], bool],
+                 settings: Settings) -> None:
+        self.name = name
+        self.store = store
+        self.documents = Documents(settings.max_update_bytes, settings.max_document_bytes)
+        self.awareness: dict[ResourceId, RoomAwareness] = {}
+        self._dispatch = dispatch
+        self._replay = replay
+        self._has_members = has_members
+        self._snapshot_delay_s = settings.doc_snapshot_delay_ms / 1000
+        self._log_max_entries = settings.doc_log_max_entries
+        self._idle_ms = settings.doc_idle_unload_ms
+        self._gated: dict[ResourceId, list[Any]] = {}  # rooms being loaded -> their waiting commands
+        self._unwritten: dict[ResourceId, deque[_Pending]] = {}
+        self._logged: dict[ResourceId, int] = {}  # log entries since the last snapshot
+        self._snapshot_due: set[ResourceId] = set()
+        self._snapshot_timers: dict[ResourceId, asyncio.TimerHandle] = {}
+        self._writers: dict[ResourceId, asyncio.Task[None]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._sweeper: asyncio.Task[None] | None = None
+        self.store_failures = 0
+        self.refused_unwritten = 0
+
+    # --- lifecycle ------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._sweeper = asyncio.create_task(self._sweep(), name=f"{self.name}-doc-sweeper")
+
+    async def stop(self) -> None:
+        """Write every unwritten update and snapshot every changed document."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        for timer in self._snapshot_timers.values():
+            timer.cancel()
+        self._snapshot_timers.clear()
+        for room in self.documents.rooms():
+            if self._logged.get(room) or self._unwritten.get(room):
+                self._snapshot_due.add(room)
+                self._kick(room)
+        writers = list(self._writers.values())
+        if writers:
+            done, pending = await asyncio.wait(writers, timeout=2 * STORE_TIMEOUT_S)
+            if pending:
+                log.error("%s: %d documents not saved at shutdown (store unreachable)", self.name, len(pending))
+                for task in pending:
+                    task.cancel()
+        await self.store.aclose()
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "backend": self.store.name,
+            "loaded": len(self.documents),
+            "unwritten": sum(len(q) for q in self._unwritten.values()),
+            "storeFailures": self.store_failures,
+        }
+
+    # --- the gate ---------------------------------------------------------------------
+
+    def gate(self, room: ResourceId, msg: Any, needs_document: bool) -> bool:
+        """Hold `msg` back while `room`'s document is being loaded (and start
+        loading it if `msg` needs it). True if held: it is replayed later."""
+        waiting = self._gated.get(room)
+        if waiting is not None:
+            waiting.append(msg)
+            return True
+        if not needs_document or room in self.documents:
+            return False
+        self._gated[room] = [msg]
+        task = asyncio.create_task(self._load(room), name=f"{self.name}-load")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return True
+
+    def hold_for_gated(self, msg: Any) -> None:
+        """A command about every room of a connection (a disconnect): it must
+        also run after whatever that connection has waiting."""
+        for waiting in self._gated.values():
+            waiting.append(msg)
+
+    async def _load(self, room: ResourceId) -> None:
+        try:
+            async with asyncio.timeout(STORE_TIMEOUT_S):
+                stored = await self.store.load(room)
+            self.documents.load(room, stored.snapshot, stored.revision, stored.log, now_ms())
+            self._logged[room] = len(stored.log)
+            loaded = True
+        except Exception:
+            log.exception("%s: could not load document %s; its joins and updates get UNAVAILABLE", self.name, room)
+            self.store_failures += 1
+            loaded = False
+        for msg in self._gated.pop(room):
+            if loaded or not isinstance(msg, (Join, DocUpdate, DocSync)):
+                self._replay(msg)
+            elif not isinstance(msg, DocSync):  # a y-websocket client resyncs when it reconnects
+                self._dispatch([Reply(msg.conn, msg.ref, MessageType.ERROR, error_data(
+                    ErrorCode.UNAVAILABLE, "the document store is unavailable; retry", resourceId=room))])
+
+    # --- the client's operations ------------------------------------------------------
+
+    def fill_state(self, data: dict[str, Any], state_vector: bytes | None, kind: str) -> None:
+        """Complete a `RESOURCE_STATE`: the document (what the joiner lacks),
+        its state vector and revision, and the room's awareness."""
+        room = data["resourceId"]
+        try:
+            missing, server_vector, revision = self.documents.state(room, state_vector, now_ms())
+        except DocumentError:  # a bad state vector: send everything instead
+            missing, server_vector, revision = self.documents.state(room, None, now_ms())
+        data["state"] = missing if kind == "ws" else b""
+        data["stateVector"] = server_vector
+        data["revision"] = revision
+        awareness = self.awareness.get(room)
+        data["awareness"] = awareness.snapshot() if awareness is not None else None
+
+    def update(self, msg: DocUpdate, user_id: UserId | None) -> None:
+        room = msg.resource_id
+        if len(self._unwritten.get(room, ())) >= MAX_UNWRITTEN:
+            self.refused_unwritten += 1
+            self._reply_error(msg, ErrorCode.UNAVAILABLE, "the document store is behind; retry later")
+            return
+        try:
+            applied = self.documents.apply(room, msg.update, now_ms())
+        except DocumentError as exc:
+            log.info("%s: refused an update to %s from conn %d: %s", self.name, room, msg.conn, exc.message)
+            self._reply_error(msg, exc.code, exc.message)
+            return
+        self._dispatch([RoomBroadcast(room, msg.conn, MessageType.RESOURCE_UPDATE, {
+            "resourceId": room, "update": msg.update, "userId": user_id, "revision": applied.revision})])
+        self._unwritten.setdefault(room, deque()).append(
+            _Pending(applied.revision, msg.update, msg.conn, msg.ref, msg.ack))
+        self._kick(room)
+        self._schedule_snapshot(room)
+
+    def sync(self, msg: DocSync) -> None:
+        """A y-websocket client's sync step 1: reply with what it lacks."""
+        try:
+            missing, _, revision = self.documents.state(msg.resource_id, msg.state_vector, now_ms())
+        except DocumentError as exc:
+            log.info("%s: bad sync step 1 from conn %d: %s", self.name, msg.conn, exc.message)
+            missing, _, revision = self.documents.state(msg.resource_id, None, now_ms())
+        self._dispatch([Reply(msg.conn, None, SYNC_STEP2, {
+            "resourceId": msg.resource_id, "update": missing, "revision": revision})])
+
+    def relay_awareness(self, msg: Awareness) -> None:
+        room = msg.resource_id
+        awareness = self.awareness.setdefault(room, RoomAwareness())
+        if not msg.update:  # y-websocket's query: everyone's current states
+            snapshot = awareness.snapshot()
+            if snapshot:
+                self._dispatch([Reply(msg.conn, msg.ref, MessageType.AWARENESS_UPDATE,
+                                      {"resourceId": room, "update": snapshot})])
+            return
+        try:
+            accepted = awareness.apply(msg.conn, msg.update)
+        except YProtocolError as exc:
+            self._reply_error(msg, ErrorCode.BAD_REQUEST, f"not an awareness update: {exc}")
+            return
+        if accepted:
+            self._dispatch([RoomBroadcast(room, msg.conn, MessageType.AWARENESS_UPDATE,
+                                          {"resourceId": room, "update": accepted})])
+
+    def member_gone(self, conn: ConnId, room: ResourceId) -> None:
+        """A connection left the room: its cursors go from everyone's screen."""
+        awareness = self.awareness.get(room)
+        if awareness is None:
+            return
+        removed = awareness.remove_conn(conn)
+        if removed:
+            self._dispatch([RoomBroadcast(room, conn, MessageType.AWARENESS_UPDATE,
+                                          {"resourceId": room, "update": removed})])
+        if not len(awareness):
+            del self.awareness[room]
+
+    def _reply_error(self, msg: DocUpdate | Awareness, code: ErrorCode, message: str) -> None:
+        self._dispatch([Reply(msg.conn, msg.ref, MessageType.ERROR,
+                              error_data(code, message, resourceId=msg.resource_id))])
+
+    # --- the writer: log, acks, snapshots, unloads --------------------------------------
+
+    def _kick(self, room: ResourceId) -> None:
+        if room not in self._writers:
+            task = asyncio.create_task(self._write(room), name=f"{self.name}-doc-writer")
+            self._writers[room] = task
+            task.add_done_callback(lambda _t, room=room: self._writers.pop(room, None))
+
+    def _schedule_snapshot(self, room: ResourceId) -> None:
+        if self._logged.get(room, 0) + len(self._unwritten.get(room, ())) >= self._log_max_entries:
+            self._snapshot_due.add(room)
+            return
+        if room not in self._snapshot_timers:
+            self._snapshot_timers[room] = asyncio.get_running_loop().call_later(
+                self._snapshot_delay_s, self._snapshot_timer, room)
+
+    def _snapshot_timer(self, room: ResourceId) -> None:
+        self._snapshot_timers.pop(room, None)
+        self._snapshot_due.add(room)
+        self._kick(room)
+
+    async def _write(self, room: ResourceId) -> None:
+        """One per room at a time: appends, then acks, then a snapshot if due,
+        so the store sees this room's writes in order."""
+        delay = 0.1
+        while True:
+            queue = self._unwritten.get(room)
+            if queue:
+                batch = list(queue)
+                try:
+                    async with asyncio.timeout(STORE_TIMEOUT_S):
+                        await self.store.append(room, [(p.revision, p.update) for p in batch])
+                except Exception:
+                    self.store_failures += 1
+                    log.exception("%s: could not append %d updates of %s; retrying in %.1fs (acks wait)",
+                                  self.name, len(batch), room, delay)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 2.0)
+                    continue
+                delay = 0.1
+                for _ in batch:
+                    queue.popleft()
+                self._logged[room] = self._logged.get(room, 0) + len(batch)
+                self._dispatch([Reply(p.conn, p.ref, MessageType.UPDATE_ACK,
+                                      {"resourceId": room, "revision": p.revision}) for p in batch if p.ack])
+                continue
+            self._unwritten.pop(room, None)
+            if room in self._snapshot_due and room in self.documents:
+                if not await self._snapshot(room):
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 2.0)
+                    continue
+            return
+
+    async def _snapshot(self, room: ResourceId) -> bool:
+        state, revision = self.documents.encode(room)
+        covered = self._logged.get(room, 0)
+        try:
+            async with asyncio.timeout(STORE_TIMEOUT_S):
+                await self.store.compact(room, state, revision, covered)
+        except Exception:
+            self.store_failures += 1
+            log.exception("%s: could not snapshot %s (revision %d); retrying", self.name, room, revision)
+            return False
+        self._logged[room] = self._logged.get(room, 0) - covered
+        self._snapshot_due.discard(room)
+        return True
+
+    async def _sweep(self) -> None:
+        period = max(0.05, min(self._idle_ms / 4000, 30.0))
+        while True:
+            await asyncio.sleep(period)
+            for room in self.documents.idle(now_ms(), self._idle_ms):
+                if self._has_members(room) or room in self._writers or room in self._gated:
+                    continue
+                if self._logged.get(room) or self._unwritten.get(room):
+                    self._snapshot_due.add(room)
+                    self._kick(room)  # unloaded on a later sweep, once saved
+                    continue
+                self.documents.unload(room)
+                self._logged.pop(room, None)
+                self.awareness.pop(room, None)
+                timer = self._snapshot_timers.pop(room, None)
+                if timer is not None:
+                    timer.cancel()
+
