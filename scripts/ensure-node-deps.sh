@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Install the npm dependencies of the Node.js interop tests, if there are any.
 #
-# If tests/interop/package.json exists and tests/interop/node_modules does
-# not, run `npm ci` there (or `npm install` when there is no lock file).
-# Otherwise do nothing. Called by `make node-deps` (not by `make test` yet).
+# If tests/interop/package.json exists and tests/interop/node_modules is
+# missing or was installed from another package-lock.json (a copy of the lock
+# it came from is kept in node_modules), run `npm ci` there (or `npm install`
+# when there is no lock file). Otherwise do nothing. Called by
+# `make node-deps` (not by `make test` yet).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -13,7 +15,8 @@ if [ ! -f "$dir/package.json" ]; then
     echo "[node-deps] no $dir/package.json: nothing to do"
     exit 0
 fi
-if [ -d "$dir/node_modules" ]; then
+stamp=node_modules/.rounds-installed-from-lock
+if [ -d "$dir/node_modules" ] && { [ ! -f "$dir/package-lock.json" ] || cmp -s "$dir/package-lock.json" "$dir/$stamp"; }; then
     echo "[node-deps] $dir/node_modules already present"
     exit 0
 fi
@@ -26,6 +29,7 @@ cd "$dir"
 if [ -f package-lock.json ] || [ -f npm-shrinkwrap.json ]; then
     echo "[node-deps] npm ci in $dir"
     npm ci --no-audit --no-fund
+    if [ -f package-lock.json ]; then cp package-lock.json "$stamp"; fi
 else
     echo "[node-deps] npm install in $dir (no lock file)"
     npm install --no-audit --no-fund
