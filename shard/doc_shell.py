@@ -238,9 +238,7 @@ class DocShell:
 
     def _kick(self, room: ResourceId) -> None:
         if room not in self._writers:
-            task = asyncio.create_task(self._write(room), name=f"{self.name}-doc-writer")
-            self._writers[room] = task
-            task.add_done_callback(lambda _t, room=room: self._writers.pop(room, None))
+            self._writers[room] = asyncio.create_task(self._write(room), name=f"{self.name}-doc-writer")
 
     def _schedule_snapshot(self, room: ResourceId) -> None:
         if self._logged.get(room, 0) + len(self._unwritten.get(room, ())) >= self._log_max_entries:
@@ -257,7 +255,16 @@ class DocShell:
 
     async def _write(self, room: ResourceId) -> None:
         """One per room at a time: appends, then acks, then a snapshot if due,
-        so the store sees this room's writes in order."""
+        so the store sees this room's writes in order. It leaves `_writers`
+        in the same step as it finds nothing left to do, so an update that
+        comes after always starts a new writer (a done-callback would run a
+        loop iteration later, after uvloop may already have read that update)."""
+        try:
+            await self._write_until_done(room)
+        finally:
+            self._writers.pop(room, None)
+
+    async def _write_until_done(self, room: ResourceId) -> None:
         delay = 0.1
         while True:
             queue = self._unwritten.get(room)
