@@ -3,8 +3,9 @@
 The vocabulary between `rounds.shard.locks` (pure) and its shell: requests
 from clients (`LockAcquire`, `LockRenew`, `LockRelease`), results the shell
 feeds back from the lock store (`GrantStored`, `GrantRefused`, `GrantFailed`,
-`LockLost`), and what the machine asks for in return: replies, room
-broadcasts, store requests and audit records. `MemberGone` (from presence) is
+`LockLost`), live locks a restarted shard finds in the store (`LockAdopt`),
+and what the machine asks for in return: replies, room broadcasts, store
+requests and audit records. `MemberGone` (from presence) is
 also accepted; it lives in `rounds.shard.events` with the other shard events.
 
 Nothing in this module does I/O.
@@ -113,7 +114,27 @@ class LockLost:
     lock_id: LockId
 
 
-LockCommand = LockAcquire | LockRenew | LockRelease | GrantStored | GrantRefused | GrantFailed | LockLost | MemberGone
+@dataclass(frozen=True, slots=True)
+class LockAdopt:
+    """A live lock found in the store when the shard starts: granted by this
+    shard's previous life, for a room it owns. Its holder's connection may
+    come back (front doors keep their clients across a shard restart), so
+    the machine holds it as if it had granted it: the holder can renew and
+    release it, and it expires on time with the room told "expired"."""
+
+    resource_id: ResourceId
+    lock_id: LockId
+    conn: ConnId
+    user_id: UserId
+    room_id: ResourceId
+    ttl_ms: int  # what a renew extends to
+    acquired_at_ms: int
+    expires_at_ms: int  # now + the store's remaining TTL
+    fencing_token: int
+
+
+LockCommand = (LockAcquire | LockRenew | LockRelease | GrantStored | GrantRefused | GrantFailed | LockLost
+               | LockAdopt | MemberGone)
 
 # --- events (machine -> shell) ----------------------------------------------------
 
@@ -132,7 +153,8 @@ class RoomBroadcast:
 @dataclass(frozen=True, slots=True)
 class StoreGrant:
     """Ask the store for the lock (seed: `SET lock:{id} {userId} PX ttl NX` and
-    the metadata hash); answer with GrantStored, GrantRefused or GrantFailed."""
+    the metadata hash); answer with GrantStored, GrantRefused or GrantFailed.
+    `conn` and `room_id` are stored with it so a restarted shard can adopt it."""
 
     resource_id: ResourceId
     lock_id: LockId
@@ -140,6 +162,8 @@ class StoreGrant:
     ttl_ms: int
     acquired_at_ms: int
     expires_at_ms: int
+    conn: ConnId
+    room_id: ResourceId
     lock_type: str = EXCLUSIVE
 
 
@@ -157,11 +181,17 @@ class StoreRenew:
 
 @dataclass(frozen=True, slots=True)
 class StoreRelease:
-    """Delete the lock's keys if the store still has this lock id (no answer)."""
+    """Delete the lock's keys if the store still has this lock id (no answer).
+
+    An expiry sets `expires_at_ms`, the expiry this machine last stored with
+    the lock: the keys go only if the store still says so. If it does not,
+    the lock was renewed somewhere else (a shard that adopted it wrongly, or
+    two gateways on one Redis), and that holder's lock must survive."""
 
     resource_id: ResourceId
     lock_id: LockId
     user_id: UserId
+    expires_at_ms: int | None = None
 
 
 StoreRequest = StoreGrant | StoreRenew | StoreRelease
@@ -173,6 +203,7 @@ _AUDIT_DONE = {
     "renew": "LOCK_RENEWED",
     "release": "LOCK_RELEASED",
     "expire": "LOCK_EXPIRED",
+    "adopt": "LOCK_ADOPTED",
 }
 
 
@@ -181,7 +212,7 @@ class AuditLock:
     """An audit record for a lock step (seed BE-001.3: "an audit log should
     record the lock acquisition / renewal / release")."""
 
-    action: str  # acquire | deny | renew | release | expire
+    action: str  # acquire | deny | renew | release | expire | adopt
     resource_id: ResourceId
     user_id: UserId | None
     lock_id: LockId | None

@@ -7,6 +7,11 @@ armed for the next expiry, so a lock nobody asks about still expires on time
 and its room hears `RESOURCE_UNLOCKED "expired"`. Replies, room broadcasts
 and audit records go to the shard's `dispatch`.
 
+On `start()` the shell adopts the live locks the store holds for rooms this
+shard owns (a restart: Ray brought the actor back with empty memory, the
+front doors kept the holders' connections), so they can still be renewed
+and released and are announced "expired" when their time comes.
+
 Store requests of one resource run in order, one at a time (`_queue`); the
 machine keeps each queue short, since it denies acquires while a grant is
 pending. A store call that takes longer than `STORE_TIMEOUT_S` counts as
@@ -26,6 +31,7 @@ from rounds.backends.locks import LockStore, perform
 from rounds.clock import now_ms
 from rounds.ids import ResourceId
 from rounds.shard.lock_events import (
+    LockAdopt,
     LockCommand,
     LockEvent,
     StoreGrant,
@@ -41,12 +47,22 @@ from rounds.wire import ErrorCode, MessageType, error_data
 log = logging.getLogger(__name__)
 
 STORE_TIMEOUT_S = 2.0
+ADOPT_TIMEOUT_S = 10.0  # listing live locks at start; past it, the rest end at their store TTL
+
+
+def _owns_everything(room: ResourceId) -> bool:
+    return True
 
 
 class LockShell:
     def __init__(self, name: str, store: LockStore, dispatch: Callable[[list[Any]], None],
-                 default_ttl_ms: int, max_ttl_ms: int) -> None:
+                 default_ttl_ms: int, max_ttl_ms: int,
+                 owns: Callable[[ResourceId], bool] = _owns_everything) -> None:
+        """`owns(room)`: whether this shard owns the room (the hash ring's
+        answer); only those rooms' locks are adopted on `start()`. The default
+        suits a gateway of one shard."""
         self.name = name
+        self._owns = owns
         self.store = store
         self.locks = Locks(lambda: uuid.uuid4().hex, default_ttl_ms=default_ttl_ms, max_ttl_ms=max_ttl_ms)
         self._dispatch = dispatch
@@ -131,7 +147,26 @@ class LockShell:
         self._emit(self.locks.expire(now_ms()))
 
     async def start(self) -> None:
-        """Called once when the shard starts, before front doors link."""
+        """Adopt the store's live locks of rooms this shard owns. Called once
+        when the shard starts, before front doors link. A store that fails or
+        is slow only costs adoption: the locks left out end at their store TTL,
+        and others are refused until then, as before the restart."""
+        offered = skipped = 0
+        try:
+            async with asyncio.timeout(ADOPT_TIMEOUT_S):
+                async for held in self.store.held_locks():
+                    if not self._owns(held.room_id):
+                        skipped += 1
+                        continue
+                    self.handle(LockAdopt(held.resource_id, held.lock_id, held.conn, held.user_id, held.room_id,
+                                          held.ttl_ms, held.acquired_at_ms, held.expires_at_ms,
+                                          held.fencing_token))
+                    offered += 1
+        except Exception:  # logged with its stack; the shard serves without the rest
+            log.exception("%s: listing live locks failed after %d", self.name, offered)
+        if offered or skipped:
+            log.info("%s: adopted %d live locks (%d in other shards' rooms left alone)",
+                     self.name, len(self.locks.locks()), skipped)
 
     async def stop(self) -> None:
         if self._timer is not None:

@@ -18,6 +18,11 @@ a bug and raises `LockStateError` (h11's split: a client's mistake gets an
 answer, ours an exception). A pending grant has no deadline of its own: the
 shell answers every `StoreGrant` exactly once (a timeout is a `GrantFailed`).
 
+A restarted shard adopts the live locks of its rooms that the store still
+holds (`LockAdopt`): they are held as if granted here, so the holder can
+renew and release them and they expire on time. Renewals are announced too:
+the room hears `RESOURCE_LOCKED` again with the new `expiresAt`.
+
 Presence stays out: the shell checks membership, fills `mode` from the
 member, turns `RoomBroadcast` into `Deliver`, and passes presence's
 `MemberGone` events on so a holder's locks go when it leaves the room.
@@ -42,6 +47,7 @@ from rounds.shard.lock_events import (
     GrantRefused,
     GrantStored,
     LockAcquire,
+    LockAdopt,
     LockCommand,
     LockErrorCode,
     LockEvent,
@@ -184,6 +190,8 @@ class Locks:
                 events.extend(self._member_gone(command))
             case LockLost():
                 events.extend(self._lost(command))
+            case LockAdopt():
+                events.extend(self._adopt(command, now_ms))
             case _:
                 raise TypeError(f"not a lock command: {command!r}")
         return events
@@ -198,7 +206,8 @@ class Locks:
             entry = heapq.heappop(self._deadlines)
             if self._due_entry_is_current(entry):
                 lock = self._locks[entry[1]]
-                events.extend(self._drop(lock, UnlockReason.EXPIRED, "expire", {"expiresAt": iso_ms(lock.expires_at_ms)}))
+                events.extend(self._drop(lock, UnlockReason.EXPIRED, "expire", {"expiresAt": iso_ms(lock.expires_at_ms)},
+                                         if_expires_at_ms=lock.expires_at_ms))
         return events
 
     # --- acquire and the store's answers ----------------------------------------
@@ -222,7 +231,7 @@ class Locks:
         lock = Lock(rid, lock_id, cmd.conn, cmd.user_id, cmd.room_id or rid, ttl_ms, now_ms, now_ms + ttl_ms,
                     ref=cmd.ref)
         self._add(lock)
-        return [StoreGrant(rid, lock_id, cmd.user_id, ttl_ms, now_ms, lock.expires_at_ms)]
+        return [StoreGrant(rid, lock_id, cmd.user_id, ttl_ms, now_ms, lock.expires_at_ms, cmd.conn, lock.room_id)]
 
     def _stored(self, cmd: GrantStored, now_ms: int) -> list[LockEvent]:
         lock = self._pending(cmd.resource_id, cmd.lock_id)
@@ -302,6 +311,8 @@ class Locks:
         return [
             Reply(cmd.conn, cmd.ref, LockMessage.LOCK_RENEWED, {
                 "resourceId": renewed.resource_id, "lockId": renewed.lock_id, "expiresAt": expires_at}),
+            # the others' views show when it now ends (RESOURCE_LOCKED again, same shape)
+            RoomBroadcast(renewed.room_id, cmd.conn, LockMessage.RESOURCE_LOCKED, renewed.wire()),
             StoreRenew(renewed.resource_id, renewed.lock_id, renewed.user_id, renewed.ttl_ms, renewed.expires_at_ms),
             AuditLock("renew", renewed.resource_id, renewed.user_id, renewed.lock_id, "ok",
                       {"expiresAt": expires_at, "ttlMs": renewed.ttl_ms}, cmd.conn),
@@ -353,16 +364,50 @@ class Locks:
             return []  # already gone here too (released or expired meanwhile)
         return self._drop(lock, UnlockReason.EXPIRED, "expire", {"cause": "store"})
 
+    # --- adoption ----------------------------------------------------------------------
+
+    def _adopt(self, cmd: LockAdopt, now_ms: int) -> list[LockEvent]:
+        """Hold a live lock found in the store as if granted here. Nothing is
+        announced: the room heard RESOURCE_LOCKED when it was granted, and a
+        member joining now finds it in RESOURCE_STATE. One already due (it
+        ended while the shard was away) has its keys deleted, as its expiry
+        here would have.
+
+        Meant for a machine that has just started. A lock already here, or one
+        whose token is not above every token this machine has seen for the
+        resource (it let that lock go and its store release has not landed yet,
+        or the store listed it twice), is left alone."""
+        rid = cmd.resource_id
+        last = self._tokens.get(rid)
+        if rid in self._locks or (last is not None and cmd.fencing_token <= last):
+            return []
+        if cmd.lock_id in self._ids:
+            raise LockStateError(f"adopting {rid} lock {cmd.lock_id}, an id already in use")
+        if cmd.ttl_ms <= 0:
+            raise LockStateError(f"adopting {rid} lock {cmd.lock_id} with ttl_ms {cmd.ttl_ms}")
+        self._remember_token(rid, cmd.fencing_token)
+        details = {"fencingToken": cmd.fencing_token, "ttlMs": cmd.ttl_ms, "expiresAt": iso_ms(cmd.expires_at_ms),
+                   "roomId": cmd.room_id}
+        if cmd.expires_at_ms <= now_ms:
+            return [StoreRelease(rid, cmd.lock_id, cmd.user_id, cmd.expires_at_ms),
+                    AuditLock("expire", rid, cmd.user_id, cmd.lock_id, "ok",
+                              {"unlockReason": UnlockReason.EXPIRED.value, "adopted": True, **details}, cmd.conn)]
+        lock = Lock(rid, cmd.lock_id, cmd.conn, cmd.user_id, cmd.room_id, cmd.ttl_ms, cmd.acquired_at_ms,
+                    cmd.expires_at_ms, fencing_token=cmd.fencing_token)
+        self._add(lock)
+        self._push_deadline(lock)
+        return [AuditLock("adopt", rid, cmd.user_id, cmd.lock_id, "ok", details, cmd.conn)]
+
     # --- bookkeeping -----------------------------------------------------------------
 
     def _drop(self, lock: Lock, reason: UnlockReason, action: str, details: dict[str, Any],
-              except_conn: ConnId | None = None) -> list[LockEvent]:
+              except_conn: ConnId | None = None, if_expires_at_ms: int | None = None) -> list[LockEvent]:
         """Remove a held lock: the room hears it, the store deletes it, audit records it."""
         self._remove(lock)
         return [
             RoomBroadcast(lock.room_id, except_conn, LockMessage.RESOURCE_UNLOCKED,
                           {"resourceId": lock.resource_id, "reason": reason.value}),
-            StoreRelease(lock.resource_id, lock.lock_id, lock.user_id),
+            StoreRelease(lock.resource_id, lock.lock_id, lock.user_id, if_expires_at_ms),
             AuditLock(action, lock.resource_id, lock.user_id, lock.lock_id, "ok",
                       {"unlockReason": reason.value, "fencingToken": lock.fencing_token, **details}, lock.conn),
         ]

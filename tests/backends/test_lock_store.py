@@ -23,7 +23,9 @@ from redis.backoff import NoBackoff
 
 from rounds.backends import redis as redis_backend
 from rounds.backends.locks import (
+    FENCE_TTL_MS,
     Granted,
+    HeldLock,
     LockStore,
     MemoryLockStore,
     RedisLockStore,
@@ -34,7 +36,7 @@ from rounds.backends.locks import (
     perform,
 )
 from rounds.clock import now_ms
-from rounds.ids import ResourceId, UserId
+from rounds.ids import ConnId, FrontDoorId, ResourceId, UserId, conn_id
 from rounds.shard.lock_events import (
     GrantFailed,
     GrantRefused,
@@ -49,6 +51,8 @@ from rounds.shard.lock_events import (
 T0 = int(datetime(2025, 11, 17, 10, 30, tzinfo=UTC).timestamp() * 1000)
 TTL = 30_000
 USR1, USR2 = UserId("usr_001"), UserId("usr_002")
+CONN = conn_id(FrontDoorId(1), 42)
+ROOM = ResourceId("page:/patient/12345")
 
 
 class Harness(Protocol):
@@ -164,8 +168,8 @@ async def harness(request: pytest.FixtureRequest, redis_url: str, tag: str) -> A
 
 
 async def grant(store: LockStore, rid: ResourceId, lock_id: str, user: UserId = USR1, ttl_ms: int = TTL,
-                at_ms: int = T0) -> Granted | Refused:
-    return await store.grant(rid, LockId(lock_id), user, ttl_ms, at_ms, at_ms + ttl_ms)
+                at_ms: int = T0, conn: ConnId = CONN, room: ResourceId = ROOM) -> Granted | Refused:
+    return await store.grant(rid, LockId(lock_id), user, ttl_ms, at_ms, at_ms + ttl_ms, conn=conn, room_id=room)
 
 
 # --- Scenario: Acquire lock on available resource ----------------------------------
@@ -177,8 +181,8 @@ async def test_a_free_resource_is_granted_with_a_fencing_token(harness: Harness,
     assert await harness.holder(rid) == "usr_001"  # SET lock:{id} usr_001 ... NX
 
 
-async def test_the_metadata_hash_holds_the_seeds_fields_plus_lock_id_and_token(harness: Harness,
-                                                                               rid: ResourceId) -> None:
+async def test_the_metadata_hash_holds_the_seeds_fields_and_what_adoption_needs(harness: Harness,
+                                                                                rid: ResourceId) -> None:
     result = await grant(harness.store, rid, "L1")
     assert isinstance(result, Granted)
     assert await harness.metadata(rid) == {
@@ -188,6 +192,9 @@ async def test_the_metadata_hash_holds_the_seeds_fields_plus_lock_id_and_token(h
         "userId": "usr_001",
         "lockId": "L1",
         "fencingToken": str(result.fencing_token),
+        "roomId": "page:/patient/12345",
+        "connId": str(CONN),
+        "ttlMs": "30000",
     }
 
 
@@ -276,6 +283,85 @@ async def test_a_stale_holder_cannot_release_the_next_holders_lock(harness: Harn
     assert (await harness.metadata(rid))["lockId"] == "L2"
 
 
+# --- expiry -----------------------------------------------------------------------------------------
+
+
+async def test_an_expiry_release_deletes_the_lock_it_last_stored(harness: Harness, rid: ResourceId) -> None:
+    await grant(harness.store, rid, "L1")
+    assert await harness.store.release(rid, LockId("L1"), USR1, T0 + TTL) is True
+    assert await harness.holder(rid) is None
+
+
+async def test_an_expiry_release_spares_a_lock_renewed_since(harness: Harness, rid: ResourceId) -> None:
+    # another shard (wrongly) adopted it and its holder renewed there: not ours to end
+    await grant(harness.store, rid, "L1")
+    assert await harness.store.renew(rid, LockId("L1"), USR1, TTL, T0 + TTL + 5_000)
+    assert await harness.store.release(rid, LockId("L1"), USR1, T0 + TTL) is False
+    assert await harness.holder(rid) == "usr_001"
+
+
+# --- adoption: what a restarted shard finds ------------------------------------------------------
+
+
+async def mine(store: LockStore, tag: str) -> list[HeldLock]:
+    """The live locks `held_locks` lists, of this test only (the Redis test database is shared)."""
+    found = [held async for held in store.held_locks() if tag in held.resource_id]
+    return sorted(found, key=lambda held: held.resource_id)
+
+
+async def test_the_live_locks_are_listed_with_what_adoption_needs(harness: Harness, tag: str) -> None:
+    a, b, gone = (ResourceId(f"input-{x}-{tag}") for x in ("a", "b", "gone"))
+    assert isinstance(await grant(harness.store, a, "La", USR1, ttl_ms=20_000), Granted)
+    await harness.store.renew(a, LockId("La"), USR1, 20_000, T0 + 25_000)
+    token_b = await grant(harness.store, b, "Lb", USR2, conn=ConnId(7), room=b)
+    await grant(harness.store, gone, "Lg")
+    await harness.store.release(gone, LockId("Lg"), USR1)
+    found = await mine(harness.store, tag)
+    assert [(h.resource_id, h.lock_id, h.user_id, h.conn, h.room_id, h.ttl_ms) for h in found] == [
+        (a, "La", USR1, CONN, ROOM, 20_000), (b, "Lb", USR2, 7, b, TTL)]
+    # it expires when its room was told it does: the metadata's expiresAt
+    assert (found[0].acquired_at_ms, found[0].expires_at_ms) == (T0, T0 + 25_000)
+    assert isinstance(token_b, Granted) and found[1].fencing_token == token_b.fencing_token
+
+
+async def test_a_lock_written_without_its_connection_is_not_listed(harness: Harness, tag: str) -> None:
+    rid = ResourceId(f"input-old-{tag}")
+    await grant(harness.store, rid, "L1")
+    if isinstance(harness, RedisHarness):  # as a gateway before adoption wrote it
+        await harness.reader.hdel(lock_meta_key(rid), "connId")
+    else:
+        assert isinstance(harness, MemoryHarness)
+        del harness.store.locks[rid].metadata["connId"]
+    assert await mine(harness.store, tag) == []
+
+
+async def test_the_redis_listing_reads_past_one_scan_batch(redis_url: str, tag: str) -> None:
+    harness = RedisHarness(redis_url)
+    harness.store = RedisLockStore(redis_backend.connect(redis_url), scan_count=7)
+    harness.stores.append(harness.store)
+    try:
+        for i in range(30):
+            await grant(harness.store, ResourceId(f"input-{i:02d}-{tag}"), f"L{i}")
+        found = await mine(harness.store, tag)
+        assert [h.lock_id for h in found] == [f"L{i}" for i in range(30)]
+    finally:
+        await harness.aclose(tag)
+
+
+async def test_memory_fence_counters_the_clock_overtook_are_forgotten() -> None:
+    now = T0
+    store = MemoryLockStore(clock=lambda: now)
+    last = 0
+    for i in range(5_000):
+        rid = ResourceId(f"input-{i}")
+        result = await grant(store, rid, "L")
+        assert isinstance(result, Granted) and result.fencing_token > last
+        last = result.fencing_token
+        await store.release(rid, LockId("L"), USR1)
+        now += 1
+    assert len(store.fences) < 2_100  # not one per resource ever locked
+
+
 # --- fencing tokens -------------------------------------------------------------------------------
 
 
@@ -301,27 +387,62 @@ async def test_fencing_tokens_keep_increasing_across_a_new_store_instance(harnes
 
 async def test_fencing_counters_are_per_resource(harness: Harness, tag: str) -> None:
     a, b = ResourceId(f"input-a-{tag}"), ResourceId(f"input-b-{tag}")
-    for _ in range(3):
-        await grant(harness.store, a, "La")
+    tokens_a = []
+    for _ in range(4):
+        result = await grant(harness.store, a, "La")
+        assert isinstance(result, Granted)
+        tokens_a.append(result.fencing_token)
         await harness.store.release(a, LockId("La"), USR1)
-    first_a = await grant(harness.store, a, "La")
     first_b = await grant(harness.store, b, "Lb")
-    assert isinstance(first_a, Granted) and isinstance(first_b, Granted)
+    assert isinstance(first_b, Granted)
     if isinstance(harness, RedisHarness):
-        assert (first_a.fencing_token, first_b.fencing_token) == (4, 1)
+        # a's counter counts on by one from where it started; b's starts on its own
+        assert tokens_a == [tokens_a[0] + i for i in range(4)]
+        assert await harness.reader.get(lock_fence_key(b)) == str(first_b.fencing_token)
 
 
-async def test_redis_keeps_the_seeds_key_names_and_a_fence_that_never_expires(redis_url: str, tag: str) -> None:
+async def test_redis_keeps_the_seeds_key_names_and_a_fence_that_outlives_each_grant_by_30_days(
+        redis_url: str, tag: str) -> None:
     rid = ResourceId(f"input-field-123-{tag}")
     harness = RedisHarness(redis_url)
     try:
-        await grant(harness.store, rid, "L1", ttl_ms=100)
+        result = await grant(harness.store, rid, "L1", ttl_ms=100)
+        assert isinstance(result, Granted)
         assert lock_key(rid) == f"lock:input-field-123-{tag}"
         assert lock_meta_key(rid) == f"lock:input-field-123-{tag}:metadata"
         assert await harness.reader.type(f"lock:input-field-123-{tag}") == "string"
         assert await harness.reader.type(f"lock:input-field-123-{tag}:metadata") == "hash"
-        assert await harness.reader.get(lock_fence_key(rid)) == "1"
-        assert await harness.reader.pttl(lock_fence_key(rid)) == -1
+        assert await harness.reader.get(lock_fence_key(rid)) == str(result.fencing_token)
+        assert FENCE_TTL_MS - 5_000 < await harness.reader.pttl(lock_fence_key(rid)) <= FENCE_TTL_MS
+    finally:
+        await harness.aclose(tag)
+
+
+async def test_a_renewal_pushes_the_fence_ttl_back_too(redis_url: str, tag: str) -> None:
+    rid = ResourceId(f"input-field-123-{tag}")
+    harness = RedisHarness(redis_url)
+    try:
+        await grant(harness.store, rid, "L1")
+        await harness.reader.pexpire(lock_fence_key(rid), 60_000)  # as if granted long ago
+        assert await harness.store.renew(rid, LockId("L1"), USR1, TTL, T0 + TTL)
+        assert await harness.reader.pttl(lock_fence_key(rid)) > FENCE_TTL_MS - 5_000
+    finally:
+        await harness.aclose(tag)
+
+
+async def test_a_fence_that_expired_restarts_above_every_token_it_gave(redis_url: str, tag: str) -> None:
+    rid = ResourceId(f"input-field-123-{tag}")
+    harness = RedisHarness(redis_url)
+    try:
+        tokens = []
+        for i in range(3):
+            result = await grant(harness.store, rid, f"L{i}")
+            assert isinstance(result, Granted) and await harness.store.release(rid, LockId(f"L{i}"), USR1)
+            tokens.append(result.fencing_token)
+            await harness.reader.delete(lock_fence_key(rid))  # its 30 days ran out
+        assert tokens[0] < tokens[1] < tokens[2]
+        # a new counter starts at Redis's clock in microseconds
+        assert abs(tokens[2] / 1000 - now_ms()) < 60_000
     finally:
         await harness.aclose(tag)
 
@@ -350,9 +471,9 @@ async def test_fifty_racers_get_exactly_one_grant_per_round_with_increasing_toke
 
 async def test_perform_turns_store_results_into_the_machines_commands(harness: Harness, rid: ResourceId) -> None:
     lid, other = LockId("L1"), LockId("L2")
-    stored = await perform(harness.store, StoreGrant(rid, lid, USR1, TTL, T0, T0 + TTL))
+    stored = await perform(harness.store, StoreGrant(rid, lid, USR1, TTL, T0, T0 + TTL, CONN, ROOM))
     assert isinstance(stored, GrantStored) and (stored.resource_id, stored.lock_id) == (rid, lid)
-    refused = await perform(harness.store, StoreGrant(rid, other, USR2, TTL, T0, T0 + TTL))
+    refused = await perform(harness.store, StoreGrant(rid, other, USR2, TTL, T0, T0 + TTL, CONN, ROOM))
     assert isinstance(refused, GrantRefused) and (refused.lock_id, refused.holder_user_id) == (other, USR1)
     assert await perform(harness.store, StoreRenew(rid, lid, USR1, TTL, T0 + TTL)) is None
     assert await perform(harness.store, StoreRenew(rid, other, USR2, TTL, T0 + TTL)) == LockLost(rid, other)
@@ -391,7 +512,7 @@ class BrokenStore(MemoryLockStore):
 async def test_perform_answers_a_failing_grant_with_grant_failed_and_only_logs_the_rest(
         rid: ResourceId, hang: bool, caplog: pytest.LogCaptureFixture) -> None:
     store = BrokenStore(hang)
-    failed = await perform(store, StoreGrant(rid, LockId("L1"), USR1, TTL, T0, T0 + TTL), timeout_s=0.05)
+    failed = await perform(store, StoreGrant(rid, LockId("L1"), USR1, TTL, T0, T0 + TTL, CONN, ROOM), timeout_s=0.05)
     assert isinstance(failed, GrantFailed) and failed.lock_id == "L1"
     assert failed.reason.startswith("TimeoutError" if hang else "ConnectionError")
     # a failed renew or release changes nothing in the machine: logged with its stack, not raised

@@ -4,7 +4,8 @@ The scenarios run against the main gateway (two shards, two front doors as
 Ray actors sharing one port, Redis on) through `/ws`, and the seed's Redis
 commands are checked by their effects on the real Redis: `lock:{id}` holds
 the userId with a TTL in ms, `lock:{id}:metadata` the seed's fields plus
-`lockId` and `fencingToken`, `lock:{id}:fence` the counter. Tests that wait
+`lockId`, `fencingToken` and what adoption needs (`roomId`, `connId`,
+`ttlMs`), `lock:{id}:fence` the counter. Tests that wait
 for a TTL use a second gateway with 1.5 s locks, started once for this
 module, so nothing waits the default 30 s. Ids carry the test's `uid`.
 
@@ -127,9 +128,12 @@ async def test_acquire_lock_on_available_resource(
     assert rdb.get(lock_key) == user
     assert 29_000 < rdb.pttl(lock_key) <= 30_000
     assert rdb.get(fence_key) == str(token)
-    assert rdb.pttl(fence_key) == -1  # the counter never expires
+    assert rdb.pttl(fence_key) > 29 * 24 * 3_600_000  # the counter outlives the lock by 30 days
     meta = rdb.hgetall(meta_key)
-    assert set(meta) == {"lockType", "acquiredAt", "expiresAt", "userId", "lockId", "fencingToken"}
+    # the seed's fields, then ours: the lock id and token, and what a restarted shard needs to adopt it
+    assert set(meta) == {"lockType", "acquiredAt", "expiresAt", "userId", "lockId", "fencingToken",
+                         "roomId", "connId", "ttlMs"}
+    assert (meta["roomId"], meta["ttlMs"]) == (resource, "30000") and int(meta["connId"]) > 0
     assert meta["lockType"] == "exclusive"
     assert meta["userId"] == user
     assert meta["lockId"] == lock_id
@@ -227,6 +231,9 @@ async def test_lock_renewal_before_expiration(
     assert (renewed.data["resourceId"], renewed.data["lockId"]) == (resource, lock_id)
     gained = ms_of(renewed.data["expiresAt"]) - ms_of(acquired.data["expiresAt"])
     assert 700 <= gained <= 1_500
+    # the others hear RESOURCE_LOCKED again with the new expiry, so their views stay right
+    relocked = await other.expect("RESOURCE_LOCKED", expiresAt=renewed.data["expiresAt"])
+    assert relocked.data == {"resourceId": resource, "lockedBy": user, "expiresAt": renewed.data["expiresAt"]}
     # the TTL of both keys is back to about the full 1.5 s, the metadata says until when
     await eventually(lambda: rdb.pttl(lock_key) > 1_200 and rdb.pttl(meta_key) > 1_200, timeout=1.0)
     assert rdb.pttl(lock_key) <= SHORT_TTL_MS and rdb.pttl(meta_key) <= SHORT_TTL_MS
