@@ -73,7 +73,7 @@ run: venv
 # both fail make. Ray clusters are never killed here (some may not be ours):
 # the tests clean up after themselves and we only warn about raylet /
 # gcs_server processes that appeared during this run and are still alive.
-test: venv services
+test: venv services node-deps
 	@ray_before=$$(pgrep -x 'raylet|gcs_server' 2>/dev/null | sort); \
 	export ROUNDS_TEST_REDIS_URL='$(TEST_REDIS_URL)'; \
 	rc=0; \

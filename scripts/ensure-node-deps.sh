@@ -5,7 +5,7 @@
 # missing or was installed from another package-lock.json (a copy of the lock
 # it came from is kept in node_modules), run `npm ci` there (or `npm install`
 # when there is no lock file). Otherwise do nothing. Called by
-# `make node-deps` (not by `make test` yet).
+# `make node-deps` and `make test`.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
