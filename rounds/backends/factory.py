@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from rounds.backends.base import PresenceMirror, SessionStore
-from rounds.backends.docs import DocStore, MemoryDocStore
+from rounds.backends.docs import DocStore, FileDocStore
 from rounds.backends.locks import LockStore, MemoryLockStore
 from rounds.backends.memory import MemoryPresence, MemorySessions
 from rounds.config import Settings
@@ -40,4 +42,4 @@ def doc_store(settings: Settings) -> DocStore:
         from rounds.backends.docs import RedisDocStore, connect_binary
 
         return RedisDocStore(connect_binary(settings.redis_url))
-    return MemoryDocStore()
+    return FileDocStore(Path(settings.var_dir) / "docs")

@@ -10,19 +10,23 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 import redis
 
-from rounds.backends.docs import DocStore, MemoryDocStore, RedisDocStore, connect_binary, doc_key, doc_log_key
+from rounds.backends.docs import DocStore, FileDocStore, MemoryDocStore, RedisDocStore, connect_binary, doc_key, doc_log_key
 from rounds.ids import ResourceId
 from rounds.shard.documents import Documents
 
 
-@pytest.fixture(params=["memory", "redis"])
-async def store(request: pytest.FixtureRequest, redis_url: str) -> AsyncIterator[DocStore]:
+@pytest.fixture(params=["memory", "file", "redis"])
+async def store(request: pytest.FixtureRequest, redis_url: str, tmp_path: Path) -> AsyncIterator[DocStore]:
     if request.param == "memory":
         yield MemoryDocStore()
+        return
+    if request.param == "file":
+        yield FileDocStore(tmp_path / "docs")
         return
     client = connect_binary(redis_url)
     yield RedisDocStore(client)
@@ -95,3 +99,16 @@ async def test_redis_keys_are_the_documented_ones(redis_url: str, room: Resource
     finally:
         rdb.delete(doc_key(room), doc_log_key(room))
         rdb.close()
+
+
+async def test_the_file_store_ignores_a_torn_last_record_and_keeps_the_rest(tmp_path: Path) -> None:
+    store = FileDocStore(tmp_path)
+    room = ResourceId("document:torn")
+    await store.append(room, [(1, b"one"), (2, b"two")])
+    log = next(tmp_path.rglob("log"))
+    with open(log, "ab") as f:
+        f.write(b"\x00\x00\x01\x00partial")  # a crash in the middle of the third write
+    assert (await store.load(room)).log == [(1, b"one"), (2, b"two")]
+    await store.append(room, [(3, b"three")])  # what comes after the cut is readable
+    assert (await store.load(room)).log == [(1, b"one"), (2, b"two"), (3, b"three")]
+    assert next(tmp_path.rglob("room")).read_text() == room

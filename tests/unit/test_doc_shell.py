@@ -1,0 +1,204 @@
+"""The documents' shell without Ray or sockets (issue 4): loading gates a
+room's commands in order, acks wait for the store, snapshots trim the log,
+idle documents leave memory and come back whole, shutdown saves everything.
+The stores are the real memory/file ones, wrapped to be slow or to fail."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+from pycrdt import Doc, Text
+
+from rounds.backends.docs import FileDocStore, MemoryDocStore, StoredDoc
+from rounds.config import Settings
+from rounds.ids import ConnId, ResourceId, UserId
+from rounds.shard import doc_shell
+from rounds.shard.doc_shell import DocShell
+from rounds.shard.events import DocUpdate, Join, Leave, Reply
+from rounds.shard.lock_events import RoomBroadcast
+from rounds.wire import MessageType
+
+ROOM = ResourceId("document:1")
+A, B = ConnId(1_000_001), ConnId(1_000_002)
+
+
+class Wrapped(MemoryDocStore):
+    """The memory store, with loads that wait for `opened` and appends that
+    fail while `failing` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.opened = asyncio.Event()
+        self.opened.set()
+        self.failing = 0  # appends (or loads) that fail before one succeeds
+        self.load_fails = False
+        self.appends = 0
+
+    async def load(self, room: ResourceId) -> StoredDoc:
+        await self.opened.wait()
+        if self.load_fails:
+            raise ConnectionError("store down")
+        return await super().load(room)
+
+    async def append(self, room: ResourceId, entries: Sequence[tuple[int, bytes]]) -> None:
+        if self.failing:
+            self.failing -= 1
+            raise ConnectionError("store down")
+        self.appends += 1
+        await super().append(room, entries)
+
+
+class Harness:
+    def __init__(self, store: Any, **settings: Any) -> None:
+        self.events: list[Any] = []
+        self.replayed: list[Any] = []
+        self.members: set[ResourceId] = set()
+        self.shell = DocShell("shard-0", store, self.events.extend, self.replayed.append,
+                              lambda room: room in self.members, Settings().replace(**settings))
+        self.store = store
+        self.author = Doc()
+
+    def edit(self, text: str, conn: ConnId = A, ref: str = "u") -> DocUpdate:
+        before = self.author.get_state()
+        self.author.get("t", type=Text).insert(len(self.author.get("t", type=Text)), text)
+        return DocUpdate(conn, ref, ROOM, self.author.get_update(before))
+
+    def of(self, type_: str) -> list[Any]:
+        return [e for e in self.events if getattr(e, "type", None) == type_]
+
+    async def loaded(self) -> None:
+        assert self.shell.gate(ROOM, "first", needs_document=True)
+        await until(lambda: ROOM in self.shell.documents)
+        assert self.replayed.pop() == "first"
+
+
+async def until(check: Any, timeout: float = 3.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not check():
+            await asyncio.sleep(0.005)
+
+
+def join(conn: ConnId) -> Join:
+    return Join(conn, "j", UserId("u"), "u", "s", ROOM, "document", "editor")
+
+
+async def test_a_rooms_commands_wait_for_its_document_and_run_in_arrival_order() -> None:
+    store = Wrapped()
+    store.opened.clear()
+    h = Harness(store)
+    first, second, leave = join(A), h.edit("x", B), Leave(A, "l", ROOM)
+    assert h.shell.gate(ROOM, first, needs_document=True)
+    assert h.shell.gate(ROOM, second, needs_document=True)
+    assert h.shell.gate(ROOM, leave, needs_document=False)  # waits too: it must not overtake the join
+    h.shell.hold_for_gated("disconnect")
+    assert not h.shell.gate(ResourceId("other"), Leave(A, "l", ResourceId("other")), needs_document=False)
+    await asyncio.sleep(0.05)
+    assert h.replayed == []
+    store.opened.set()
+    await until(lambda: len(h.replayed) == 4)
+    assert h.replayed == [first, second, leave, "disconnect"]
+
+
+async def test_a_document_that_cannot_be_loaded_answers_joins_and_updates_unavailable_and_is_retried() -> None:
+    store = Wrapped()
+    store.load_fails = True
+    h = Harness(store)
+    h.shell.gate(ROOM, join(A), needs_document=True)
+    h.shell.gate(ROOM, h.edit("x"), needs_document=True)
+    h.shell.gate(ROOM, Leave(B, "l", ROOM), needs_document=False)
+    await until(lambda: len(h.of(MessageType.ERROR)) == 2)
+    assert {e.data["code"] for e in h.of(MessageType.ERROR)} == {"UNAVAILABLE"}
+    assert [type(m).__name__ for m in h.replayed] == ["Leave"]
+    assert ROOM not in h.shell.documents  # never served from an empty stand-in
+    store.load_fails = False
+    await h.loaded()
+
+
+async def test_updates_are_relayed_at_once_and_acknowledged_only_once_stored() -> None:
+    store = Wrapped()
+    h = Harness(store)
+    await h.loaded()
+    store.failing = 2
+    h.shell.update(h.edit("BP 120/80", ref="r1"), UserId("a"))
+    relayed = [e for e in h.events if isinstance(e, RoomBroadcast)]
+    assert [(r.type, r.data["revision"], r.except_conn) for r in relayed] == [("RESOURCE_UPDATE", 1, A)]
+    assert h.of(MessageType.UPDATE_ACK) == []
+    await until(lambda: h.of(MessageType.UPDATE_ACK), timeout=5)
+    (ack,) = h.of(MessageType.UPDATE_ACK)
+    assert (ack.conn, ack.ref, ack.data) == (A, "r1", {"resourceId": ROOM, "revision": 1})
+    assert h.shell.store_failures == 2
+    assert (await store.load(ROOM)).log[0][0] == 1
+
+
+async def test_updates_waiting_for_the_store_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(doc_shell, "MAX_UNWRITTEN", 3)
+    store = Wrapped()
+    h = Harness(store)
+    await h.loaded()
+    store.failing = 10**6
+    for i in range(5):
+        h.shell.update(h.edit(f"{i}", ref=f"r{i}"), UserId("a"))
+    refused = h.of(MessageType.ERROR)
+    assert [e.data["code"] for e in refused] == ["UNAVAILABLE", "UNAVAILABLE"]
+    assert h.shell.documents.get(ROOM).revision == 3  # type: ignore[union-attr]
+    store.failing = 0
+    await until(lambda: len(h.of(MessageType.UPDATE_ACK)) == 3, timeout=5)
+
+
+async def test_the_log_is_folded_into_a_snapshot_after_enough_updates() -> None:
+    store = Wrapped()
+    h = Harness(store, doc_log_max_entries=4, doc_snapshot_delay_ms=60_000)
+    await h.loaded()
+    for i in range(6):
+        h.shell.update(h.edit(f"[{i}]", ref=f"r{i}"), UserId("a"))
+        await until(lambda i=i: len(h.of(MessageType.UPDATE_ACK)) == i + 1)
+    stored = await store.load(ROOM)
+    assert stored.snapshot is not None and stored.revision >= 4
+    assert len(stored.log) <= 2
+    again = Doc()
+    again.apply_update(stored.snapshot)
+    for _, update in stored.log:
+        again.apply_update(update)
+    assert str(again.get("t", type=Text)) == "".join(f"[{i}]" for i in range(6))
+
+
+async def test_an_idle_document_leaves_memory_saved_and_comes_back_whole(tmp_path: Any) -> None:
+    store = FileDocStore(tmp_path)
+    h = Harness(store, doc_idle_unload_ms=200, doc_snapshot_delay_ms=60_000)
+    h.shell.start()
+    try:
+        await h.loaded()
+        h.members.add(ROOM)
+        for i in range(3):
+            h.shell.update(h.edit(f"{i}", ref=f"r{i}"), UserId("a"))
+        await until(lambda: len(h.of(MessageType.UPDATE_ACK)) == 3)
+        await asyncio.sleep(0.4)
+        assert ROOM in h.shell.documents  # a member is still there
+        h.members.clear()
+        await until(lambda: ROOM not in h.shell.documents, timeout=3)
+        stored = await store.load(ROOM)
+        assert (stored.revision, stored.log) == (3, [])
+        await h.loaded()
+        state, _, revision = h.shell.documents.state(ROOM, None, 0)
+        replica = Doc()
+        replica.apply_update(state)
+        assert (str(replica.get("t", type=Text)), revision) == ("012", 3)
+    finally:
+        await h.shell.stop()
+
+
+async def test_stop_writes_and_snapshots_every_changed_document(tmp_path: Any) -> None:
+    store = FileDocStore(tmp_path)
+    h = Harness(store, doc_snapshot_delay_ms=60_000)
+    await h.loaded()
+    h.shell.update(h.edit("last words"), UserId("a"))
+    await h.shell.stop()
+    stored = await FileDocStore(tmp_path).load(ROOM)
+    assert (stored.revision, stored.log) == (1, [])
+    replica = Doc()
+    replica.apply_update(stored.snapshot)  # type: ignore[arg-type]
+    assert str(replica.get("t", type=Text)) == "last words"
+    assert [e.type for e in h.events if isinstance(e, Reply)] == [MessageType.UPDATE_ACK]
