@@ -24,7 +24,8 @@ PACKAGE_DIRS = {
     "rounds.bench": ROOT / "bench",
     "rounds": ROOT / "rounds",
 }
-PURE = ["rounds.shard.presence", "rounds.shard.events", "rounds.routing", "rounds.ids", "rounds.wire"]
+PURE = ["rounds.shard.presence", "rounds.shard.events", "rounds.routing", "rounds.ids", "rounds.wire",
+        "rounds.shard.documents", "rounds.shard.awareness", "rounds.yproto", "rounds.shard.locks"]
 
 
 def source_of(module: str) -> Path | None:
