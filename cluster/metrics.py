@@ -70,3 +70,8 @@ class ShardMetrics(_Sampler):
         _gauge("rounds_shard_members", "Connection memberships in rooms", tag).set(stats["members"], self._tags)
         _gauge("rounds_shard_mirror_queued", "Presence mirror writes waiting", tag).set(
             stats["mirror"]["queued"], self._tags)
+        docs = stats["documents"]
+        _gauge("rounds_shard_documents_loaded", "Y.js documents in memory", tag).set(docs["loaded"], self._tags)
+        _gauge("rounds_shard_documents_unwritten", "Document updates applied, not yet stored (acks waiting)",
+               tag).set(docs["unwritten"], self._tags)
+        _gauge("rounds_shard_locks", "Locks held", tag).set(len(stats["locks"]), self._tags)

@@ -180,14 +180,16 @@ def _alive(pid: int | None) -> bool:
 
 def _print_status(state: dict[str, Any], status: dict[str, Any]) -> None:
     print(f"gateway {state['url']}  dashboard {state.get('dashboard')}")
-    print(f"\n{'shard':<10}{'address':<24}{'conns':>7}{'rooms':>7}{'members':>9}  mirror")
+    print(f"\n{'shard':<10}{'address':<24}{'conns':>7}{'rooms':>7}{'members':>9}  mirror  |  documents")
     for s in status["shards"]:
         if "error" in s:
             print(f"{s['name']:<10}{'DOWN: ' + s['error']}")
             continue
-        mirror = s["mirror"]
+        mirror, docs = s["mirror"], s.get("documents", {})
         print(f"shard-{s['shard']:<4}{s['address']:<24}{s['connections']:>7}{s['rooms']:>7}{s['members']:>9}"
-              f"  {mirror['backend']} queued={mirror['queued']} dropped={mirror['dropped']}")
+              f"  {mirror['backend']} queued={mirror['queued']} dropped={mirror['dropped']}"
+              f"  |  {docs.get('backend')} loaded={docs.get('loaded')} unwritten={docs.get('unwritten')}"
+              f" store failures={docs.get('storeFailures')}")
     print(f"\n{'front door':<14}{'conns':>7}{'users':>7}{'rooms':>7}{'rejected':>10}  shards linked")
     for f in status["frontdoors"]:
         if "error" in f:
