@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -57,6 +58,23 @@ def bench_user_id(index: int) -> str:
 def url_with_token(url: str, token: str) -> str:
     """Append `token=JWT` to the query (JWTs are URL-safe base64 with dots)."""
     return f"{url}{'&' if '?' in url else '?'}token={token}"
+
+
+def plan_rooms(users: int, room_size: int, prefix: str) -> list[RoomPlan]:
+    """Users 0..users-1 in rooms `{prefix}0, {prefix}1, ...` of `room_size`, in
+    order; the last room may be smaller."""
+    return [
+        RoomPlan(f"{prefix}{r}", tuple(range(start, min(start + room_size, users))))
+        for r, start in enumerate(range(0, users, room_size))
+    ]
+
+
+def assign_rooms(rooms: Sequence[RoomPlan], processes: int) -> list[tuple[RoomPlan, ...]]:
+    """Deal whole rooms round-robin over at most `processes` workers (none left empty),
+    so that a room's members, and so the sender and receivers of its messages,
+    share one worker's clocks and bookkeeping."""
+    workers = max(1, min(processes, len(rooms)))
+    return [tuple(rooms[w::workers]) for w in range(workers)]
 
 
 # --- messages between parent and workers ----------------------------------------
@@ -145,9 +163,13 @@ class Recorder:
         self.errors: list[str] = []
 
     def sample(self, phase: str, metric: str, start: float, end: float) -> None:
+        """Record `end - start` (seconds, from one clock) in ms."""
+        self.add(phase, metric, (end - start) * 1000.0)
+
+    def add(self, phase: str, metric: str, ms: float) -> None:
         values = self.samples.setdefault(phase, {}).setdefault(metric, [])
         if self.max_samples is None or len(values) < self.max_samples:
-            values.append((end - start) * 1000.0)
+            values.append(ms)
         else:
             self.counts["samples_dropped"] += 1
 

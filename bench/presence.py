@@ -22,15 +22,20 @@ from datetime import UTC, datetime
 from functools import partial
 from typing import Any
 
-from rounds.bench import stats
+from rounds.bench import plan, stats
 from rounds.bench.loadgen import worker_main
-from rounds.bench.plan import MEASURED, RAMP, RoomPlan, WorkerPlan, WorkerResult, require_loopback_url
+from rounds.bench.plan import (
+    MEASURED, RAMP, RoomPlan, WorkerPlan, WorkerResult, assign_rooms, require_loopback_url,
+)
 from rounds.bench.runner import Conductor, WorkerSpec, environment
 
 SCHEMA = "rounds.bench.presence/1"
 # A worker beside the presence workers, in the same phases (`locks.py`).
 Companion = WorkerSpec
-__all__ = ["Companion", "PresenceOptions", "PresenceRun", "environment", "format_table", "run_presence"]
+__all__ = [
+    "Companion", "PresenceOptions", "PresenceRun", "assign_rooms", "environment", "format_table", "plan_rooms",
+    "run_presence",
+]
 
 # Failure counters: each one is a user-visible fault of the gateway or the run.
 FAILURE_COUNTS = (
@@ -102,16 +107,7 @@ class PresenceRun:
 
 def plan_rooms(options: PresenceOptions) -> list[RoomPlan]:
     """Users 0..n-1 in rooms of `room_size`, in order; the last room may be smaller."""
-    return [
-        RoomPlan(f"{options.room_prefix}{r}", tuple(range(start, min(start + options.room_size, options.users))))
-        for r, start in enumerate(range(0, options.users, options.room_size))
-    ]
-
-
-def assign_rooms(rooms: Sequence[RoomPlan], processes: int) -> list[tuple[RoomPlan, ...]]:
-    """Deal whole rooms round-robin over at most `processes` workers (none left empty)."""
-    workers = max(1, min(processes, len(rooms)))
-    return [tuple(rooms[w::workers]) for w in range(workers)]
+    return plan.plan_rooms(options.users, options.room_size, options.room_prefix)
 
 
 def run_presence(
