@@ -3,7 +3,7 @@
 Belongs here: the argparse tree under `bench`, reading the environment (once,
 in the handler, through `load_settings`), starting and stopping the gateway a
 run targets, writing the report files. Must not be here: the benchmarks
-themselves (`presence.py`, `locks.py`, later `crdt`).
+themselves (`presence.py`, `locks.py`, `crdt.py`).
 
 The main CLI calls `add_parser(subparsers)` and then `args.func(args)`, which
 returns the exit code: 0 the run completed without failures; 1 it completed
@@ -22,13 +22,14 @@ import shlex
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from rounds.auth import private_key_for_dev
-from rounds.bench import locks
+from rounds.bench import crdt, locks
+from rounds.bench.crdtplan import CODECS, MODES, WS, YJS, yjs_base_url
 from rounds.bench.plan import require_loopback_url
 from rounds.bench.presence import PresenceOptions, format_table, run_presence
 from rounds.config import Settings, load_settings
@@ -47,7 +48,7 @@ def add_parser(subparsers: Any) -> None:
     kinds = bench.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
     _add_presence(kinds)
     _add_locks(kinds)
-    # `crdt` gets its own `_add_...` here, sharing `_add_gateway_options`.
+    _add_crdt(kinds)
 
 
 def _add_presence(kinds: Any) -> None:
@@ -135,6 +136,50 @@ def _add_locks(kinds: Any) -> None:
     parser.set_defaults(func=run_locks_command)
 
 
+def _add_crdt(kinds: Any) -> None:
+    defaults = crdt.CrdtOptions()
+    parser = kinds.add_parser(
+        "crdt",
+        help="Y.js clients in rooms send text inserts; measures update propagation, delivery and server CPU",
+        description=(
+            "N pycrdt clients in rooms of 10 each insert a small marked string into the room's Text every "
+            "--interval seconds and send the update, over /ws (--mode ws, JSON or msgpack) or y-websocket "
+            "(--mode yjs, on our /yjs or any y-websocket server given by --url). Reports propagation "
+            "(sender -> each other member) p50/p95/p99/max against the targets (seed bar p99 < 50 ms at 500 "
+            "users; goal < 5 ms at 500, < 50 ms at 3,000), the UPDATE_ACK round trip (ws), delivery ratio, "
+            "updates/s and the server's CPU per 1,000 updates, as JSON and PNG in --out. --compare-ref then "
+            "measures the stock Node.js y-websocket server (tests/interop) the same way, side by side."
+        ),
+    )
+    parser.add_argument("--users", type=int, default=defaults.users, help="clients (default %(default)s)")
+    parser.add_argument("--room-size", type=int, default=defaults.room_size,
+                        help="clients per room (default %(default)s)")
+    parser.add_argument("--duration", type=float, default=defaults.duration_s, metavar="S",
+                        help="measured seconds per server, after all clients synced (default %(default)s)")
+    parser.add_argument("--interval", type=float, default=defaults.interval_s, metavar="S",
+                        help="seconds between two updates of one client (default %(default)s)")
+    parser.add_argument("--mode", choices=MODES, default=defaults.mode,
+                        help="ws: our /ws protocol; yjs: the y-websocket protocol (default %(default)s)")
+    parser.add_argument("--codec", choices=CODECS, default=defaults.codec,
+                        help="frames on /ws: JSON text (base64 updates) or msgpack (default %(default)s)")
+    parser.add_argument("--compare-ref", action="store_true",
+                        help="after the first server, measure the reference Node.js y-websocket server "
+                             "(tests/interop/refserver.mjs, always in yjs mode) and report ratios")
+    parser.add_argument("--processes", type=int, default=defaults.processes,
+                        help="load generator worker processes, each owning whole rooms (default %(default)s)")
+    parser.add_argument("--connect-concurrency", type=int, default=defaults.connect_concurrency, metavar="N",
+                        help="connection attempts in flight at once, over all workers (default %(default)s)")
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of the send timing")
+    target = parser.add_argument_group("target")
+    target.add_argument("--url", help="bench this running server instead of starting our gateway: its /ws URL "
+                                      "(ws mode) or the y-websocket base URL rooms are appended to (yjs mode)")
+    target.add_argument("--pid", type=int, action="append", default=None,
+                        help="with --url: a server process to sample for CPU/RSS (repeatable; none: not reported)")
+    _add_gateway_options(target)
+    _add_output_options(parser)
+    parser.set_defaults(func=run_crdt_command)
+
+
 def _add_target_options(parser: argparse.ArgumentParser) -> None:
     target = parser.add_argument_group("target")
     target.add_argument("--url", help="bench this running gateway (ws://127.0.0.1:PORT/ws) instead of starting one")
@@ -215,7 +260,7 @@ def _check_target_options(args: argparse.Namespace) -> None:
         raise _UsageError(f"{', '.join(given)}: only for the gateway the bench starts, not with --url")
 
 
-class _GatewayError(locks.GatewayUnavailable):
+class _GatewayError(locks.GatewayUnavailable, crdt.ServerUnavailable):
     pass
 
 
@@ -338,6 +383,66 @@ def run_locks_command(args: argparse.Namespace) -> int:
     if any(r.get("error") for r in report["runs"]):
         return EXIT_GATEWAY
     return EXIT_OK if report["ok"] else EXIT_FAILURES
+
+
+def run_crdt_command(args: argparse.Namespace) -> int:
+    """Run `rounds bench crdt`; see the module docstring for exit codes."""
+    try:
+        options = crdt.CrdtOptions(
+            users=args.users, room_size=args.room_size, processes=args.processes, duration_s=args.duration,
+            interval_s=args.interval, mode=args.mode, codec=args.codec, compare_ref=args.compare_ref,
+            connect_concurrency=args.connect_concurrency, seed=args.seed,
+        )
+        options.check()
+        _check_target_options(args)
+    except (ValueError, _UsageError) as error:
+        return _fail(EXIT_USAGE, str(error))
+    settings = getattr(args, "settings", None) or load_settings(getattr(args, "config", None), env=os.environ)
+    servers = [_crdt_server(args, options, _gateway_settings(args, settings))]
+    if options.compare_ref:
+        from rounds.bench.refserver import NAME, reference_server
+
+        servers.append(crdt.Server(NAME, YJS, None, reference_server))
+    started = time.time()
+    try:
+        run = crdt.run_crdt(options, servers, private_key_for_dev(settings), _log)
+    except KeyboardInterrupt:
+        return _fail(EXIT_INTERRUPTED, "interrupted")
+    report = run.report
+    report["command"] = shlex.join(["rounds", *sys.argv[1:]])
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    stem = crdt.report_stem(options, started)
+    json_path, png_path = out / f"{stem}.json", out / f"{stem}.png"
+    plot = not args.no_plot and any(not r.get("error") for r in report["runs"])
+    report["files"] = {"json": json_path.name, "png": png_path.name if plot else None}
+    if plot:
+        from rounds.bench.plot import plot_crdt
+
+        plot_crdt(report, run.samples, png_path)
+    _write_json(json_path, report)
+    print(crdt.format_table(report))
+    print(f"\nreport: {json_path}" + (f"\nchart:  {png_path}" if plot else ""))
+    if any(r.get("error") for r in report["runs"]):
+        return EXIT_GATEWAY
+    return EXIT_OK if report["ok"] else EXIT_FAILURES
+
+
+def _crdt_server(args: argparse.Namespace, options: crdt.CrdtOptions, gateway_settings: Settings) -> crdt.Server:
+    """The first server of a crdt run: the one at --url, else our gateway, started here."""
+    codec = options.codec if options.mode == WS else None
+    if args.url is not None:
+        given = _Target(args.url, args.pid, {"url": args.url, "own_gateway": False, "pids": args.pid})
+        return crdt.Server(args.url, options.mode, codec, lambda: nullcontext(given))
+
+    @contextmanager
+    def own() -> Iterator[_Target]:
+        with _own_gateway(gateway_settings) as target:
+            if options.mode == YJS:
+                target = _Target(yjs_base_url(target.url), target.pids, target.info)
+            yield target
+
+    return crdt.Server("rounds", options.mode, codec, own)
 
 
 def _redis_problem(url: str) -> str | None:

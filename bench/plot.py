@@ -1,4 +1,4 @@
-"""Charts of a benchmark run (presence, locks), drawn to a PNG next to its JSON report.
+"""Charts of a benchmark run (presence, locks, crdt), drawn to a PNG next to its JSON report.
 
 Belongs here: turning a report and its raw samples into a figure. Must not
 be here: running anything or computing the report's figures. Uses
@@ -173,6 +173,102 @@ def _lock_cpu(axes: Any, report: Mapping[str, Any], colours: Mapping[str, str]) 
     axes.set_xlabel("seconds since the measured phase began (negative: ramp)")
     axes.set_ylabel("CPU (% of one core)")
     axes.set_title("gateway CPU, summed over its processes (presence load throughout)")
+    axes.grid(True, linewidth=0.3)
+    if axes.get_legend_handles_labels()[0]:
+        axes.legend(loc="upper left", fontsize=8)
+
+
+# --- the documents benchmark -------------------------------------------------------------
+
+CDF_MAX_POINTS = 20_000  # a CDF drawn from more samples looks the same and takes seconds
+
+
+def plot_crdt(report: Mapping[str, Any], samples: Mapping[str, Mapping[str, Sequence[float]]], path: Path) -> Path:
+    """Draw, per run (server and mode): the propagation CDF (and the UPDATE_ACK
+    round trip's, dashed), the p50/p95/p99/max bars against the targets, and
+    the server's CPU over the run, to `path` (PNG)."""
+    figure = Figure(figsize=(13, 9.5), layout="constrained")
+    FigureCanvasAgg(figure)
+    top, bottom = figure.subfigures(2, 1, height_ratios=(3, 2))
+    cdf_axes, bar_axes = top.subplots(1, 2, width_ratios=(3, 2))
+    runs = [run for run in report["runs"] if not run.get("error")]
+    colours = {run["label"]: f"C{i}" for i, run in enumerate(runs)}
+    targets = report["targets_ms"]
+    for run in runs:
+        by_metric = samples.get(run["label"], {})
+        _cdf(cdf_axes, _thin(by_metric.get("propagation_ms", ())), f"{run['label']} propagation", "-",
+             colours[run["label"]])
+        _cdf(cdf_axes, _thin(by_metric.get("ack_ms", ())), f"{run['label']} UPDATE_ACK", "--",
+             colours[run["label"]])
+    for value, label, style in ((targets["goal_p99"], "goal", "-."), (targets["seed_p99"], "seed bar", "-")):
+        cdf_axes.axvline(value, color="tab:red", linewidth=0.8, linestyle=style)
+        cdf_axes.text(value * 1.04, 0.03, f"p99 {label} {value:g} ms", color="tab:red", fontsize=8, rotation=90)
+    for q in (0.5, 0.95, 0.99):
+        cdf_axes.axhline(q, color="grey", linewidth=0.6, linestyle=":")
+    cdf_axes.set_xscale("log")
+    cdf_axes.set_xlabel("sender → other member (ms, log scale)")
+    cdf_axes.set_ylabel("fraction of deliveries ≤ x")
+    cdf_axes.set_ylim(0, 1.01)
+    cdf_axes.set_title("update propagation CDF (dotted: p50, p95, p99)")
+    cdf_axes.grid(True, which="both", linewidth=0.3)
+    if cdf_axes.get_legend_handles_labels()[0]:
+        cdf_axes.legend(loc="lower right", fontsize=8)
+    _crdt_bars(bar_axes, runs, colours, targets)
+    _crdt_cpu(bottom.subplots(), runs, colours)
+    s = report["settings"]
+    figure.suptitle(
+        f"rounds crdt bench: {s['users']} users, rooms of {s['room_size']}, one update every {s['interval_s']:g} s "
+        f"each, {s['duration_s']:g} s per server, {report['started_at']}"
+    )
+    figure.savefig(path, dpi=110)
+    return path
+
+
+def _thin(values: Sequence[float]) -> list[float]:
+    """At most `CDF_MAX_POINTS` values, evenly spaced through the sorted data
+    (its minimum and maximum included)."""
+    data = sorted(values)
+    if len(data) <= CDF_MAX_POINTS:
+        return data
+    step = (len(data) - 1) / (CDF_MAX_POINTS - 1)
+    return [data[round(i * step)] for i in range(CDF_MAX_POINTS)]
+
+
+def _crdt_bars(axes: Any, runs: Sequence[Mapping[str, Any]], colours: Mapping[str, str],
+               targets: Mapping[str, Any]) -> None:
+    names = ("p50", "p95", "p99", "max")
+    width = 0.8 / max(1, len(runs))
+    for i, run in enumerate(runs):
+        figures = run["latency_ms"]["propagation"]
+        xs = [j + (i - (len(runs) - 1) / 2) * width for j in range(len(names))]
+        heights = [figures[name] or 0.0 for name in names]
+        bars = axes.bar(xs, heights, width, label=run["label"], color=colours[run["label"]])
+        axes.bar_label(bars, labels=[f"{h:.2g}" for h in heights], fontsize=7)
+    for value, label, style in ((targets["goal_p99"], "goal p99", "-."), (targets["seed_p99"], "seed bar p99", "-")):
+        axes.axhline(value, color="tab:red", linewidth=0.8, linestyle=style, label=f"{label} {value:g} ms")
+    axes.set_xticks(range(len(names)), names)
+    axes.set_yscale("log")
+    axes.set_ylabel("propagation (ms, log scale)")
+    axes.set_title("propagation percentiles per run")
+    axes.grid(True, axis="y", which="both", linewidth=0.3)
+    if runs:
+        axes.legend(loc="upper left", fontsize=8)
+
+
+def _crdt_cpu(axes: Any, runs: Sequence[Mapping[str, Any]], colours: Mapping[str, str]) -> None:
+    """Server CPU per run against seconds since its measured phase began."""
+    for run in runs:
+        origin = run["phases_s"]["measured_from"] or 0.0
+        points = [(p["t_s"] - origin, p["cpu_percent"]) for p in run["server"]["timeline"]
+                  if p.get("cpu_percent") is not None]
+        if points:
+            per_update = run["server"]["cpu_s_per_1000_updates"]
+            note = "" if per_update is None else f", {per_update:.3f} CPU-s per 1,000 updates"
+            axes.plot(*zip(*points), color=colours[run["label"]], label=f"{run['label']}{note}")
+    axes.axvline(0, color="grey", linewidth=0.6)
+    axes.set_xlabel("seconds since the measured phase began (negative: connecting and syncing)")
+    axes.set_ylabel("CPU (% of one core)")
+    axes.set_title("server CPU, summed over its processes")
     axes.grid(True, linewidth=0.3)
     if axes.get_legend_handles_labels()[0]:
         axes.legend(loc="upper left", fontsize=8)

@@ -1,0 +1,562 @@
+"""The document load generator: one worker process of Y.js clients editing in rooms.
+
+Belongs here: what one worker of `rounds bench crdt` does (mint its users'
+tokens, connect and sync them in bounded waves, then make every client insert
+one marked string into its room's Text every `interval_s`, and time each
+update at every other member of the room) and the messages it exchanges with
+the parent. Must not be here: percentiles, the gateway, the report
+(`crdt.py`); markers and the delivery ledger are pure (`crdtplan.py`).
+Reads no environment: its whole input is a `CrdtPlan`.
+
+Each client keeps its own pycrdt `Doc` of the room, inserts at the end of its
+Text and sends the incremental update. Receivers do not decode or apply what
+they get: they look for markers in the bytes (`crdtplan.find_markers`), which
+keeps the load generator's cost per delivery small, since it shares the
+machine's cores with the server it measures.
+
+- `ws` mode, the `/ws` protocol v1 (DESIGN.md): JOIN_RESOURCE (document,
+  editor) -> RESOURCE_STATE; RESOURCE_UPDATE -> UPDATE_ACK to the sender (its
+  send -> ack time is `ack_ms`: the durability round trip), RESOURCE_UPDATE
+  with the update to the others. JSON (base64 updates) or msgpack (bytes).
+- `yjs` mode, y-websocket (`rounds.yproto` frames) at `{url}/{room}`: on open
+  the client sends sync step 1 with its state vector, answers the server's
+  step 1 with step 2, is synced once the server's step 2 came, then sends
+  its updates as sync-update messages. Any y-websocket server works.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import binascii
+import random
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+from pycrdt import Doc, Text
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+
+from rounds.auth import mint_token
+from rounds.bench.crdtplan import (
+    DELIVERED, DUPLICATE, ECHO, EXTRA, MSGPACK, TEXT_NAME, WS, CrdtPlan, Ledger, find_markers, marker, room_url,
+)
+from rounds.bench.loadgen import serve_worker
+from rounds.bench.plan import (
+    DRAIN, MEASURED, RAMP, Go, Progress, Ready, Recorder, Stop, WorkerResult, bench_user_id, url_with_token,
+)
+from rounds.wire import JSON, MSGPACK as MSGPACK_CODEC, SUBPROTOCOL_MSGPACK, MessageType, ProtocolError
+from rounds.yproto import (
+    AwarenessMessage, SyncStep1, SyncStep2, SyncUpdate, YProtocolError, decode_message, sync_step1, sync_step2,
+    sync_update,
+)
+
+PROGRESS_EVERY_S = 1.0
+SWEEP_EVERY_S = 0.5
+CLOSE_TIMEOUT_S = 5.0
+_SYNC_UPDATE_HEAD = b"\x00\x02"  # y-websocket: message sync, sub-type update
+
+
+class _Client:
+    __slots__ = ("index", "user_id", "room", "token", "ws", "synced", "closing", "doc", "text", "length",
+                 "futures", "acks", "ref", "revision")
+
+    def __init__(self, index: int, room: _Room) -> None:
+        self.index = index
+        self.user_id = bench_user_id(index)
+        self.room = room
+        self.token = ""
+        self.ws: ClientConnection | None = None
+        self.synced = False  # joined (ws) or got the server's sync step 2 (yjs); receives updates
+        self.closing = False  # we are closing it: a close is then expected
+        self.doc = Doc()
+        self.text = self.doc.get(TEXT_NAME, type=Text)
+        self.length = 0  # characters this client inserted (ASCII markers only)
+        self.futures: dict[Any, asyncio.Future[tuple[int, Any]]] = {}  # ref (ws) or "sync" (yjs)
+        self.acks: dict[int, int] = {}  # ref -> sent_ns of an update awaiting UPDATE_ACK
+        self.ref = 0
+        self.revision = -1  # the last revision this client saw in a RESOURCE_UPDATE
+
+    def next_ref(self) -> int:
+        self.ref += 1
+        return self.ref
+
+
+class _Room:
+    __slots__ = ("resource_id", "members")
+
+    def __init__(self, resource_id: str) -> None:
+        self.resource_id = resource_id
+        self.members: list[_Client] = []
+
+
+class CrdtWorker:
+    """Runs one `CrdtPlan` on the running event loop; see `crdt_worker_main`."""
+
+    def __init__(self, plan: CrdtPlan, send: Callable[[Any], None]) -> None:
+        self.plan = plan
+        self.send = send
+        self.ws_mode = plan.mode == WS
+        self.codec = MSGPACK_CODEC if plan.codec == MSGPACK else JSON
+        self.rec = Recorder(plan.max_samples, phases=(RAMP, MEASURED))
+        self.ledger = Ledger()
+        self.phase = RAMP
+        self.clients: list[_Client] = []
+        for room_plan in plan.rooms:
+            room = _Room(room_plan.resource_id)
+            for index in room_plan.members:
+                client = _Client(index, room)
+                room.members.append(client)
+                self.clients.append(client)
+        self.connected = 0
+        self.connected_at_end = 0
+        self.updates_sent = 0
+        self.readers: set[asyncio.Task[None]] = set()
+        self.stopping = asyncio.Event()
+        self.go: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+
+    def on_control(self, message: Go | Stop | None) -> None:
+        """A control message arrived (None: the parent went away)."""
+        if isinstance(message, Go) and not self.go.done():
+            self.go.set_result(message.until)
+        elif not isinstance(message, Go):
+            self.stopping.set()
+
+    # --- the phases ------------------------------------------------------------------
+
+    async def run(self) -> WorkerResult:
+        loop = asyncio.get_running_loop()
+        deadline_hit = False
+        background = [asyncio.create_task(self._report_progress()), asyncio.create_task(self._sweep())]
+        try:
+            give_up_at = loop.time() + (self.plan.hard_deadline - CLOSE_TIMEOUT_S - 1 - time.monotonic())
+            async with asyncio.timeout_at(give_up_at):
+                await self._ramp()
+                self.send(self._progress())
+                self.send(Ready(self.plan.index))
+                until = await self._wait_for_go()
+                if until is not None:
+                    await self._measure(until)
+                await self._drain()
+        except TimeoutError:
+            deadline_hit = True
+            self.rec.error("worker hit its hard deadline")
+        except Exception:  # a bug in the load generator: report it with the partial result
+            self.rec.count("loadgen_errors")
+            self.rec.error(traceback.format_exc())
+        finally:
+            for task in background:
+                task.cancel()
+            await self._close_all()
+        self.rec.count("deliveries_expected", n=self.ledger.expected)
+        self.rec.count("deliveries", n=self.ledger.delivered)
+        self.rec.count("deliveries_missing", n=self.ledger.missing)
+        self.rec.count("deliveries_in_flight_at_end", n=len(self.ledger.pending))
+        return WorkerResult(
+            worker=self.plan.index,
+            users=len(self.clients),
+            connected_at_end=self.connected_at_end,
+            samples=self.rec.samples,
+            counts=self.rec.counts_dict(),
+            errors=self.rec.errors,
+            deadline_hit=deadline_hit,
+        )
+
+    async def _ramp(self) -> None:
+        # `mint_token` parses the PEM once per process (cached), then ~1.5 ms a token.
+        for client in self.clients:
+            client.token = mint_token(self.plan.private_key_pem, user_id=client.user_id, role=self.plan.role,
+                                      username=f"Bench User {client.index}")
+        slots = asyncio.Semaphore(max(1, self.plan.connect_concurrency))
+        tasks = [asyncio.create_task(self._connect_and_sync(client, slots)) for client in self.clients]
+        everyone = asyncio.gather(*tasks, return_exceptions=True)
+        stop = asyncio.create_task(self.stopping.wait())
+        remaining = max(0.0, self.plan.ramp_deadline - time.monotonic())
+        await asyncio.wait([everyone, stop], timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
+        everyone.cancel()  # the ramp deadline passed or the parent said stop
+        for outcome in await asyncio.gather(*tasks, return_exceptions=True):
+            if isinstance(outcome, Exception):
+                self.rec.count("loadgen_errors")
+                self.rec.error("".join(traceback.format_exception(outcome)))
+        for client in self.clients:
+            if client.ws is None and not client.closing:
+                self.rec.count("connect_errors")
+                self.rec.count("connect_error_reasons", "ramp_timeout")
+                client.closing = True  # never retried
+            elif client.ws is not None and not client.synced:
+                self.rec.count("not_synced_after_ramp")
+
+    async def _wait_for_go(self) -> float | None:
+        stop = asyncio.create_task(self.stopping.wait())
+        await asyncio.wait([self.go, stop], return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
+        return self.go.result() if self.go.done() and not self.stopping.is_set() else None
+
+    async def _measure(self, until: float) -> None:
+        self.phase = MEASURED
+        rng = random.Random(f"{self.plan.seed}:{self.plan.index}")
+        drivers = [asyncio.create_task(self._drive(c, until, rng.uniform(0, self.plan.interval_s)))
+                   for c in self.clients if c.synced]
+        everyone = asyncio.gather(*drivers, return_exceptions=True)
+        stop = asyncio.create_task(self.stopping.wait())
+        # Drivers end by themselves at `until` (a send in progress completes, so
+        # the ledger knows whether it went out); stragglers are cancelled.
+        await asyncio.wait([everyone, stop], timeout=max(0.0, until - time.monotonic()) + self.plan.reply_timeout_s,
+                           return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
+        self.connected_at_end = self.connected
+        self.phase = DRAIN  # deliveries still due are timed all the same
+        for task in drivers:
+            task.cancel()
+        for outcome in await asyncio.gather(*drivers, return_exceptions=True):
+            if isinstance(outcome, Exception):
+                self.rec.count("loadgen_errors")
+                self.rec.error("".join(traceback.format_exception(outcome)))
+
+    async def _drain(self) -> None:
+        """Give the last updates' deliveries and acks their timeout to arrive."""
+        deadline = time.monotonic() + max(self.plan.delivery_timeout_s, self.plan.reply_timeout_s)
+        while time.monotonic() < deadline and not self.stopping.is_set():
+            if self.ledger.settled() and not any(c.acks for c in self.clients):
+                break
+            await asyncio.sleep(0.05)
+        self.ledger.expire(None)
+        for client in self.clients:
+            self.rec.count("ack_timeouts", n=len(client.acks))
+            client.acks.clear()
+
+    async def _close_all(self) -> None:
+        open_clients = [c for c in self.clients if c.ws is not None]
+        for client in open_clients:
+            client.closing = True
+        closes = [asyncio.create_task(c.ws.close()) for c in open_clients if c.ws is not None]
+        if closes:
+            await asyncio.wait(closes, timeout=CLOSE_TIMEOUT_S)
+            for task in closes:
+                task.cancel()
+
+    # --- one client: connect and sync -------------------------------------------------
+
+    async def _connect_and_sync(self, client: _Client, slots: asyncio.Semaphore) -> None:
+        async with slots:
+            ws = await self._connect(client)
+            if ws is None:
+                return
+            reader = asyncio.create_task(self._read(client, ws))
+            self.readers.add(reader)  # a reference, so the task is not collected
+            reader.add_done_callback(self.readers.discard)
+            await (self._join(client) if self.ws_mode else self._sync(client))
+
+    async def _connect(self, client: _Client) -> ClientConnection | None:
+        url = url_with_token(room_url(self.plan.mode, self.plan.url, client.room.resource_id), client.token)
+        started = time.perf_counter()
+        timeout = max(0.1, min(10.0, self.plan.ramp_deadline - time.monotonic()))
+        try:
+            async with asyncio.timeout(timeout):
+                ws = await connect(
+                    url,
+                    subprotocols=[SUBPROTOCOL_MSGPACK] if self.ws_mode and self.codec is MSGPACK_CODEC else None,
+                    compression=None,
+                    proxy=None,
+                    open_timeout=None,  # the enclosing timeout covers the upgrade (and CONNECTED)
+                    ping_interval=None,  # pings from the server are answered all the same
+                    close_timeout=2,
+                    max_size=2**22,
+                    max_queue=None,  # read as fast as frames come
+                )
+                first = self._decode(await ws.recv()) if self.ws_mode else None
+        except InvalidStatus as error:
+            return self._connect_failed(client, f"http_{error.response.status_code}")
+        except (OSError, TimeoutError, InvalidHandshake, ConnectionClosed) as error:
+            return self._connect_failed(client, type(error).__name__)
+        if self.ws_mode and (first is None or first.get("type") != MessageType.CONNECTED):
+            client.closing = True
+            await ws.close()
+            return self._connect_failed(client, "first_frame_not_CONNECTED")
+        self.rec.sample(RAMP, "connect_ms", started, time.perf_counter())
+        client.ws = ws
+        self.connected += 1
+        return ws
+
+    def _connect_failed(self, client: _Client, reason: str) -> None:
+        client.closing = True  # a failed client is not retried
+        self.rec.count("connect_errors")
+        self.rec.count("connect_error_reasons", reason)
+        return None
+
+    async def _join(self, client: _Client) -> None:
+        ref = client.next_ref()
+        data = {"resourceId": client.room.resource_id, "resourceType": "document", "mode": "editor"}
+        answer = await self._exchange(client, ref, self.codec.encode(MessageType.JOIN_RESOURCE, data, ref), "join")
+        if answer is None:
+            return
+        sent_ns, received_ns, message = answer
+        if message.get("type") == MessageType.RESOURCE_STATE:
+            client.synced = True
+            self.rec.add(RAMP, "sync_ms", (received_ns - sent_ns) / 1e6)
+
+    async def _sync(self, client: _Client) -> None:
+        answer = await self._exchange(client, "sync", sync_step1(client.doc.get_state()), "sync")
+        if answer is not None:
+            sent_ns, received_ns, _ = answer
+            client.synced = True
+            self.rec.add(RAMP, "sync_ms", (received_ns - sent_ns) / 1e6)
+
+    async def _exchange(
+        self, client: _Client, key: Any, frame: str | bytes, what: str
+    ) -> tuple[int, int, Any] | None:
+        """Send `frame` and wait for the reply filed under `key`: (sent_ns,
+        received_ns, reply), or None on timeout or close."""
+        future: asyncio.Future[tuple[int, Any]] = asyncio.get_running_loop().create_future()
+        client.futures[key] = future
+        try:
+            sent_ns = time.monotonic_ns()
+            if not await self._send(client, frame):
+                return None
+            # not `wait_for`: on 3.11 it swallows a cancellation that races with the reply
+            async with asyncio.timeout(self.plan.reply_timeout_s):
+                received_ns, reply = await future
+            return sent_ns, received_ns, reply
+        except TimeoutError:
+            self.rec.count("reply_timeouts", what)
+            return None
+        except ConnectionClosed:
+            return None  # counted by the reader
+        finally:
+            client.futures.pop(key, None)
+
+    async def _send(self, client: _Client, frame: str | bytes) -> bool:
+        """Send one frame; False if the connection is gone (the reader counts the close)."""
+        if client.ws is None:
+            return False
+        try:
+            await client.ws.send(frame)
+        except ConnectionClosed:
+            return False
+        self.rec.count("frames_sent")
+        return True
+
+    # --- one client: updates -------------------------------------------------------------
+
+    async def _drive(self, client: _Client, until: float, offset_s: float) -> None:
+        """One update every `interval_s` from `offset_s` on, until `until`; a late
+        client skips the slots it missed rather than send a burst."""
+        next_at = time.monotonic() + offset_s
+        while client.ws is not None and not client.closing and not self.stopping.is_set():
+            await asyncio.sleep(max(0.0, min(next_at, until) - time.monotonic()))
+            now = time.monotonic()
+            if now >= until:
+                return
+            await self._send_update(client)
+            next_at = max(next_at + self.plan.interval_s, now)
+
+    async def _send_update(self, client: _Client) -> None:
+        ws = client.ws
+        if ws is None:
+            return
+        sent_ns = time.monotonic_ns()
+        before = client.doc.get_state()
+        text = marker(client.index, sent_ns)
+        client.text.insert(client.length, text)
+        client.length += len(text)
+        update = client.doc.get_update(before)
+        room = client.room
+        ref = None
+        if self.ws_mode:
+            ref = client.next_ref()
+            frame: str | bytes = self.codec.encode(
+                MessageType.RESOURCE_UPDATE, {"resourceId": room.resource_id, "update": update}, ref)
+            client.acks[ref] = sent_ns
+        else:
+            frame = sync_update(update)
+        self.ledger.sent(client.index, sent_ns, [m.index for m in room.members if m.synced])
+        try:
+            await ws.send(frame)
+        except ConnectionClosed:
+            self.ledger.cancel(client.index, sent_ns)
+            if ref is not None:
+                client.acks.pop(ref, None)
+            return
+        self.updates_sent += 1
+        self.rec.count("updates_sent")
+        self.rec.count("update_bytes", n=len(update))
+
+    # --- receiving ---------------------------------------------------------------------
+
+    async def _read(self, client: _Client, ws: ClientConnection) -> None:
+        try:
+            async for frame in ws:
+                now_ns = time.monotonic_ns()
+                self.rec.count("frames_received")
+                reply = self._on_ws_frame(client, frame, now_ns) if self.ws_mode else self._on_y_frame(
+                    client, frame, now_ns)
+                if reply is not None:
+                    await self._send(client, reply)
+        except ConnectionClosed:
+            pass
+        except Exception:  # our bug: keep the text, drop this client, keep the others going
+            self.rec.error(traceback.format_exc())
+            self.rec.count("loadgen_errors")
+            client.closing = True
+            await ws.close()
+        finally:
+            self._on_closed(client, ws)
+
+    def _on_y_frame(self, client: _Client, frame: str | bytes, now_ns: int) -> bytes | None:
+        if isinstance(frame, str):
+            self.rec.count("protocol_errors", "text_frame")
+            return None
+        if frame[:2] == _SYNC_UPDATE_HEAD:  # the hot path: markers straight from the frame
+            self.rec.count("frames_received_by_type", "sync_update")
+            self._deliveries(client, frame, now_ns)
+            return None
+        try:
+            message = decode_message(frame)
+        except YProtocolError as error:
+            self.rec.count("protocol_errors", "bad_y_frame")
+            self.rec.error(f"undecodable y-websocket frame: {error}")
+            return None
+        self.rec.count("frames_received_by_type", type(message).__name__)
+        match message:
+            case SyncStep1(state_vector=state_vector):
+                return sync_step2(client.doc.get_update(state_vector))
+            case SyncStep2(update=update):
+                self._deliveries(client, update, now_ns, expect_marker=False)
+                future = client.futures.get("sync")
+                if future is not None and not future.done():
+                    future.set_result((now_ns, message))
+            case SyncUpdate(update=update):
+                self._deliveries(client, update, now_ns)
+            case AwarenessMessage():
+                pass  # counted above; the bench sends none
+        return None
+
+    def _on_ws_frame(self, client: _Client, frame: str | bytes, now_ns: int) -> None:
+        message = self._decode(frame)
+        if message is None:
+            self.rec.count("protocol_errors", "undecodable_frame")
+            return None
+        kind, ref = message.get("type"), message.get("ref")
+        data = message.get("data") if isinstance(message.get("data"), dict) else {}
+        self.rec.count("frames_received_by_type", str(kind))
+        if kind == MessageType.RESOURCE_UPDATE:
+            update = data.get("update")
+            if isinstance(update, str):
+                try:
+                    update = binascii.a2b_base64(update)
+                except binascii.Error:
+                    update = None
+            if not isinstance(update, bytes):
+                self.rec.count("protocol_errors", "RESOURCE_UPDATE_without_update")
+                return None
+            revision = data.get("revision")
+            if isinstance(revision, int):
+                if revision <= client.revision:
+                    self.rec.count("revision_regressions")
+                client.revision = revision
+            self._deliveries(client, update, now_ns)
+        elif kind == MessageType.UPDATE_ACK:
+            sent_ns = client.acks.pop(ref, None) if isinstance(ref, int) else None
+            if sent_ns is None:
+                self.rec.count("unmatched_acks")
+            else:
+                self.rec.add(MEASURED, "ack_ms", (now_ns - sent_ns) / 1e6)
+        elif kind in (MessageType.ERROR, MessageType.PERMISSION_DENIED):
+            code = str(data.get("code", kind))
+            self.rec.count("error_frames", code)
+            if self.rec.by_key["error_frames"][code] == 1:  # the first of each code, for the report
+                self.rec.error(f"{kind} {code}: {str(data.get('message'))[:200]}")
+            if isinstance(ref, int) and client.acks.pop(ref, None) is not None:
+                self.rec.count("updates_refused")
+            self._resolve(client, ref, now_ns, message)
+        elif kind == MessageType.RESOURCE_STATE:
+            self._resolve(client, ref, now_ns, message)
+        return None
+
+    def _resolve(self, client: _Client, ref: Any, now_ns: int, message: dict[str, Any]) -> None:
+        future = client.futures.get(ref) if isinstance(ref, int) else None
+        if future is not None and not future.done():
+            future.set_result((now_ns, message))
+
+    def _deliveries(self, client: _Client, data: bytes, now_ns: int, expect_marker: bool = True) -> None:
+        """Time every marked update in `data` at `client`."""
+        found = find_markers(data)
+        if not found:
+            if expect_marker:  # e.g. an empty update relayed; its size says what it was
+                self.rec.count("updates_without_marker")
+                self.rec.count("updates_without_marker_by_bytes", str(len(data)))
+            return
+        for sender, sent_ns in found:
+            outcome = self.ledger.receipt(client.index, sender, sent_ns)
+            if outcome == DELIVERED or outcome == EXTRA:
+                self.rec.add(MEASURED, "propagation_ms", (now_ns - sent_ns) / 1e6)
+            elif outcome == ECHO:
+                self.rec.count("echoes")  # the stock server sends an update back to its sender too
+            elif outcome == DUPLICATE:
+                self.rec.count("duplicate_deliveries")
+            else:
+                self.rec.count("unmatched_deliveries")  # after its timeout, or a duplicate of a settled one
+            if outcome == EXTRA:
+                self.rec.count("extra_deliveries")
+
+    def _decode(self, frame: str | bytes) -> dict[str, Any] | None:
+        try:
+            message = self.codec.decode(frame)
+        except ProtocolError:
+            return None
+        return message if isinstance(message, dict) else None
+
+    def _on_closed(self, client: _Client, ws: ClientConnection) -> None:
+        self.connected -= 1
+        client.synced = False
+        self.ledger.release(client.index)
+        for future in client.futures.values():
+            if not future.done():
+                future.set_exception(ConnectionClosed(ws.protocol.close_rcvd, ws.protocol.close_sent))
+        if not client.closing:
+            self.rec.count("unexpected_closes")
+            self.rec.count("close_codes", str(ws.close_code))
+            client.closing = True
+        client.ws = None
+
+    # --- background ------------------------------------------------------------------------
+
+    async def _sweep(self) -> None:
+        """Settle updates past their delivery timeout; count acks that did not come."""
+        while True:
+            await asyncio.sleep(SWEEP_EVERY_S)
+            now_ns = time.monotonic_ns()
+            self.ledger.expire(now_ns - int(self.plan.delivery_timeout_s * 1e9))
+            limit = now_ns - int(self.plan.reply_timeout_s * 1e9)
+            for client in self.clients:
+                late = [ref for ref, sent in client.acks.items() if sent < limit]
+                for ref in late:
+                    del client.acks[ref]
+                self.rec.count("ack_timeouts", n=len(late))
+
+    async def _report_progress(self) -> None:
+        while True:
+            self.send(self._progress())
+            await asyncio.sleep(PROGRESS_EVERY_S)
+
+    def _progress(self) -> Progress:
+        return Progress(
+            worker=self.plan.index,
+            phase=self.phase,
+            connected=self.connected,
+            connect_failures=self.rec.counts["connect_errors"],
+            joined=sum(1 for c in self.clients if c.synced),
+            frames_received=self.rec.counts["frames_received"],
+            extra={"updates": self.updates_sent, "delivered": self.ledger.delivered,
+                   "missing": self.ledger.missing},
+        )
+
+
+# --- process entry ----------------------------------------------------------------
+
+
+def crdt_worker_main(plan: CrdtPlan, control: Any, results: Any) -> None:
+    """Entry of a spawned document worker; same pipe and queue as `loadgen.worker_main`."""
+    serve_worker(lambda send: CrdtWorker(plan, send), control, results)
