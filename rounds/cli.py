@@ -1,4 +1,4 @@
-"""`rounds` command line: up, token, status, bench.
+"""`rounds` command line: up, token, status, doc, bench.
 
 The only place (with the benchmark entry) that reads `os.environ`: settings
 are loaded once here and passed down.
@@ -44,12 +44,32 @@ def main(argv: list[str] | None = None) -> int:
     status.add_argument("--json", action="store_true")
     status.set_defaults(func=_status)
 
+    doc = sub.add_parser("doc", help="read Y.js documents").add_subparsers(dest="doc_command", required=True)
+    show = doc.add_parser("show", help="a document now, or as of a time (with PostgreSQL history), as JSON")
+    show.add_argument("--resource", required=True)
+    show.add_argument("--at", help="ISO time with zone, e.g. 2026-11-26T10:30:00Z (needs postgres_dsn)")
+    show.add_argument("--text", action="append", default=[], metavar="NAME", help="print this Text root")
+    show.add_argument("--map", action="append", default=[], metavar="NAME", help="print this Map root")
+    show.add_argument("--array", action="append", default=[], metavar="NAME", help="print this Array root")
+    show.set_defaults(func=_doc_show)
+
     from rounds.bench.cli import add_parser as add_bench_parser
 
     add_bench_parser(sub)
     args = parser.parse_args(argv)
     args.settings = load_settings(args.config, os.environ)
     return int(args.func(args) or 0)
+
+
+def _doc_show(args: argparse.Namespace) -> int:
+    from rounds.doctool import show
+
+    try:
+        print(show(args.settings, args.resource, args.at, args.text, args.map, args.array))
+    except (ValueError, OSError) as exc:
+        print(f"rounds doc show: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def _ttl(text: str) -> int:

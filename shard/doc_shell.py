@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from rounds.backends.docs import DocStore
+from rounds.backends.history import DocHistory
 from rounds.clock import now_ms
 from rounds.config import Settings
 from rounds.ids import ConnId, ResourceId, UserId
@@ -54,14 +55,16 @@ class _Pending:
     conn: ConnId
     ref: Any
     ack: bool
+    user_id: UserId | None
 
 
 class DocShell:
     def __init__(self, name: str, store: DocStore, dispatch: Callable[[list[Any]], None],
                  replay: Callable[[Any], None], has_members: Callable[[ResourceId], bool],
-                 settings: Settings) -> None:
+                 settings: Settings, history: DocHistory | None = None) -> None:
         self.name = name
         self.store = store
+        self.history = history
         self.documents = Documents(settings.max_update_bytes, settings.max_document_bytes)
         self.awareness: dict[ResourceId, RoomAwareness] = {}
         self._dispatch = dispatch
@@ -83,8 +86,10 @@ class DocShell:
 
     # --- lifecycle ------------------------------------------------------------------
 
-    def start(self) -> None:
+    async def start(self) -> None:
         self._sweeper = asyncio.create_task(self._sweep(), name=f"{self.name}-doc-sweeper")
+        if self.history is not None:
+            await self.history.start()
 
     async def stop(self) -> None:
         """Write every unwritten update and snapshot every changed document."""
@@ -105,6 +110,8 @@ class DocShell:
                 for task in pending:
                     task.cancel()
         await self.store.aclose()
+        if self.history is not None:
+            await self.history.aclose()
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -112,6 +119,7 @@ class DocShell:
             "loaded": len(self.documents),
             "unwritten": sum(len(q) for q in self._unwritten.values()),
             "storeFailures": self.store_failures,
+            "history": self.history.stats() if self.history is not None else None,
         }
 
     # --- the gate ---------------------------------------------------------------------
@@ -186,7 +194,7 @@ class DocShell:
         self._dispatch([RoomBroadcast(room, msg.conn, MessageType.RESOURCE_UPDATE, {
             "resourceId": room, "update": msg.update, "userId": user_id, "revision": applied.revision})])
         self._unwritten.setdefault(room, deque()).append(
-            _Pending(applied.revision, msg.update, msg.conn, msg.ref, msg.ack))
+            _Pending(applied.revision, msg.update, msg.conn, msg.ref, msg.ack, user_id))
         self._kick(room)
         self._schedule_snapshot(room)
 
@@ -284,6 +292,8 @@ class DocShell:
                 for _ in batch:
                     queue.popleft()
                 self._logged[room] = self._logged.get(room, 0) + len(batch)
+                if self.history is not None:
+                    self.history.submit(room, [(p.revision, p.update, p.user_id) for p in batch])
                 self._dispatch([Reply(p.conn, p.ref, MessageType.UPDATE_ACK,
                                       {"resourceId": room, "revision": p.revision}) for p in batch if p.ack])
                 continue

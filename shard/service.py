@@ -39,6 +39,7 @@ from rounds.shard.events import (
     Sync,
 )
 from rounds.backends.docs import DocStore
+from rounds.backends.history import DocHistory
 from rounds.backends.locks import LockStore
 from rounds.config import Settings
 from rounds.ids import ResourceId
@@ -56,13 +57,13 @@ MIRROR_QUEUE_MAX = 100_000
 
 class ShardService:
     def __init__(self, index: ShardId, mirror: PresenceMirror, audit: AuditSink, lock_store: LockStore,
-                 doc_store: DocStore, settings: Settings) -> None:
+                 doc_store: DocStore, settings: Settings, history: DocHistory | None = None) -> None:
         self.index = index
         self.presence = Presence()
         self.lock_shell = LockShell(f"shard-{index}", lock_store, self.dispatch,
                                     settings.lock_ttl_ms, settings.lock_max_ttl_ms)
         self.docs = DocShell(f"shard-{index}", doc_store, self.dispatch, self._handle,
-                             lambda room: bool(self.presence.members(room)), settings)
+                             lambda room: bool(self.presence.members(room)), settings, history)
         self.mirror = mirror
         self.audit = audit
         self._links: dict[FrontDoorId, LinkProtocol] = {}
@@ -89,7 +90,7 @@ class ShardService:
         except Exception:  # Redis down: serve anyway; stale mirror keys are named in the runbook
             log.exception("%s: could not reset the presence mirror", self.name)
         await self.lock_shell.start()
-        self.docs.start()
+        await self.docs.start()
         self._server = await loop.create_server(self._new_link, host, port)
         self._mirror_task = asyncio.create_task(self._mirror_writer(), name=f"{self.name}-mirror")
         sock_host, sock_port = self._server.sockets[0].getsockname()[:2]
@@ -126,7 +127,8 @@ class ShardService:
 
     async def health(self) -> dict[str, Any]:
         return {"shard": self.index, "ok": True, "mirror": await self.mirror.health(),
-                "documents": await self.docs.store.health()}
+                "documents": await self.docs.store.health(),
+                "history": await self.docs.history.health() if self.docs.history is not None else None}
 
     # --- links ------------------------------------------------------------------
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from rounds.backends.base import PresenceMirror, SessionStore
 from rounds.backends.docs import DocStore, FileDocStore
+from rounds.backends.history import DocHistory
 from rounds.backends.locks import LockStore, MemoryLockStore
 from rounds.backends.memory import MemoryPresence, MemorySessions
 from rounds.config import Settings
@@ -43,3 +44,12 @@ def doc_store(settings: Settings) -> DocStore:
 
         return RedisDocStore(connect_binary(settings.redis_url))
     return FileDocStore(Path(settings.var_dir) / "docs")
+
+
+def doc_history(settings: Settings) -> DocHistory | None:
+    """PostgreSQL history of document updates, when `postgres_dsn` is set."""
+    if settings.postgres_dsn:
+        from rounds.backends.history import DocHistory
+
+        return DocHistory(settings.postgres_dsn)
+    return None

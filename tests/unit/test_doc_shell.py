@@ -168,7 +168,7 @@ async def test_the_log_is_folded_into_a_snapshot_after_enough_updates() -> None:
 async def test_an_idle_document_leaves_memory_saved_and_comes_back_whole(tmp_path: Any) -> None:
     store = FileDocStore(tmp_path)
     h = Harness(store, doc_idle_unload_ms=200, doc_snapshot_delay_ms=60_000)
-    h.shell.start()
+    await h.shell.start()
     try:
         await h.loaded()
         h.members.add(ROOM)
