@@ -45,7 +45,8 @@ log = logging.getLogger(__name__)
 
 STORE_TIMEOUT_S = 5.0
 MAX_UNWRITTEN = 10_000  # updates of one room applied but not yet in the store
-SYNC_STEP2 = "SYNC_STEP2"  # internal reply type: a y-websocket client's missing part
+SYNC_STEP2 = "SYNC_STEP2"
+EMPTY_UPDATE = b"\x00\x00"  # a Y.js v1 update with no structs and no deletions  # internal reply type: a y-websocket client's missing part
 
 
 @dataclass(slots=True)
@@ -181,6 +182,14 @@ class DocShell:
 
     def update(self, msg: DocUpdate, user_id: UserId | None) -> None:
         room = msg.resource_id
+        if msg.update == EMPTY_UPDATE:
+            # Nothing to apply (a y-websocket client answering our sync step 1
+            # when it has nothing we lack): no revision, no relay, no write.
+            if msg.ack:
+                document = self.documents.get(room)
+                self._dispatch([Reply(msg.conn, msg.ref, MessageType.UPDATE_ACK, {
+                    "resourceId": room, "revision": document.revision if document else 0})])
+            return
         if len(self._unwritten.get(room, ())) >= MAX_UNWRITTEN:
             self.refused_unwritten += 1
             self._reply_error(msg, ErrorCode.UNAVAILABLE, "the document store is behind; retry later")

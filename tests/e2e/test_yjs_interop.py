@@ -92,13 +92,13 @@ async def test_two_ws_clients_and_two_stock_yjs_clients_edit_one_document_and_co
 
     await ws_edit(w1, room, d1, lambda d: (d.get("t", type=Text).insert(0, "B"),
                                            d.get("m", type=Map).__setitem__("w1", 1)))
-    for frame in [await w2.expect("RESOURCE_UPDATE", resourceId=room)]:
-        d2.apply_update(base64.b64decode(frame.data["update"]))
+    frame = await w2.expect("RESOURCE_UPDATE", resourceId=room, userId=f"w1-{uid}")
+    d2.apply_update(base64.b64decode(frame.data["update"]))
     await ws_edit(w2, room, d2, lambda d: (d.get("t", type=Text).insert(1, "C"),
                                            d.get("m", type=Map).__setitem__("w2", 2)))
     one, two = await asyncio.gather(y1, y2)
     for result in (one, two):
-        assert result["exit"] == 0, result
+        assert result["exit"] == 0, json.dumps(result)
         assert result["text"]["t"] == "ABCD"
         assert result["map"]["m"] == {"w1": 1, "w2": 2, "y1": 3, "y2": 4}
     # and a /ws newcomer reads the same document

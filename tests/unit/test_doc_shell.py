@@ -202,3 +202,12 @@ async def test_stop_writes_and_snapshots_every_changed_document(tmp_path: Any) -
     replica.apply_update(stored.snapshot)  # type: ignore[arg-type]
     assert str(replica.get("t", type=Text)) == "last words"
     assert [e.type for e in h.events if isinstance(e, Reply)] == [MessageType.UPDATE_ACK]
+
+
+async def test_an_empty_update_changes_no_revision_and_is_not_relayed() -> None:
+    h = Harness(Wrapped())
+    await h.loaded()
+    h.shell.update(DocUpdate(A, "e", ROOM, b"\x00\x00"), UserId("a"))
+    (ack,) = h.of(MessageType.UPDATE_ACK)
+    assert ack.data["revision"] == 0
+    assert not [e for e in h.events if isinstance(e, RoomBroadcast)]
