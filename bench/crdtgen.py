@@ -10,9 +10,11 @@ Reads no environment: its whole input is a `CrdtPlan`.
 
 Each client keeps its own pycrdt `Doc` of the room, inserts at the end of its
 Text and sends the incremental update. Receivers do not decode or apply what
-they get: they look for markers in the bytes (`crdtplan.find_markers`), which
-keeps the load generator's cost per delivery small, since it shares the
-machine's cores with the server it measures.
+they get: they look for markers in the bytes (`crdtplan.find_markers`). That,
+the lean WebSocket client (`wsclient.py`: frames handed over synchronously)
+and one timer per client instead of a task keep the load generator's cost per
+delivery small, since it shares the machine's cores with the server it
+measures.
 
 - `ws` mode, the `/ws` protocol v1 (DESIGN.md): JOIN_RESOURCE (document,
   editor) -> RESOURCE_STATE; RESOURCE_UPDATE -> UPDATE_ACK to the sender (its
@@ -32,13 +34,13 @@ import random
 import time
 import traceback
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from pycrdt import Doc, Text
-from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from rounds.auth import mint_token
+from rounds.bench import wsclient
 from rounds.bench.crdtplan import (
     DELIVERED, DUPLICATE, ECHO, EXTRA, MSGPACK, TEXT_NAME, WS, CrdtPlan, Ledger, find_markers, marker, room_url,
 )
@@ -60,23 +62,26 @@ _SYNC_UPDATE_HEAD = b"\x00\x02"  # y-websocket: message sync, sub-type update
 
 class _Client:
     __slots__ = ("index", "user_id", "room", "token", "ws", "synced", "closing", "doc", "text", "length",
-                 "futures", "acks", "ref", "revision")
+                 "futures", "acks", "ref", "revision", "next_at", "timer")
 
     def __init__(self, index: int, room: _Room) -> None:
         self.index = index
         self.user_id = bench_user_id(index)
         self.room = room
         self.token = ""
-        self.ws: ClientConnection | None = None
+        self.ws: wsclient.LeanConnection | None = None
         self.synced = False  # joined (ws) or got the server's sync step 2 (yjs); receives updates
         self.closing = False  # we are closing it: a close is then expected
         self.doc = Doc()
         self.text = self.doc.get(TEXT_NAME, type=Text)
         self.length = 0  # characters this client inserted (ASCII markers only)
-        self.futures: dict[Any, asyncio.Future[tuple[int, Any]]] = {}  # ref (ws) or "sync" (yjs)
+        # replies awaited in the ramp: "connected" (CONNECTED), a ref (RESOURCE_STATE), "sync" (step 2)
+        self.futures: dict[Any, asyncio.Future[tuple[int, Any]]] = {}
         self.acks: dict[int, int] = {}  # ref -> sent_ns of an update awaiting UPDATE_ACK
         self.ref = 0
         self.revision = -1  # the last revision this client saw in a RESOURCE_UPDATE
+        self.next_at = 0.0  # monotonic time of its next update
+        self.timer: asyncio.TimerHandle | None = None
 
     def next_ref(self) -> int:
         self.ref += 1
@@ -112,9 +117,10 @@ class CrdtWorker:
         self.connected = 0
         self.connected_at_end = 0
         self.updates_sent = 0
-        self.readers: set[asyncio.Task[None]] = set()
+        self.until = 0.0  # end of the measured phase (monotonic)
+        self.loop = asyncio.get_running_loop()
         self.stopping = asyncio.Event()
-        self.go: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+        self.go: asyncio.Future[float] = self.loop.create_future()
 
     def on_control(self, message: Go | Stop | None) -> None:
         """A control message arrived (None: the parent went away)."""
@@ -126,11 +132,10 @@ class CrdtWorker:
     # --- the phases ------------------------------------------------------------------
 
     async def run(self) -> WorkerResult:
-        loop = asyncio.get_running_loop()
         deadline_hit = False
         background = [asyncio.create_task(self._report_progress()), asyncio.create_task(self._sweep())]
         try:
-            give_up_at = loop.time() + (self.plan.hard_deadline - CLOSE_TIMEOUT_S - 1 - time.monotonic())
+            give_up_at = self.loop.time() + (self.plan.hard_deadline - CLOSE_TIMEOUT_S - 1 - time.monotonic())
             async with asyncio.timeout_at(give_up_at):
                 await self._ramp()
                 self.send(self._progress())
@@ -148,6 +153,7 @@ class CrdtWorker:
         finally:
             for task in background:
                 task.cancel()
+            self._stop_timers()
             await self._close_all()
         self.rec.count("deliveries_expected", n=self.ledger.expected)
         self.rec.count("deliveries", n=self.ledger.delivered)
@@ -176,6 +182,7 @@ class CrdtWorker:
         await asyncio.wait([everyone, stop], timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
         stop.cancel()
         everyone.cancel()  # the ramp deadline passed or the parent said stop
+        everyone.add_done_callback(lambda f: f.cancelled() or f.exception())  # outcomes are read below
         for outcome in await asyncio.gather(*tasks, return_exceptions=True):
             if isinstance(outcome, Exception):
                 self.rec.count("loadgen_errors")
@@ -195,25 +202,30 @@ class CrdtWorker:
         return self.go.result() if self.go.done() and not self.stopping.is_set() else None
 
     async def _measure(self, until: float) -> None:
+        """Each synced client sends every `interval_s` from a random offset on, by
+        a timer of its own; sends are synchronous, so stopping the timers at
+        `until` leaves no update half sent."""
         self.phase = MEASURED
+        self.until = until
         rng = random.Random(f"{self.plan.seed}:{self.plan.index}")
-        drivers = [asyncio.create_task(self._drive(c, until, rng.uniform(0, self.plan.interval_s)))
-                   for c in self.clients if c.synced]
-        everyone = asyncio.gather(*drivers, return_exceptions=True)
+        now = time.monotonic()
+        for client in self.clients:
+            if client.synced:
+                offset = rng.uniform(0, self.plan.interval_s)
+                client.next_at = now + offset
+                client.timer = self.loop.call_later(offset, self._tick, client)
         stop = asyncio.create_task(self.stopping.wait())
-        # Drivers end by themselves at `until` (a send in progress completes, so
-        # the ledger knows whether it went out); stragglers are cancelled.
-        await asyncio.wait([everyone, stop], timeout=max(0.0, until - time.monotonic()) + self.plan.reply_timeout_s,
-                           return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait([stop], timeout=max(0.0, until - time.monotonic()))
         stop.cancel()
+        self._stop_timers()
         self.connected_at_end = self.connected
         self.phase = DRAIN  # deliveries still due are timed all the same
-        for task in drivers:
-            task.cancel()
-        for outcome in await asyncio.gather(*drivers, return_exceptions=True):
-            if isinstance(outcome, Exception):
-                self.rec.count("loadgen_errors")
-                self.rec.error("".join(traceback.format_exception(outcome)))
+
+    def _stop_timers(self) -> None:
+        for client in self.clients:
+            if client.timer is not None:
+                client.timer.cancel()
+                client.timer = None
 
     async def _drain(self) -> None:
         """Give the last updates' deliveries and acks their timeout to arrive."""
@@ -241,50 +253,48 @@ class CrdtWorker:
 
     async def _connect_and_sync(self, client: _Client, slots: asyncio.Semaphore) -> None:
         async with slots:
-            ws = await self._connect(client)
-            if ws is None:
-                return
-            reader = asyncio.create_task(self._read(client, ws))
-            self.readers.add(reader)  # a reference, so the task is not collected
-            reader.add_done_callback(self.readers.discard)
-            await (self._join(client) if self.ws_mode else self._sync(client))
+            if await self._connect(client):
+                await (self._join(client) if self.ws_mode else self._sync(client))
 
-    async def _connect(self, client: _Client) -> ClientConnection | None:
+    async def _connect(self, client: _Client) -> bool:
         url = url_with_token(room_url(self.plan.mode, self.plan.url, client.room.resource_id), client.token)
+        subprotocols = (SUBPROTOCOL_MSGPACK,) if self.ws_mode and self.codec is MSGPACK_CODEC else ()
         started = time.perf_counter()
         timeout = max(0.1, min(10.0, self.plan.ramp_deadline - time.monotonic()))
+        connected = self.loop.create_future() if self.ws_mode else None
+        if connected is not None:
+            client.futures["connected"] = connected
+        ws: wsclient.LeanConnection | None = None
         try:
             async with asyncio.timeout(timeout):
-                ws = await connect(
-                    url,
-                    subprotocols=[SUBPROTOCOL_MSGPACK] if self.ws_mode and self.codec is MSGPACK_CODEC else None,
-                    compression=None,
-                    proxy=None,
-                    open_timeout=None,  # the enclosing timeout covers the upgrade (and CONNECTED)
-                    ping_interval=None,  # pings from the server are answered all the same
-                    close_timeout=2,
-                    max_size=2**22,
-                    max_queue=None,  # read as fast as frames come
-                )
-                first = self._decode(await ws.recv()) if self.ws_mode else None
-        except InvalidStatus as error:
-            return self._connect_failed(client, f"http_{error.response.status_code}")
-        except (OSError, TimeoutError, InvalidHandshake, ConnectionClosed) as error:
+                ws = await wsclient.connect(url, subprotocols)
+                client.ws = ws
+                self.connected += 1
+                ws.start(wsclient.Handlers(partial(self._on_message, client, ws), partial(self._on_closed, client, ws)))
+                if connected is not None:
+                    await connected  # the first frame must be CONNECTED
+        except wsclient.HandshakeError as error:
+            return self._connect_failed(client, f"http_{error.status}" if error.status else "bad_handshake")
+        except (OSError, TimeoutError, ConnectionError) as error:
+            if ws is not None:
+                client.closing = True
+                await ws.close()
             return self._connect_failed(client, type(error).__name__)
-        if self.ws_mode and (first is None or first.get("type") != MessageType.CONNECTED):
+        except ValueError:  # the first frame was not CONNECTED (set by `_on_ws_frame`)
             client.closing = True
-            await ws.close()
+            if ws is not None:
+                await ws.close()
             return self._connect_failed(client, "first_frame_not_CONNECTED")
+        finally:
+            client.futures.pop("connected", None)
         self.rec.sample(RAMP, "connect_ms", started, time.perf_counter())
-        client.ws = ws
-        self.connected += 1
-        return ws
+        return True
 
-    def _connect_failed(self, client: _Client, reason: str) -> None:
+    def _connect_failed(self, client: _Client, reason: str) -> bool:
         client.closing = True  # a failed client is not retried
         self.rec.count("connect_errors")
         self.rec.count("connect_error_reasons", reason)
-        return None
+        return False
 
     async def _join(self, client: _Client) -> None:
         ref = client.next_ref()
@@ -309,11 +319,11 @@ class CrdtWorker:
     ) -> tuple[int, int, Any] | None:
         """Send `frame` and wait for the reply filed under `key`: (sent_ns,
         received_ns, reply), or None on timeout or close."""
-        future: asyncio.Future[tuple[int, Any]] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[tuple[int, Any]] = self.loop.create_future()
         client.futures[key] = future
         try:
             sent_ns = time.monotonic_ns()
-            if not await self._send(client, frame):
+            if not self._send(client, frame):
                 return None
             # not `wait_for`: on 3.11 it swallows a cancellation that races with the reply
             async with asyncio.timeout(self.plan.reply_timeout_s):
@@ -322,40 +332,38 @@ class CrdtWorker:
         except TimeoutError:
             self.rec.count("reply_timeouts", what)
             return None
-        except ConnectionClosed:
-            return None  # counted by the reader
+        except ConnectionError:
+            return None  # counted by `_on_closed`
         finally:
             client.futures.pop(key, None)
 
-    async def _send(self, client: _Client, frame: str | bytes) -> bool:
-        """Send one frame; False if the connection is gone (the reader counts the close)."""
-        if client.ws is None:
-            return False
-        try:
-            await client.ws.send(frame)
-        except ConnectionClosed:
+    def _send(self, client: _Client, frame: str | bytes) -> bool:
+        """Send one frame; False if the connection is gone (`_on_closed` counts the close)."""
+        ws = client.ws
+        if ws is None or not (ws.send_text(frame) if isinstance(frame, str) else ws.send_binary(frame)):
             return False
         self.rec.count("frames_sent")
         return True
 
     # --- one client: updates -------------------------------------------------------------
 
-    async def _drive(self, client: _Client, until: float, offset_s: float) -> None:
-        """One update every `interval_s` from `offset_s` on, until `until`; a late
-        client skips the slots it missed rather than send a burst."""
-        next_at = time.monotonic() + offset_s
-        while client.ws is not None and not client.closing and not self.stopping.is_set():
-            await asyncio.sleep(max(0.0, min(next_at, until) - time.monotonic()))
-            now = time.monotonic()
-            if now >= until:
-                return
-            await self._send_update(client)
-            next_at = max(next_at + self.plan.interval_s, now)
-
-    async def _send_update(self, client: _Client) -> None:
-        ws = client.ws
-        if ws is None:
+    def _tick(self, client: _Client) -> None:
+        """A client's timer: send one update, then set the timer for the next; a
+        late client skips the slots it missed rather than send a burst."""
+        client.timer = None
+        now = time.monotonic()
+        if now >= self.until or client.ws is None or client.closing or self.stopping.is_set():
             return
+        try:
+            self._send_update(client)
+        except Exception:  # our bug: keep the text, stop this client, keep the others going
+            self.rec.count("loadgen_errors")
+            self.rec.error(traceback.format_exc())
+            return
+        client.next_at = max(client.next_at + self.plan.interval_s, now)
+        client.timer = self.loop.call_later(client.next_at - now, self._tick, client)
+
+    def _send_update(self, client: _Client) -> None:
         sent_ns = time.monotonic_ns()
         before = client.doc.get_state()
         text = marker(client.index, sent_ns)
@@ -372,9 +380,7 @@ class CrdtWorker:
         else:
             frame = sync_update(update)
         self.ledger.sent(client.index, sent_ns, [m.index for m in room.members if m.synced])
-        try:
-            await ws.send(frame)
-        except ConnectionClosed:
+        if not self._send(client, frame):
             self.ledger.cancel(client.index, sent_ns)
             if ref is not None:
                 client.acks.pop(ref, None)
@@ -385,24 +391,21 @@ class CrdtWorker:
 
     # --- receiving ---------------------------------------------------------------------
 
-    async def _read(self, client: _Client, ws: ClientConnection) -> None:
+    def _on_message(self, client: _Client, ws: wsclient.LeanConnection, is_text: bool, payload: bytes) -> None:
+        now_ns = time.monotonic_ns()
+        self.rec.count("frames_received")
         try:
-            async for frame in ws:
-                now_ns = time.monotonic_ns()
-                self.rec.count("frames_received")
-                reply = self._on_ws_frame(client, frame, now_ns) if self.ws_mode else self._on_y_frame(
-                    client, frame, now_ns)
+            if self.ws_mode:
+                self._on_ws_frame(client, payload.decode("utf-8") if is_text else payload, now_ns)
+            else:
+                reply = self._on_y_frame(client, payload.decode("utf-8") if is_text else payload, now_ns)
                 if reply is not None:
-                    await self._send(client, reply)
-        except ConnectionClosed:
-            pass
+                    self._send(client, reply)
         except Exception:  # our bug: keep the text, drop this client, keep the others going
             self.rec.error(traceback.format_exc())
             self.rec.count("loadgen_errors")
             client.closing = True
-            await ws.close()
-        finally:
-            self._on_closed(client, ws)
+            self.loop.create_task(ws.close())
 
     def _on_y_frame(self, client: _Client, frame: str | bytes, now_ns: int) -> bytes | None:
         if isinstance(frame, str):
@@ -441,6 +444,13 @@ class CrdtWorker:
         kind, ref = message.get("type"), message.get("ref")
         data = message.get("data") if isinstance(message.get("data"), dict) else {}
         self.rec.count("frames_received_by_type", str(kind))
+        connected = client.futures.get("connected")
+        if connected is not None and not connected.done():  # the first frame
+            if kind == MessageType.CONNECTED:
+                connected.set_result((now_ns, message))
+            else:
+                connected.set_exception(ValueError(f"first frame {kind}, not CONNECTED"))
+            return None
         if kind == MessageType.RESOURCE_UPDATE:
             update = data.get("update")
             if isinstance(update, str):
@@ -508,18 +518,23 @@ class CrdtWorker:
             return None
         return message if isinstance(message, dict) else None
 
-    def _on_closed(self, client: _Client, ws: ClientConnection) -> None:
+    def _on_closed(self, client: _Client, ws: wsclient.LeanConnection, code: int) -> None:
+        if client.ws is not ws:
+            return  # closed before it was ever counted as connected
         self.connected -= 1
         client.synced = False
+        client.ws = None
+        if client.timer is not None:
+            client.timer.cancel()
+            client.timer = None
         self.ledger.release(client.index)
         for future in client.futures.values():
             if not future.done():
-                future.set_exception(ConnectionClosed(ws.protocol.close_rcvd, ws.protocol.close_sent))
+                future.set_exception(ConnectionError(f"closed with {code}"))
         if not client.closing:
             self.rec.count("unexpected_closes")
-            self.rec.count("close_codes", str(ws.close_code))
+            self.rec.count("close_codes", str(code))
             client.closing = True
-        client.ws = None
 
     # --- background ------------------------------------------------------------------------
 

@@ -22,13 +22,18 @@ ROOM = "document:test-r0"
 
 
 class RecordingConnection:
-    """Keeps what the worker sends."""
+    """Keeps what the worker sends (the `wsclient.LeanConnection` methods it uses)."""
 
     def __init__(self) -> None:
         self.sent: list[str | bytes] = []
 
-    async def send(self, frame: str | bytes) -> None:
-        self.sent.append(frame)
+    def send_text(self, text: str) -> bool:
+        self.sent.append(text)
+        return True
+
+    def send_binary(self, data: bytes) -> bool:
+        self.sent.append(data)
+        return True
 
 
 def make_worker(mode: str = WS, codec: str = JSON, members: int = 3) -> CrdtWorker:
@@ -55,7 +60,7 @@ def relayed(update: bytes, sender: int, revision: int) -> str:
 async def test_a_ws_client_sends_a_marked_incremental_update_and_awaits_its_ack() -> None:
     worker = make_worker()
     sender = worker.clients[0]
-    await worker._send_update(sender)
+    worker._send_update(sender)
     [frame] = sender.ws.sent  # type: ignore[union-attr]
     message = JSON_CODEC.decode(frame)
     assert message["type"] == MessageType.RESOURCE_UPDATE
@@ -74,7 +79,7 @@ async def test_a_ws_client_sends_a_marked_incremental_update_and_awaits_its_ack(
 async def test_the_others_receipts_are_timed_and_the_ack_is_the_durability_round_trip() -> None:
     worker = make_worker()
     sender = worker.clients[0]
-    await worker._send_update(sender)
+    worker._send_update(sender)
     message = JSON_CODEC.decode(sender.ws.sent[0])  # type: ignore[union-attr]
     sent_ns = sender.acks[message["ref"]]
     frame = relayed(base64.b64decode(message["data"]["update"]), 0, revision=1)
@@ -91,7 +96,7 @@ async def test_the_others_receipts_are_timed_and_the_ack_is_the_durability_round
 async def test_msgpack_frames_carry_the_update_as_bytes() -> None:
     worker = make_worker(codec=MSGPACK)
     sender = worker.clients[0]
-    await worker._send_update(sender)
+    worker._send_update(sender)
     message = msgpack.unpackb(sender.ws.sent[0], raw=False)  # type: ignore[union-attr]
     assert isinstance(message["data"]["update"], bytes)
     frame = msgpack.packb({"type": "RESOURCE_UPDATE", "data": {"resourceId": ROOM, "update": message["data"]["update"],
@@ -104,7 +109,7 @@ async def test_msgpack_frames_carry_the_update_as_bytes() -> None:
 async def test_a_refused_update_is_counted_and_no_longer_awaits_its_ack() -> None:
     worker = make_worker()
     sender = worker.clients[0]
-    await worker._send_update(sender)
+    worker._send_update(sender)
     ref = next(iter(sender.acks))
     error = JSON_CODEC.encode(MessageType.ERROR, {"code": "BAD_UPDATE", "message": "no"}, ref)
     worker._on_ws_frame(sender, error, time.monotonic_ns())
@@ -137,7 +142,7 @@ async def test_an_update_without_a_marker_is_counted_by_its_size() -> None:
 async def test_a_yjs_client_sends_sync_updates_and_times_them_at_the_others() -> None:
     worker = make_worker(mode=YJS)
     sender = worker.clients[0]
-    await worker._send_update(sender)
+    worker._send_update(sender)
     [frame] = sender.ws.sent  # type: ignore[union-attr]
     assert frame[:2] == b"\x00\x02" and not sender.acks
     [(_, sent_ns)] = find_markers(frame)
