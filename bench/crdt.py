@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from rounds.bench import stats
-from rounds.bench.crdtgen import crdt_worker_main
+from rounds.bench.crdtgen import SLOW_MS, crdt_worker_main
 from rounds.bench.crdtplan import CODECS, JSON, MODES, WS, CrdtPlan
 from rounds.bench.plan import MEASURED, RAMP, RoomPlan, assign_rooms, plan_rooms, require_loopback_url
 from rounds.bench.runner import Conductor, WorkerSpec, environment
@@ -298,6 +298,7 @@ def run_report(
             "propagation_p99": verdict(p99, options.users),
             "delivery": "n/a" if delivery_ratio is None else "ok" if delivered == expected else "miss",
         },
+        "slow_deliveries_by_second": slow_by_second(counts, options.duration_s),
         "server": server_figures,
         "loadgen": conductor.loadgen_figures(),
         "machine": {**conductor.machine_figures()},
@@ -307,6 +308,19 @@ def run_report(
     }
     entry["machine"]["other_cpu_percent_measured"] = other_cpu(entry)
     return entry, {metric: samples[MEASURED].get(metric, []) for metric in ("propagation_ms", "ack_ms")}
+
+
+def slow_by_second(counts: Mapping[str, Any], duration_s: float) -> dict[str, list[int]]:
+    """Deliveries over 5 ms and over 50 ms by second of their send in the measured
+    phase (index 0 = its first second): a tail spread evenly is load, one in a
+    few seconds is a stall."""
+    seconds = max(1, int(-(-duration_s // 1)))
+    out: dict[str, list[int]] = {}
+    for limit in SLOW_MS:
+        name = f"over_{limit:g}ms"
+        by_second = counts.get(f"deliveries_{name}_by_second", {})
+        out[name] = [int(by_second.get(str(second), 0)) for second in range(seconds)]
+    return out
 
 
 def other_cpu(entry: Mapping[str, Any]) -> float | None:
@@ -398,6 +412,11 @@ def _run_lines(entry: Mapping[str, Any]) -> list[str]:
         f"{_fmt(entry['machine']['cpu_percent_measured'], '%')} of {entry['machine']['cpu_count']} cores",
         f"[{label}] failures: {failures['total']}" + (f" ({details})" if details else ""),
     ]
+    slow = entry.get("slow_deliveries_by_second", {})
+    for name, by_second in slow.items():
+        if any(by_second):
+            lines.append(f"[{label}] deliveries {name.replace('_', ' ')} by second of the run: "
+                         + " ".join(str(n) for n in by_second))
     other = entry["machine"]["other_cpu_percent_measured"]
     if other is not None and other > OTHER_CPU_WARN_PERCENT:
         lines.append(f"[{label}] WARNING: {other:.0f}% of a core went to processes other than the server and "

@@ -58,6 +58,7 @@ PROGRESS_EVERY_S = 1.0
 SWEEP_EVERY_S = 0.5
 CLOSE_TIMEOUT_S = 5.0
 _SYNC_UPDATE_HEAD = b"\x00\x02"  # y-websocket: message sync, sub-type update
+SLOW_MS = (5.0, 50.0)  # the goal and the seed's bar at 500 users: slow deliveries are counted by second
 
 
 class _Client:
@@ -118,6 +119,7 @@ class CrdtWorker:
         self.connected_at_end = 0
         self.updates_sent = 0
         self.until = 0.0  # end of the measured phase (monotonic)
+        self.measured_from_ns = 0  # its start, as this worker saw Go
         self.loop = asyncio.get_running_loop()
         self.stopping = asyncio.Event()
         self.go: asyncio.Future[float] = self.loop.create_future()
@@ -207,6 +209,7 @@ class CrdtWorker:
         `until` leaves no update half sent."""
         self.phase = MEASURED
         self.until = until
+        self.measured_from_ns = time.monotonic_ns()
         rng = random.Random(f"{self.plan.seed}:{self.plan.index}")
         now = time.monotonic()
         for client in self.clients:
@@ -501,7 +504,13 @@ class CrdtWorker:
         for sender, sent_ns in found:
             outcome = self.ledger.receipt(client.index, sender, sent_ns)
             if outcome == DELIVERED or outcome == EXTRA:
-                self.rec.add(MEASURED, "propagation_ms", (now_ns - sent_ns) / 1e6)
+                ms = (now_ns - sent_ns) / 1e6
+                self.rec.add(MEASURED, "propagation_ms", ms)
+                if ms > SLOW_MS[0]:  # when in the run the tail happened, by second of the send
+                    second = str(int((sent_ns - self.measured_from_ns) // 1_000_000_000))
+                    for limit in SLOW_MS:
+                        if ms > limit:
+                            self.rec.count(f"deliveries_over_{limit:g}ms_by_second", second)
             elif outcome == ECHO:
                 self.rec.count("echoes")  # the stock server sends an update back to its sender too
             elif outcome == DUPLICATE:

@@ -268,7 +268,16 @@ def _crdt_cpu(axes: Any, runs: Sequence[Mapping[str, Any]], colours: Mapping[str
     axes.axvline(0, color="grey", linewidth=0.6)
     axes.set_xlabel("seconds since the measured phase began (negative: connecting and syncing)")
     axes.set_ylabel("CPU (% of one core)")
-    axes.set_title("server CPU, summed over its processes")
+    axes.set_title("server CPU, summed over its processes; dotted: deliveries over 5 ms by second of their send")
     axes.grid(True, linewidth=0.3)
     if axes.get_legend_handles_labels()[0]:
         axes.legend(loc="upper left", fontsize=8)
+    slow = [(run, run.get("slow_deliveries_by_second", {}).get("over_5ms", [])) for run in runs]
+    if any(any(by_second) for _, by_second in slow):
+        twin = axes.twinx()
+        for run, by_second in slow:
+            if by_second:
+                twin.step([s + 1 for s in range(len(by_second))], by_second, ":", where="pre",
+                          color=colours[run["label"]])
+        twin.set_ylabel("deliveries over 5 ms")
+        twin.set_ylim(bottom=0)

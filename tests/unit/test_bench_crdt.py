@@ -308,3 +308,9 @@ def test_the_table_has_a_row_per_run_and_latency_and_names_runs_not_run() -> Non
     assert "rounds ws/json                ack" in table
     assert "y-websocket-ref yjs           not run: node is not on PATH" in table
     assert "delivery 100.000 %" in table
+
+
+def test_slow_deliveries_are_listed_by_second_of_the_measured_phase() -> None:
+    counts = {"deliveries_over_5ms_by_second": {"0": 4, "2": 1}, "deliveries_over_50ms_by_second": {"2": 1}}
+    assert crdt.slow_by_second(counts, 3.5) == {"over_5ms": [4, 0, 1, 0], "over_50ms": [0, 0, 1, 0]}
+    assert crdt.slow_by_second({}, 2) == {"over_5ms": [0, 0], "over_50ms": [0, 0]}

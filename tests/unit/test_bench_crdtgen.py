@@ -89,6 +89,7 @@ async def test_the_others_receipts_are_timed_and_the_ack_is_the_durability_round
     worker._on_ws_frame(sender, ack, sent_ns + 4_000_000)
     assert worker.rec.samples[MEASURED]["propagation_ms"] == [2.0, 3.0]
     assert worker.rec.samples[MEASURED]["ack_ms"] == [4.0]
+    assert "deliveries_over_5ms_by_second" not in worker.rec.counts_dict()
     assert worker.ledger.settled() and worker.ledger.delivered == 2
     assert not sender.acks
 
@@ -172,3 +173,17 @@ async def test_a_yjs_client_is_synced_by_the_servers_step_2() -> None:
     assert future.done() and future.result()[0] == 42
     assert "updates_without_marker" not in worker.rec.counts_dict()  # a state, not a relayed update
     assert RAMP in worker.rec.samples
+
+
+async def test_a_slow_delivery_is_counted_in_the_second_it_was_sent() -> None:
+    worker = make_worker(mode=YJS)
+    worker.measured_from_ns = 1_000_000_000
+    sender = worker.clients[0]
+    worker._send_update(sender)
+    [(_, sent_ns)] = find_markers(sender.ws.sent[0])  # type: ignore[union-attr]
+    second = str((sent_ns - worker.measured_from_ns) // 1_000_000_000)
+    worker._on_y_frame(worker.clients[1], sender.ws.sent[0], sent_ns + 60_000_000)  # type: ignore[union-attr]
+    worker._on_y_frame(worker.clients[2], sender.ws.sent[0], sent_ns + 6_000_000)  # type: ignore[union-attr]
+    counts = worker.rec.counts_dict()
+    assert counts["deliveries_over_5ms_by_second"] == {second: 2}
+    assert counts["deliveries_over_50ms_by_second"] == {second: 1}
