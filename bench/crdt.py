@@ -39,12 +39,13 @@ from rounds.bench import stats
 from rounds.bench.crdtgen import SLOW_MS, crdt_worker_main
 from rounds.bench.crdtplan import CODECS, JSON, MODES, WS, CrdtPlan
 from rounds.bench.plan import MEASURED, RAMP, RoomPlan, assign_rooms, plan_rooms, require_loopback_url
-from rounds.bench.runner import Conductor, WorkerSpec, environment
+from rounds.bench.runner import Conductor, WorkerSpec, environment, wait_until_quiet
 
 SCHEMA = "rounds.bench.crdt/1"
 SEED_P99_MS = 50.0  # the seed's bar, at 500 users
 GOAL_P99_MS = ((500, 5.0), (3_000, 50.0))  # our goal: p99 under this up to that many users
 OTHER_CPU_WARN_PERCENT = 50.0
+QUIET_PERCENT, QUIET_WAIT_S = 30.0, 30.0  # before each run: the machine under 30 % of a core, waiting 30 s at most
 # (name in the report, phase, metric of crdtgen), in the order of the table.
 LATENCIES = (
     ("propagation", MEASURED, "propagation_ms"),
@@ -194,12 +195,15 @@ def run_crdt(
         try:
             with server.open() as target:
                 require_loopback_url(target.url)
+                # A server stopped just before (the previous run's gateway, Ray) may still be winding down.
+                busy = wait_until_quiet(QUIET_PERCENT, QUIET_WAIT_S, log, "bench crdt")
                 conductor = _run_one(options, server, target, private_key_pem, f"document:{tag}-{number}-r", log)
         except ServerUnavailable as error:
             report["runs"].append({"name": server.name, "label": server.label, "mode": server.mode,
                                    "codec": server.codec, "ok": False, "error": str(error)})
             continue
         entry, samples = run_report(server, options, conductor, target.info | {"url": target.url})
+        entry["machine"]["busy_percent_before"] = None if busy is None else round(busy, 1)
         report["runs"].append(entry)
         run.samples[server.label] = samples
         if entry["aborted"]:

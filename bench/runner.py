@@ -365,6 +365,26 @@ class Conductor:
         return machine_figures(self.loadgen, self.load_at_start)
 
 
+def wait_until_quiet(below_percent: float, max_wait_s: float, log: Callable[[str], None],
+                     label: str = "bench") -> float | None:
+    """Wait until the whole machine is busy under `below_percent` of one core
+    over one second (a gateway stopped just before may still be winding
+    down), at most `max_wait_s`; return the last reading."""
+    deadline = time.monotonic() + max_wait_s
+    busy = None
+    while True:
+        before = _machine_busy_s()
+        started = time.monotonic()
+        time.sleep(1.0)
+        busy = stats.cpu_percent(_machine_busy_s() - before, time.monotonic() - started)
+        if busy is None or busy < below_percent:
+            return busy
+        if time.monotonic() >= deadline:
+            log(f"{label}: the machine is still {busy:.0f}% busy after {max_wait_s:g} s; going on")
+            return busy
+        log(f"{label}: waiting for the machine to settle ({busy:.0f}% of a core busy)")
+
+
 def since(origin: float | None, at: float | None) -> float | None:
     return None if at is None or origin is None else round(at - origin, 3)
 
