@@ -1,8 +1,8 @@
 """The lock machine's asyncio shell inside a shard (issue 3).
 
 Feeds lock commands and presence's `MemberGone` to `Locks` with the time,
-carries out what it asks of the store (`StoreGrant`, `StoreRenew`,
-`StoreRelease`) in tasks and feeds the answers back, and keeps one timer
+hands what it asks of the store (`StoreGrant`, `StoreRenew`, `StoreRelease`)
+to the store with a callback that feeds the answer back, and keeps one timer
 armed for the next expiry, so a lock nobody asks about still expires on time
 and its room hears `RESOURCE_UNLOCKED "expired"`. Replies, room broadcasts
 and audit records go to the shard's `dispatch`.
@@ -12,10 +12,10 @@ shard owns (a restart: Ray brought the actor back with empty memory, the
 front doors kept the holders' connections), so they can still be renewed
 and released and are announced "expired" when their time comes.
 
-Store requests of one resource run in order, one at a time (`_queue`); the
-machine keeps each queue short, since it denies acquires while a grant is
-pending. A store call that takes longer than `STORE_TIMEOUT_S` counts as
-failed (`GrantFailed`: the machine refuses the grant and asks for a release).
+The store carries out requests in the order they are submitted (a release
+reaches it before the next grant of the resource) and answers each exactly
+once; one unanswered for `rounds.backends.locks.STORE_TIMEOUT_S` fails (`GrantFailed`:
+the machine refuses the grant and asks for a release).
 """
 
 from __future__ import annotations
@@ -23,30 +23,27 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from rounds.backends.locks import LockStore, perform
+from rounds.backends.locks import LockStore, StoreAnswer
 from rounds.clock import now_ms
 from rounds.ids import ResourceId
+from rounds.shard.events import CheckFence, Reply
 from rounds.shard.lock_events import (
+    AuditLock,
     LockAdopt,
     LockCommand,
     LockEvent,
     StoreGrant,
     StoreRelease,
     StoreRenew,
-    StoreRequest,
 )
-from rounds.shard.events import CheckFence, Reply
-from rounds.shard.lock_events import AuditLock
 from rounds.shard.locks import Locks
 from rounds.wire import ErrorCode, MessageType, error_data
 
 log = logging.getLogger(__name__)
 
-STORE_TIMEOUT_S = 2.0
 ADOPT_TIMEOUT_S = 10.0  # listing live locks at start; past it, the rest end at their store TTL
 
 
@@ -68,8 +65,7 @@ class LockShell:
         self._dispatch = dispatch
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: int | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._queues: dict[ResourceId, deque[StoreRequest]] = {}
+        self._stopped = False
 
     def handle(self, command: LockCommand) -> None:
         self._emit(self.locks.handle(command, now_ms()))
@@ -79,11 +75,15 @@ class LockShell:
         for event in events:
             match event:
                 case StoreGrant() | StoreRenew() | StoreRelease():
-                    self._queue(event)
+                    self.store.submit(event, self._answered)  # written to the store first, before the rest
                 case _:
                     rest.append(event)
         self._dispatch(rest)
         self._arm()
+
+    def _answered(self, answer: StoreAnswer | None) -> None:
+        if answer is not None and not self._stopped:
+            self.handle(answer)
 
     def check_fence(self, check: CheckFence) -> Reply:
         """The answer to a fenced update: STALE_LOCK unless the token is the live
@@ -100,32 +100,6 @@ class LockShell:
         # TODO(#4): apply the update; the fence is valid.
         return Reply(check.conn, check.ref, MessageType.ERROR, error_data(
             ErrorCode.UNSUPPORTED, "document updates are not served yet", resourceId=check.resource_id))
-
-    # --- the store ------------------------------------------------------------------
-
-    def _queue(self, request: StoreRequest) -> None:
-        """Store requests of one resource run one at a time, in the order the
-        machine emitted them: a release must reach the store before the next
-        grant, or that grant is refused by the lock just let go."""
-        queue = self._queues.get(request.resource_id)
-        if queue is not None:
-            queue.append(request)
-            return
-        self._queues[request.resource_id] = deque([request])
-        task = asyncio.create_task(self._run_queue(request.resource_id))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _run_queue(self, resource: ResourceId) -> None:
-        queue = self._queues[resource]
-        try:
-            while queue:
-                answer = await perform(self.store, queue[0], STORE_TIMEOUT_S)
-                queue.popleft()
-                if answer is not None:
-                    self.handle(answer)
-        finally:
-            del self._queues[resource]
 
     # --- expiry -------------------------------------------------------------------
 
@@ -169,8 +143,9 @@ class LockShell:
                      self.name, len(self.locks.locks()), skipped)
 
     async def stop(self) -> None:
+        """Stop expiring; requests in flight finish in the store, their answers
+        are dropped (the shard is going away)."""
         if self._timer is not None:
             self._timer.cancel()
-        if self._tasks:
-            await asyncio.wait(list(self._tasks), timeout=STORE_TIMEOUT_S)
+        self._stopped = True
         await self.store.aclose()

@@ -13,10 +13,15 @@ default, `RedisLockStore` the seed's keys written by Lua scripts
 - `lock:{resourceId}:fence`: the fencing counter, kept `FENCE_TTL_MS` past
   the resource's last grant or renewal (see there why that is enough).
 
-`held_locks()` lists the live locks for a restarting shard to adopt.
-`perform(store, request)` is the shell's step between the pure machine
-(`rounds.shard.locks`) and a store: it runs one `StoreRequest` and returns
-the command to feed back. This module holds the store side only; which
+A store takes the lock machine's own requests (`StoreGrant`, `StoreRenew`,
+`StoreRelease`) with `submit(request, done)` and calls `done` with the
+command to feed back to the machine. It is a callback, not a coroutine: the
+Redis store writes the script call to its connection at once and answers
+from the connection's `data_received`, so a lock request costs no task, no
+timeout object and no pooled-connection checkout, and one connection keeps
+the requests in the order they were made (a release lands before the next
+grant of the resource). `held_locks()` lists the live locks for a
+restarting shard to adopt. This module holds the store side only; which
 store a deployment uses is the factory's choice, and nothing here knows
 about rooms or clients.
 """
@@ -24,13 +29,19 @@ about rooms or clients.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import itertools
 import logging
+import os
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
+import hiredis
 import redis.asyncio as aioredis
+from redis.asyncio.connection import Connection, UnixDomainSocketConnection
 
 from rounds.backends.redis import _lua, _ping
 from rounds.clock import iso_ms, now_ms
@@ -64,6 +75,11 @@ token the old one issued unless a resource averaged more than one grant per
 microsecond, so tokens never go back (issue 3)."""
 
 ADOPT_SCAN_COUNT = 500  # SCAN COUNT per batch when a restarting shard lists live locks
+STORE_TIMEOUT_S = 2.0  # a request unanswered this long fails, with every other one in flight
+MAX_WAITING = 10_000  # requests held while (re)connecting; past it they fail at once (habit 9)
+
+StoreAnswer = GrantStored | GrantRefused | GrantFailed | LockLost
+Done = Callable[[StoreAnswer | None], None]
 
 
 def lock_key(resource: str) -> str:
@@ -82,22 +98,6 @@ _META_PREFIX, _META_SUFFIX = "lock:", ":metadata"
 
 
 @dataclass(frozen=True, slots=True)
-class Granted:
-    fencing_token: int
-
-
-@dataclass(frozen=True, slots=True)
-class Refused:
-    """Someone holds it: the seed's `SET NX` returned nil."""
-
-    holder_user_id: UserId
-    expires_at_ms: int
-
-
-GrantResult = Granted | Refused
-
-
-@dataclass(frozen=True, slots=True)
 class HeldLock:
     """A live lock as the store has it, for a restarted shard to adopt."""
 
@@ -113,26 +113,19 @@ class HeldLock:
 
 
 class LockStore(Protocol):
-    """Exclusive locks with fencing tokens. Every method is atomic on its own;
-    renew and release act only when `lock_id` and `user_id` still hold it."""
+    """Exclusive locks with fencing tokens, for one shard's lock machine."""
 
     name: str
 
-    async def grant(self, resource_id: ResourceId, lock_id: LockId, user_id: UserId, ttl_ms: int,
-                    acquired_at_ms: int, expires_at_ms: int, *, conn: ConnId, room_id: ResourceId,
-                    lock_type: str = EXCLUSIVE) -> GrantResult:
-        """Take the lock if free: its next fencing token, or who holds it and until when."""
-        ...
-
-    async def renew(self, resource_id: ResourceId, lock_id: LockId, user_id: UserId, ttl_ms: int,
-                    expires_at_ms: int) -> bool:
-        """Give the lock `ttl_ms` more from now; False if it is no longer this holder's."""
-        ...
-
-    async def release(self, resource_id: ResourceId, lock_id: LockId, user_id: UserId,
-                      if_expires_at_ms: int | None = None) -> bool:
-        """Delete the lock; False if it was no longer this holder's, or (given
-        `if_expires_at_ms`) its `expiresAt` is no longer that: nothing changes then."""
+    def submit(self, request: StoreRequest, done: Done) -> None:
+        """Carry out one request atomically and call `done` exactly once, never
+        from inside `submit`, with what to feed back to the machine: a grant
+        gets GrantStored, GrantRefused (held by someone else: the seed's
+        `SET NX` returned nil) or GrantFailed (no answer: it may have landed);
+        a renew gets None, or LockLost if this lock id no longer holds it; a
+        release gets None. Renew and release act only while `lock_id` and
+        `user_id` hold the lock; a failed one is logged, and the store's TTL
+        ends the lock there. Requests take effect in the order submitted."""
         ...
 
     def held_locks(self) -> AsyncIterator[HeldLock]:
@@ -142,7 +135,9 @@ class LockStore(Protocol):
 
     async def health(self) -> dict[str, Any]: ...
 
-    async def aclose(self) -> None: ...
+    async def aclose(self) -> None:
+        """Let requests in flight finish (at most `STORE_TIMEOUT_S`), then close."""
+        ...
 
 
 def held_lock(resource_id: str, holder: str | None, remaining_ms: int, meta: dict[str, str]) -> HeldLock | None:
@@ -192,7 +187,7 @@ class MemoryLockStore:
         self._clock = clock
         self.locks: dict[ResourceId, MemoryLock] = {}
         self.fences: dict[ResourceId, int] = {}
-        self._fences_swept = len(self.fences)
+        self._fences_swept = 0
 
     def live(self, resource_id: ResourceId) -> MemoryLock | None:
         """The unexpired lock on a resource (an expired one is forgotten here)."""
@@ -202,38 +197,42 @@ class MemoryLockStore:
             return None
         return lock
 
-    async def grant(self, resource_id: ResourceId, lock_id: LockId, user_id: UserId, ttl_ms: int,
-                    acquired_at_ms: int, expires_at_ms: int, *, conn: ConnId, room_id: ResourceId,
-                    lock_type: str = EXCLUSIVE) -> GrantResult:
-        held = self.live(resource_id)
+    def submit(self, request: StoreRequest, done: Done) -> None:
+        asyncio.get_running_loop().call_soon(done, self.answer(request))
+
+    def answer(self, request: StoreRequest) -> StoreAnswer | None:
+        """Carry out `request` now; what `submit` passes to `done`."""
+        match request:
+            case StoreGrant():
+                return self._grant(request)
+            case StoreRenew(resource_id=rid, lock_id=lock_id):
+                held = self._holders(rid, lock_id, request.user_id)
+                if held is None:
+                    return LockLost(rid, lock_id)
+                held.deadline_ms = self._clock() + request.ttl_ms
+                held.metadata["expiresAt"] = iso_ms(request.expires_at_ms)
+                return None
+            case StoreRelease(resource_id=rid, lock_id=lock_id):
+                held = self._holders(rid, lock_id, request.user_id)
+                if held is not None and (request.expires_at_ms is None
+                                         or held.metadata["expiresAt"] == iso_ms(request.expires_at_ms)):
+                    del self.locks[rid]
+                return None
+        raise TypeError(f"not a store request: {request!r}")
+
+    def _grant(self, g: StoreGrant) -> GrantStored | GrantRefused:
+        held = self.live(g.resource_id)
         if held is not None:
-            return Refused(held.user_id, held.deadline_ms)
+            return GrantRefused(g.resource_id, g.lock_id, held.user_id, held.deadline_ms)
         now = self._clock()
-        token = max(self.fences.get(resource_id, 0), now * 1000) + 1
-        self.fences[resource_id] = token
+        token = max(self.fences.get(g.resource_id, 0), now * 1000) + 1
+        self.fences[g.resource_id] = token
         self._sweep_fences(now)
-        self.locks[resource_id] = MemoryLock(user_id, lock_id, now + ttl_ms, {
-            "lockType": lock_type, "acquiredAt": iso_ms(acquired_at_ms), "expiresAt": iso_ms(expires_at_ms),
-            "userId": user_id, "lockId": lock_id, "fencingToken": str(token),
-            "roomId": room_id, "connId": str(conn), "ttlMs": str(ttl_ms)})
-        return Granted(token)
-
-    async def renew(self, resource_id: ResourceId, lock_id: LockId, user_id: UserId, ttl_ms: int,
-                    expires_at_ms: int) -> bool:
-        held = self._holders(resource_id, lock_id, user_id)
-        if held is None:
-            return False
-        held.deadline_ms = self._clock() + ttl_ms
-        held.metadata["expiresAt"] = iso_ms(expires_at_ms)
-        return True
-
-    async def release(self, resource_id: ResourceId, lock_id: LockId, user_id: UserId,
-                      if_expires_at_ms: int | None = None) -> bool:
-        held = self._holders(resource_id, lock_id, user_id)
-        if held is None or (if_expires_at_ms is not None and held.metadata["expiresAt"] != iso_ms(if_expires_at_ms)):
-            return False
-        del self.locks[resource_id]
-        return True
+        self.locks[g.resource_id] = MemoryLock(g.user_id, g.lock_id, now + g.ttl_ms, {
+            "lockType": g.lock_type, "acquiredAt": iso_ms(g.acquired_at_ms), "expiresAt": iso_ms(g.expires_at_ms),
+            "userId": g.user_id, "lockId": g.lock_id, "fencingToken": str(token),
+            "roomId": g.room_id, "connId": str(g.conn), "ttlMs": str(g.ttl_ms)})
+        return GrantStored(g.resource_id, g.lock_id, token)
 
     async def held_locks(self) -> AsyncIterator[HeldLock]:
         now = self._clock()
@@ -268,50 +267,65 @@ class MemoryLockStore:
 
 
 class RedisLockStore:
-    """The seed's keys on a real Redis; `clock` only turns a holder's PTTL
-    into an `expires_at_ms` for LOCK_DENIED."""
+    """The seed's keys on a real Redis.
+
+    Lock requests go over one connection of its own (`_Pipe`), made from the
+    address of `client`; `client` (redis-py) serves the rare calls: listing
+    live locks for adoption, health. `clock` turns a holder's PTTL into the
+    `expires_at_ms` of a refusal."""
 
     name = "redis"
 
     def __init__(self, client: aioredis.Redis, clock: Callable[[], int] = now_ms, *,
-                 fence_ttl_ms: int = FENCE_TTL_MS, scan_count: int = ADOPT_SCAN_COUNT) -> None:
+                 fence_ttl_ms: int = FENCE_TTL_MS, scan_count: int = ADOPT_SCAN_COUNT,
+                 timeout_s: float = STORE_TIMEOUT_S, max_waiting: int = MAX_WAITING) -> None:
         self.client = client
         self._clock = clock
         self.fence_ttl_ms = fence_ttl_ms
         self._scan_count = scan_count
-        self._grant = client.register_script(_lua("lock_grant"))
-        self._renew = client.register_script(_lua("lock_renew"))
-        self._release = client.register_script(_lua("lock_release"))
+        scripts = {name: _lua(name) for name in ("lock_grant", "lock_renew", "lock_release")}
+        self._sha = {name: hashlib.sha1(body.encode()).hexdigest() for name, body in scripts.items()}
+        self._pipe = _Pipe(client, list(scripts.values()), timeout_s, max_waiting)
         self._read = client.register_script(_lua("lock_read"))
 
-    async def grant(self, resource_id: ResourceId, lock_id: LockId, user_id: UserId, ttl_ms: int,
-                    acquired_at_ms: int, expires_at_ms: int, *, conn: ConnId, room_id: ResourceId,
-                    lock_type: str = EXCLUSIVE) -> GrantResult:
-        reply = await self._grant(
-            keys=[lock_key(resource_id), lock_meta_key(resource_id), lock_fence_key(resource_id)],
-            args=[user_id, lock_id, ttl_ms, lock_type, iso_ms(acquired_at_ms), iso_ms(expires_at_ms),
-                  room_id, conn, self.fence_ttl_ms])
-        if int(reply[0]) == 1:
-            return Granted(int(reply[1]))
-        holder, pttl_ms = reply[1], int(reply[2])
-        if isinstance(holder, bytes):  # a client without decode_responses
-            holder = holder.decode()
-        return Refused(UserId(holder), self._clock() + max(pttl_ms, 0))
+    def submit(self, request: StoreRequest, done: Done) -> None:
+        match request:
+            case StoreGrant(resource_id=rid):
+                command: tuple[Any, ...] = (
+                    "EVALSHA", self._sha["lock_grant"], 3, lock_key(rid), lock_meta_key(rid), lock_fence_key(rid),
+                    request.user_id, request.lock_id, request.ttl_ms, request.lock_type,
+                    iso_ms(request.acquired_at_ms), iso_ms(request.expires_at_ms), request.room_id, request.conn,
+                    self.fence_ttl_ms)
+            case StoreRenew(resource_id=rid):
+                command = ("EVALSHA", self._sha["lock_renew"], 3, lock_key(rid), lock_meta_key(rid),
+                           lock_fence_key(rid), request.lock_id, request.user_id, request.ttl_ms,
+                           iso_ms(request.expires_at_ms), self.fence_ttl_ms)
+            case StoreRelease(resource_id=rid):
+                command = ("EVALSHA", self._sha["lock_release"], 2, lock_key(rid), lock_meta_key(rid),
+                           request.lock_id, request.user_id)
+                if request.expires_at_ms is not None:
+                    command += (iso_ms(request.expires_at_ms),)
+            case _:
+                raise TypeError(f"not a store request: {request!r}")
+        self._pipe.send(hiredis.pack_command(command), lambda reply: done(self._answer(request, reply)))
 
-    async def renew(self, resource_id: ResourceId, lock_id: LockId, user_id: UserId, ttl_ms: int,
-                    expires_at_ms: int) -> bool:
-        renewed = await self._renew(
-            keys=[lock_key(resource_id), lock_meta_key(resource_id), lock_fence_key(resource_id)],
-            args=[lock_id, user_id, ttl_ms, iso_ms(expires_at_ms), self.fence_ttl_ms])
-        return int(renewed) == 1
-
-    async def release(self, resource_id: ResourceId, lock_id: LockId, user_id: UserId,
-                      if_expires_at_ms: int | None = None) -> bool:
-        args: list[Any] = [lock_id, user_id]
-        if if_expires_at_ms is not None:
-            args.append(iso_ms(if_expires_at_ms))
-        released = await self._release(keys=[lock_key(resource_id), lock_meta_key(resource_id)], args=args)
-        return int(released) == 1
+    def _answer(self, request: StoreRequest, reply: Any) -> StoreAnswer | None:
+        """The machine's command for a script's reply (or the failure in its place)."""
+        rid, lock_id = request.resource_id, request.lock_id
+        if isinstance(reply, Exception):
+            if isinstance(request, StoreGrant):
+                log.error("lock store grant of %s failed: %r", rid, reply)
+                return GrantFailed(rid, lock_id, f"{type(reply).__name__}: {reply}")
+            log.error("lock store %s of %s failed (%r); its TTL will end it there",
+                      "renew" if isinstance(request, StoreRenew) else "release", rid, reply)
+            return None
+        if isinstance(request, StoreGrant):
+            if reply[0] == 1:
+                return GrantStored(rid, lock_id, int(reply[1]))
+            return GrantRefused(rid, lock_id, UserId(_text(reply[1])), self._clock() + max(int(reply[2]), 0))
+        if isinstance(request, StoreRenew) and reply != 1:
+            return LockLost(rid, lock_id)
+        return None
 
     async def held_locks(self) -> AsyncIterator[HeldLock]:
         """SCAN `lock:*:metadata` hashes, `scan_count` at a time, and read each
@@ -333,10 +347,16 @@ class RedisLockStore:
             if int(cursor) == 0:
                 return
 
+    @property
+    def connection_name(self) -> str:
+        """The lock connection's `CLIENT SETNAME`, to find it in `CLIENT LIST`."""
+        return self._pipe.name
+
     async def health(self) -> dict[str, Any]:
-        return await _ping(self.client, self.name)
+        return {**await _ping(self.client, self.name), "lockConnection": self._pipe.status()}
 
     async def aclose(self) -> None:
+        await self._pipe.aclose()
         await self.client.aclose()
 
 
@@ -344,48 +364,200 @@ def _text(value: str | bytes) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-# --- the shell's step -------------------------------------------------------------
+OnReply = Callable[[Any], None]  # a reply, or the exception that stands for it
+_PIPES = itertools.count(1)
 
 
-async def perform(store: LockStore, request: StoreRequest,
-                  timeout_s: float = 2.0) -> GrantStored | GrantRefused | GrantFailed | LockLost | None:
-    """Run one store request of the lock machine; return the command to feed
-    back to `Locks.handle`, if any.
+class _Pipe:
+    """Lock requests over one Redis connection at a time (`_Conn`): each
+    command is written at once and its reply handed to its callback.
 
-    Run the requests of one resource in the order the machine emitted them
-    (a release must reach the store before the next grant). Every grant gets
-    an answer: an error or a timeout becomes `GrantFailed`. A failed renew or
-    release is logged and changes nothing here: the store's TTL ends the lock
-    there, the machine's deadline here."""
-    match request:
-        case StoreGrant(resource_id=rid, lock_id=lock_id):
+    It connects on first use and after a loss, loading the scripts first;
+    commands made meanwhile wait, in order (at most `max_waiting`)."""
+
+    def __init__(self, client: aioredis.Redis, scripts: list[str], timeout_s: float, max_waiting: int) -> None:
+        pool = client.connection_pool
+        if pool.connection_class not in (Connection, UnixDomainSocketConnection):
+            raise ValueError(f"the Redis lock store speaks TCP or a unix socket, not {pool.connection_class.__name__}")
+        self._kwargs = pool.connection_kwargs
+        self.scripts = scripts
+        self.timeout_s = timeout_s
+        self._max_waiting = max_waiting
+        self._conn: _Conn | None = None
+        self._waiting: deque[tuple[bytes, OnReply]] = deque()  # until connected
+        self._connecting: asyncio.Task[None] | None = None
+        self.name = f"rounds-locks-{os.getpid()}-{next(_PIPES)}"
+
+    def status(self) -> dict[str, Any]:
+        conn = self._conn
+        return {"connected": conn is not None and conn.open, "inFlight": 0 if conn is None else conn.in_flight,
+                "waiting": len(self._waiting)}
+
+    def send(self, payload: bytes, on_reply: OnReply) -> None:
+        if self._conn is not None and self._conn.open:
+            self._conn.write(payload, on_reply)
+        elif len(self._waiting) >= self._max_waiting:
+            asyncio.get_running_loop().call_soon(
+                on_reply, ConnectionError(f"{len(self._waiting)} lock store requests wait for a connection"))
+        else:
+            self._waiting.append((payload, on_reply))
+            if self._connecting is None:
+                self._connecting = asyncio.create_task(self._connect(), name="lock-store-connect")
+
+    async def _connect(self) -> None:
+        loop, kw = asyncio.get_running_loop(), self._kwargs
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                if "path" in kw:
+                    _, conn = await loop.create_unix_connection(lambda: _Conn(self), kw["path"])
+                else:
+                    _, conn = await loop.create_connection(lambda: _Conn(self), kw.get("host", "localhost"),
+                                                           kw.get("port", 6379))
+            self._conn = conn
+            setup: list[tuple[Any, ...]] = []
+            if kw.get("password") is not None:
+                setup.append(("AUTH", *((kw["username"],) if kw.get("username") else ()), kw["password"]))
+            if kw.get("db"):
+                setup.append(("SELECT", kw["db"]))
+            setup.append(("CLIENT", "SETNAME", self.name))
+            for command in setup:
+                conn.write(hiredis.pack_command(command), conn.setup_reply)
+            conn.load_scripts()
+        except Exception as exc:  # every waiting request fails with it (and is logged there)
+            if not isinstance(exc, OSError | TimeoutError):
+                log.exception("lock store: connecting failed")
+            if self._conn is not None:
+                self._conn.drop(exc)
+            failed, self._waiting = self._waiting, deque()
+            for _, on_reply in failed:
+                _call(on_reply, exc)
+            return
+        finally:
+            self._connecting = None
+        waiting, self._waiting = self._waiting, deque()
+        for payload, on_reply in waiting:
+            conn.write(payload, on_reply)
+
+    def lost(self, conn: _Conn) -> None:
+        if self._conn is conn:
+            self._conn = None
+        if self._waiting and self._connecting is None:  # asked for while the loss was pending
+            self._connecting = asyncio.create_task(self._connect(), name="lock-store-connect")
+
+    async def aclose(self) -> None:
+        """Let what is in flight or waiting finish (at most `timeout_s`), then close."""
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + self.timeout_s
+        while loop.time() < give_up and (self._waiting or self._connecting
+                                          or (self._conn is not None and self._conn.in_flight)):
+            await asyncio.sleep(0.01)
+        if self._conn is not None:
+            self._conn.close()
+
+
+class _Conn(asyncio.Protocol):
+    """One connection of a `_Pipe`. Redis answers a connection's commands in
+    the order sent, so replies (parsed by hiredis) go to the callbacks in that
+    order. A command unanswered for `timeout_s` fails, and so does every other
+    one in flight: the connection is dropped, as a late reply could no longer
+    be matched to its command."""
+
+    def __init__(self, pipe: _Pipe) -> None:
+        self._pipe = pipe
+        self._loop = asyncio.get_running_loop()
+        self._transport: asyncio.Transport | None = None
+        self._reader = hiredis.Reader(encoding="utf-8")
+        self._in_flight: deque[tuple[float, OnReply]] = deque()  # (deadline, callback), in send order
+        self._timer: asyncio.TimerHandle | None = None
+        self._drop_reason: Exception | None = None
+        self.open = False
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._in_flight)
+
+    def write(self, payload: bytes, on_reply: OnReply) -> None:
+        if self._transport is None:  # not open: fail it, never raise into the caller
+            self._loop.call_soon(_call, on_reply, ConnectionError("the lock store connection is closed"))
+            return
+        self._transport.write(payload)
+        self._in_flight.append((self._loop.time() + self._pipe.timeout_s, on_reply))
+        if self._timer is None:
+            self._timer = self._loop.call_at(self._in_flight[0][0], self._check_deadline)
+
+    def load_scripts(self) -> None:
+        """SCRIPT LOAD each script, ahead of any EVALSHA sent after it."""
+        for body in self._pipe.scripts:
+            self.write(hiredis.pack_command(("SCRIPT", "LOAD", body)), self.setup_reply)
+
+    def setup_reply(self, reply: Any) -> None:
+        if isinstance(reply, Exception):
+            log.error("lock store connection setup failed: %r", reply)
+            self.drop(reply)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
+        self.open = True
+
+    def data_received(self, data: bytes) -> None:
+        self._reader.feed(data)
+        while self.open:
             try:
-                async with asyncio.timeout(timeout_s):
-                    result = await store.grant(rid, lock_id, request.user_id, request.ttl_ms,
-                                               request.acquired_at_ms, request.expires_at_ms, conn=request.conn,
-                                               room_id=request.room_id, lock_type=request.lock_type)
-            except Exception as exc:  # answered as GrantFailed, logged with its stack
-                log.exception("lock store grant of %s failed", rid)
-                return GrantFailed(rid, lock_id, f"{type(exc).__name__}: {exc}")
-            match result:
-                case Granted(fencing_token=token):
-                    return GrantStored(rid, lock_id, token)
-                case Refused(holder_user_id=holder, expires_at_ms=expires_at_ms):
-                    return GrantRefused(rid, lock_id, holder, expires_at_ms)
-        case StoreRenew(resource_id=rid, lock_id=lock_id):
-            try:
-                async with asyncio.timeout(timeout_s):
-                    renewed = await store.renew(rid, lock_id, request.user_id, request.ttl_ms,
-                                                request.expires_at_ms)
-            except Exception:
-                log.exception("lock store renew of %s failed; the lock stays held here", rid)
-                return None
-            return None if renewed else LockLost(rid, lock_id)
-        case StoreRelease(resource_id=rid, lock_id=lock_id):
-            try:
-                async with asyncio.timeout(timeout_s):
-                    await store.release(rid, lock_id, request.user_id, request.expires_at_ms)
-            except Exception:
-                log.exception("lock store release of %s failed; its TTL will end it", rid)
-            return None
-    raise TypeError(f"not a store request: {request!r}")
+                reply = self._reader.gets()
+            except hiredis.ProtocolError as exc:
+                log.error("lock store connection: %r", exc)
+                self.drop(exc)
+                return
+            if reply is False:
+                return
+            if not self._in_flight:
+                log.error("lock store connection: a reply nobody asked for: %r", reply)
+                self.drop(ConnectionError("a reply nobody asked for"))
+                return
+            _, on_reply = self._in_flight.popleft()
+            if isinstance(reply, hiredis.ReplyError) and str(reply).startswith("NOSCRIPT"):
+                self.load_scripts()  # flushed meanwhile: loaded again for the requests that follow
+            _call(on_reply, reply)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.open = False
+        self._transport = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        reason = self._drop_reason or exc or ConnectionError("the lock store closed the connection")
+        failed, self._in_flight = self._in_flight, deque()
+        for _, on_reply in failed:
+            _call(on_reply, reason)
+        self._pipe.lost(self)
+
+    def _check_deadline(self) -> None:
+        self._timer = None
+        if not self._in_flight:
+            return
+        deadline = self._in_flight[0][0]
+        if deadline <= self._loop.time():
+            self.drop(TimeoutError(f"no answer from the lock store within {self._pipe.timeout_s} s"))
+        else:
+            self._timer = self._loop.call_at(deadline, self._check_deadline)
+
+    def drop(self, reason: Exception) -> None:
+        """Give up on this connection: what is in flight fails with `reason`
+        (in `connection_lost`), and new requests go to a new connection."""
+        self.open = False
+        self._drop_reason = reason
+        if self._transport is not None:
+            self._transport.abort()
+
+    def close(self) -> None:
+        self.open = False
+        if self._transport is not None:
+            self._transport.close()
+
+
+def _call(on_reply: OnReply, reply: Any) -> None:
+    """Run one reply's callback; a bug there is logged and hurts no other reply."""
+    try:
+        on_reply(reply)
+    except Exception:
+        log.exception("lock store reply handler failed")

@@ -24,18 +24,17 @@ from redis.backoff import NoBackoff
 from rounds.backends import redis as redis_backend
 from rounds.backends.locks import (
     FENCE_TTL_MS,
-    Granted,
     HeldLock,
     LockStore,
     MemoryLockStore,
     RedisLockStore,
-    Refused,
+    StoreAnswer,
     lock_fence_key,
     lock_key,
     lock_meta_key,
-    perform,
 )
 from rounds.clock import now_ms
+from tests.client import eventually
 from rounds.ids import ConnId, FrontDoorId, ResourceId, UserId, conn_id
 from rounds.shard.lock_events import (
     GrantFailed,
@@ -46,6 +45,7 @@ from rounds.shard.lock_events import (
     StoreGrant,
     StoreRelease,
     StoreRenew,
+    StoreRequest,
 )
 
 T0 = int(datetime(2025, 11, 17, 10, 30, tzinfo=UTC).timestamp() * 1000)
@@ -167,9 +167,29 @@ async def harness(request: pytest.FixtureRequest, redis_url: str, tag: str) -> A
         await redis_harness.aclose(tag)
 
 
+async def ask(store: LockStore, request: StoreRequest) -> StoreAnswer | None:
+    """Submit one request and wait for its answer, as the shell's callback gets it."""
+    answer: asyncio.Future[StoreAnswer | None] = asyncio.get_running_loop().create_future()
+    store.submit(request, answer.set_result)
+    return await answer
+
+
 async def grant(store: LockStore, rid: ResourceId, lock_id: str, user: UserId = USR1, ttl_ms: int = TTL,
-                at_ms: int = T0, conn: ConnId = CONN, room: ResourceId = ROOM) -> Granted | Refused:
-    return await store.grant(rid, LockId(lock_id), user, ttl_ms, at_ms, at_ms + ttl_ms, conn=conn, room_id=room)
+                at_ms: int = T0, conn: ConnId = CONN, room: ResourceId = ROOM) -> StoreAnswer | None:
+    return await ask(store, StoreGrant(rid, LockId(lock_id), user, ttl_ms, at_ms, at_ms + ttl_ms, conn, room))
+
+
+async def renew(store: LockStore, rid: ResourceId, lock_id: str, user: UserId, ttl_ms: int,
+                expires_at_ms: int) -> bool:
+    """Whether the renewal went through (a refused one answers LockLost)."""
+    answer = await ask(store, StoreRenew(rid, LockId(lock_id), user, ttl_ms, expires_at_ms))
+    assert answer in (None, LockLost(rid, LockId(lock_id)))
+    return answer is None
+
+
+async def release(store: LockStore, rid: ResourceId, lock_id: str, user: UserId = USR1,
+                  if_expires_at_ms: int | None = None) -> None:
+    assert await ask(store, StoreRelease(rid, LockId(lock_id), user, if_expires_at_ms)) is None
 
 
 # --- Scenario: Acquire lock on available resource ----------------------------------
@@ -177,14 +197,14 @@ async def grant(store: LockStore, rid: ResourceId, lock_id: str, user: UserId = 
 
 async def test_a_free_resource_is_granted_with_a_fencing_token(harness: Harness, rid: ResourceId) -> None:
     result = await grant(harness.store, rid, "L1")
-    assert isinstance(result, Granted) and result.fencing_token > 0
+    assert isinstance(result, GrantStored) and result.fencing_token > 0
     assert await harness.holder(rid) == "usr_001"  # SET lock:{id} usr_001 ... NX
 
 
 async def test_the_metadata_hash_holds_the_seeds_fields_and_what_adoption_needs(harness: Harness,
                                                                                 rid: ResourceId) -> None:
     result = await grant(harness.store, rid, "L1")
-    assert isinstance(result, Granted)
+    assert isinstance(result, GrantStored)
     assert await harness.metadata(rid) == {
         "lockType": "exclusive",
         "acquiredAt": "2025-11-17T10:30:00.000Z",
@@ -210,7 +230,7 @@ async def test_both_keys_carry_the_lock_ttl_in_milliseconds(harness: Harness, ri
 async def test_a_held_resource_is_refused_with_holder_and_expiry(harness: Harness, rid: ResourceId) -> None:
     await grant(harness.store, rid, "L1", USR2, ttl_ms=TTL)
     result = await grant(harness.store, rid, "L2", USR1)
-    assert isinstance(result, Refused) and result.holder_user_id == "usr_002"
+    assert isinstance(result, GrantRefused) and result.holder_user_id == "usr_002"
     lock_ttl, _ = await harness.pttls(rid)
     assert abs(result.expires_at_ms - (harness.clock() + lock_ttl)) < 1_000  # when the holder's lock ends
     assert (await harness.metadata(rid))["lockId"] == "L1"  # the holder's metadata is untouched
@@ -222,7 +242,7 @@ async def test_a_held_resource_is_refused_with_holder_and_expiry(harness: Harnes
 async def test_the_holder_renews_both_ttls_and_the_expiry(harness: Harness, rid: ResourceId) -> None:
     await grant(harness.store, rid, "L1", ttl_ms=2_000)
     await harness.advance(500)
-    assert await harness.store.renew(rid, LockId("L1"), USR1, 30_000, T0 + 30_500) is True
+    assert await renew(harness.store, rid, "L1", USR1, 30_000, T0 + 30_500) is True
     lock_ttl, meta_ttl = await harness.pttls(rid)
     assert 29_000 < lock_ttl <= 30_000 and 29_000 < meta_ttl <= 30_000
     assert (await harness.metadata(rid))["expiresAt"] == "2025-11-17T10:30:30.500Z"
@@ -231,7 +251,7 @@ async def test_the_holder_renews_both_ttls_and_the_expiry(harness: Harness, rid:
 @pytest.mark.parametrize("lock_id, user", [("L2", USR1), ("L1", USR2)], ids=["wrong-lock-id", "wrong-user"])
 async def test_only_the_holder_can_renew(harness: Harness, rid: ResourceId, lock_id: str, user: UserId) -> None:
     await grant(harness.store, rid, "L1", ttl_ms=5_000)
-    assert await harness.store.renew(rid, LockId(lock_id), user, 60_000, T0 + 60_000) is False
+    assert await renew(harness.store, rid, lock_id, user, 60_000, T0 + 60_000) is False
     lock_ttl, _ = await harness.pttls(rid)
     assert lock_ttl <= 5_000
     assert (await harness.metadata(rid))["expiresAt"] == "2025-11-17T10:30:05.000Z"
@@ -240,7 +260,7 @@ async def test_only_the_holder_can_renew(harness: Harness, rid: ResourceId, lock
 async def test_an_expired_lock_cannot_be_renewed(harness: Harness, rid: ResourceId) -> None:
     await grant(harness.store, rid, "L1", ttl_ms=100)
     await harness.advance(150)
-    assert await harness.store.renew(rid, LockId("L1"), USR1, TTL, T0 + TTL) is False
+    assert await renew(harness.store, rid, "L1", USR1, TTL, T0 + TTL) is False
     assert await harness.holder(rid) is None
 
 
@@ -253,7 +273,7 @@ async def test_an_expired_lock_is_gone_and_the_next_grant_gets_a_higher_token(ha
     await harness.advance(150)
     assert await harness.holder(rid) is None and await harness.metadata(rid) == {}
     second = await grant(harness.store, rid, "L2", USR2)
-    assert isinstance(first, Granted) and isinstance(second, Granted)
+    assert isinstance(first, GrantStored) and isinstance(second, GrantStored)
     assert second.fencing_token > first.fencing_token
 
 
@@ -262,16 +282,16 @@ async def test_an_expired_lock_is_gone_and_the_next_grant_gets_a_higher_token(ha
 
 async def test_the_holder_releases_and_both_keys_go(harness: Harness, rid: ResourceId) -> None:
     await grant(harness.store, rid, "L1")
-    assert await harness.store.release(rid, LockId("L1"), USR1) is True
+    await release(harness.store, rid, "L1")
     assert await harness.holder(rid) is None and await harness.metadata(rid) == {}
     assert await harness.pttls(rid) == (-2, -2)
-    assert await harness.store.release(rid, LockId("L1"), USR1) is False  # already gone
+    await release(harness.store, rid, "L1")  # already gone: nothing happens
 
 
 @pytest.mark.parametrize("lock_id, user", [("L2", USR1), ("L1", USR2)], ids=["wrong-lock-id", "wrong-user"])
 async def test_only_the_holder_can_release(harness: Harness, rid: ResourceId, lock_id: str, user: UserId) -> None:
     await grant(harness.store, rid, "L1")
-    assert await harness.store.release(rid, LockId(lock_id), user) is False
+    await release(harness.store, rid, lock_id, user)
     assert await harness.holder(rid) == "usr_001" and (await harness.metadata(rid))["lockId"] == "L1"
 
 
@@ -279,7 +299,7 @@ async def test_a_stale_holder_cannot_release_the_next_holders_lock(harness: Harn
     await grant(harness.store, rid, "L1", ttl_ms=100)
     await harness.advance(150)
     await grant(harness.store, rid, "L2", USR1)  # same user, new lock
-    assert await harness.store.release(rid, LockId("L1"), USR1) is False
+    await release(harness.store, rid, "L1")
     assert (await harness.metadata(rid))["lockId"] == "L2"
 
 
@@ -288,15 +308,15 @@ async def test_a_stale_holder_cannot_release_the_next_holders_lock(harness: Harn
 
 async def test_an_expiry_release_deletes_the_lock_it_last_stored(harness: Harness, rid: ResourceId) -> None:
     await grant(harness.store, rid, "L1")
-    assert await harness.store.release(rid, LockId("L1"), USR1, T0 + TTL) is True
+    await release(harness.store, rid, "L1", if_expires_at_ms=T0 + TTL)
     assert await harness.holder(rid) is None
 
 
 async def test_an_expiry_release_spares_a_lock_renewed_since(harness: Harness, rid: ResourceId) -> None:
     # another shard (wrongly) adopted it and its holder renewed there: not ours to end
     await grant(harness.store, rid, "L1")
-    assert await harness.store.renew(rid, LockId("L1"), USR1, TTL, T0 + TTL + 5_000)
-    assert await harness.store.release(rid, LockId("L1"), USR1, T0 + TTL) is False
+    assert await renew(harness.store, rid, "L1", USR1, TTL, T0 + TTL + 5_000)
+    await release(harness.store, rid, "L1", if_expires_at_ms=T0 + TTL)
     assert await harness.holder(rid) == "usr_001"
 
 
@@ -311,17 +331,17 @@ async def mine(store: LockStore, tag: str) -> list[HeldLock]:
 
 async def test_the_live_locks_are_listed_with_what_adoption_needs(harness: Harness, tag: str) -> None:
     a, b, gone = (ResourceId(f"input-{x}-{tag}") for x in ("a", "b", "gone"))
-    assert isinstance(await grant(harness.store, a, "La", USR1, ttl_ms=20_000), Granted)
-    await harness.store.renew(a, LockId("La"), USR1, 20_000, T0 + 25_000)
+    assert isinstance(await grant(harness.store, a, "La", USR1, ttl_ms=20_000), GrantStored)
+    assert await renew(harness.store, a, "La", USR1, 20_000, T0 + 25_000)
     token_b = await grant(harness.store, b, "Lb", USR2, conn=ConnId(7), room=b)
     await grant(harness.store, gone, "Lg")
-    await harness.store.release(gone, LockId("Lg"), USR1)
+    await release(harness.store, gone, "Lg")
     found = await mine(harness.store, tag)
     assert [(h.resource_id, h.lock_id, h.user_id, h.conn, h.room_id, h.ttl_ms) for h in found] == [
         (a, "La", USR1, CONN, ROOM, 20_000), (b, "Lb", USR2, 7, b, TTL)]
     # it expires when its room was told it does: the metadata's expiresAt
     assert (found[0].acquired_at_ms, found[0].expires_at_ms) == (T0, T0 + 25_000)
-    assert isinstance(token_b, Granted) and found[1].fencing_token == token_b.fencing_token
+    assert isinstance(token_b, GrantStored) and found[1].fencing_token == token_b.fencing_token
 
 
 async def test_a_lock_written_without_its_connection_is_not_listed(harness: Harness, tag: str) -> None:
@@ -355,9 +375,9 @@ async def test_memory_fence_counters_the_clock_overtook_are_forgotten() -> None:
     for i in range(5_000):
         rid = ResourceId(f"input-{i}")
         result = await grant(store, rid, "L")
-        assert isinstance(result, Granted) and result.fencing_token > last
+        assert isinstance(result, GrantStored) and result.fencing_token > last
         last = result.fencing_token
-        await store.release(rid, LockId("L"), USR1)
+        await release(store, rid, "L")
         now += 1
     assert len(store.fences) < 2_100  # not one per resource ever locked
 
@@ -369,20 +389,20 @@ async def test_fencing_tokens_strictly_increase_over_many_grants(harness: Harnes
     tokens = []
     for i in range(20):
         result = await grant(harness.store, rid, f"L{i}", UserId(f"usr_{i % 3}"))
-        assert isinstance(result, Granted)
+        assert isinstance(result, GrantStored)
         tokens.append(result.fencing_token)
-        assert await harness.store.release(rid, LockId(f"L{i}"), UserId(f"usr_{i % 3}"))
+        await release(harness.store, rid, f"L{i}", UserId(f"usr_{i % 3}"))
     assert all(a < b for a, b in zip(tokens, tokens[1:]))
 
 
 async def test_fencing_tokens_keep_increasing_across_a_new_store_instance(harness: Harness,
                                                                           rid: ResourceId) -> None:
     first = await grant(harness.store, rid, "L1", ttl_ms=100)
-    assert isinstance(first, Granted)
+    assert isinstance(first, GrantStored)
     store = harness.restarted()
     await harness.advance(150)  # the old lock expires meanwhile
     second = await grant(store, rid, "L2")
-    assert isinstance(second, Granted) and second.fencing_token > first.fencing_token
+    assert isinstance(second, GrantStored) and second.fencing_token > first.fencing_token
 
 
 async def test_fencing_counters_are_per_resource(harness: Harness, tag: str) -> None:
@@ -390,11 +410,11 @@ async def test_fencing_counters_are_per_resource(harness: Harness, tag: str) -> 
     tokens_a = []
     for _ in range(4):
         result = await grant(harness.store, a, "La")
-        assert isinstance(result, Granted)
+        assert isinstance(result, GrantStored)
         tokens_a.append(result.fencing_token)
-        await harness.store.release(a, LockId("La"), USR1)
+        await release(harness.store, a, "La")
     first_b = await grant(harness.store, b, "Lb")
-    assert isinstance(first_b, Granted)
+    assert isinstance(first_b, GrantStored)
     if isinstance(harness, RedisHarness):
         # a's counter counts on by one from where it started; b's starts on its own
         assert tokens_a == [tokens_a[0] + i for i in range(4)]
@@ -407,7 +427,7 @@ async def test_redis_keeps_the_seeds_key_names_and_a_fence_that_outlives_each_gr
     harness = RedisHarness(redis_url)
     try:
         result = await grant(harness.store, rid, "L1", ttl_ms=100)
-        assert isinstance(result, Granted)
+        assert isinstance(result, GrantStored)
         assert lock_key(rid) == f"lock:input-field-123-{tag}"
         assert lock_meta_key(rid) == f"lock:input-field-123-{tag}:metadata"
         assert await harness.reader.type(f"lock:input-field-123-{tag}") == "string"
@@ -424,7 +444,7 @@ async def test_a_renewal_pushes_the_fence_ttl_back_too(redis_url: str, tag: str)
     try:
         await grant(harness.store, rid, "L1")
         await harness.reader.pexpire(lock_fence_key(rid), 60_000)  # as if granted long ago
-        assert await harness.store.renew(rid, LockId("L1"), USR1, TTL, T0 + TTL)
+        assert await renew(harness.store, rid, "L1", USR1, TTL, T0 + TTL)
         assert await harness.reader.pttl(lock_fence_key(rid)) > FENCE_TTL_MS - 5_000
     finally:
         await harness.aclose(tag)
@@ -437,7 +457,8 @@ async def test_a_fence_that_expired_restarts_above_every_token_it_gave(redis_url
         tokens = []
         for i in range(3):
             result = await grant(harness.store, rid, f"L{i}")
-            assert isinstance(result, Granted) and await harness.store.release(rid, LockId(f"L{i}"), USR1)
+            assert isinstance(result, GrantStored)
+            await release(harness.store, rid, f"L{i}")
             tokens.append(result.fencing_token)
             await harness.reader.delete(lock_fence_key(rid))  # its 30 days ran out
         assert tokens[0] < tokens[1] < tokens[2]
@@ -457,68 +478,121 @@ async def test_fifty_racers_get_exactly_one_grant_per_round_with_increasing_toke
     for round_ in range(50):
         results = await asyncio.gather(*(grant(harness.store, rid, f"L{round_}-{racer}", UserId(f"usr_{racer}"))
                                          for racer in range(50)))
-        winners = [(racer, r) for racer, r in enumerate(results) if isinstance(r, Granted)]
+        winners = [(racer, r) for racer, r in enumerate(results) if isinstance(r, GrantStored)]
         assert len(winners) == 1, f"round {round_}: {len(winners)} grants"
         racer, won = winners[0]
-        assert all(r.holder_user_id == f"usr_{racer}" for r in results if isinstance(r, Refused))
+        assert all(r.holder_user_id == f"usr_{racer}" for r in results if isinstance(r, GrantRefused))
         tokens.append(won.fencing_token)  # type: ignore[union-attr]
-        assert await harness.store.release(rid, LockId(f"L{round_}-{racer}"), UserId(f"usr_{racer}"))
+        await release(harness.store, rid, f"L{round_}-{racer}", UserId(f"usr_{racer}"))
     assert all(a < b for a, b in zip(tokens, tokens[1:]))
 
 
-# --- the shell's step and health ----------------------------------------------------------------
+# --- answers, order, failures and health -----------------------------------------------------
 
 
-async def test_perform_turns_store_results_into_the_machines_commands(harness: Harness, rid: ResourceId) -> None:
+async def test_each_request_is_answered_with_the_machines_command(harness: Harness, rid: ResourceId) -> None:
     lid, other = LockId("L1"), LockId("L2")
-    stored = await perform(harness.store, StoreGrant(rid, lid, USR1, TTL, T0, T0 + TTL, CONN, ROOM))
+    stored = await ask(harness.store, StoreGrant(rid, lid, USR1, TTL, T0, T0 + TTL, CONN, ROOM))
     assert isinstance(stored, GrantStored) and (stored.resource_id, stored.lock_id) == (rid, lid)
-    refused = await perform(harness.store, StoreGrant(rid, other, USR2, TTL, T0, T0 + TTL, CONN, ROOM))
+    refused = await ask(harness.store, StoreGrant(rid, other, USR2, TTL, T0, T0 + TTL, CONN, ROOM))
     assert isinstance(refused, GrantRefused) and (refused.lock_id, refused.holder_user_id) == (other, USR1)
-    assert await perform(harness.store, StoreRenew(rid, lid, USR1, TTL, T0 + TTL)) is None
-    assert await perform(harness.store, StoreRenew(rid, other, USR2, TTL, T0 + TTL)) == LockLost(rid, other)
-    assert await perform(harness.store, StoreRelease(rid, lid, USR1)) is None
+    assert await ask(harness.store, StoreRenew(rid, lid, USR1, TTL, T0 + TTL)) is None
+    assert await ask(harness.store, StoreRenew(rid, other, USR2, TTL, T0 + TTL)) == LockLost(rid, other)
+    assert await ask(harness.store, StoreRelease(rid, lid, USR1)) is None
     assert await harness.holder(rid) is None
 
 
-class BrokenStore(MemoryLockStore):
-    """A store whose server is gone (every call raises), or hangs (never answers)."""
-
-    name = "broken"
-
-    def __init__(self, hang: bool = False) -> None:
-        super().__init__()
-        self.hang = hang
-
-    async def _fail(self) -> None:
-        if self.hang:
-            await asyncio.Event().wait()
-        raise ConnectionError("Connection refused")
-
-    async def grant(self, *args: object, **kwargs: object) -> Granted | Refused:  # type: ignore[override]
-        await self._fail()
-        raise AssertionError("unreachable")
-
-    async def renew(self, *args: object, **kwargs: object) -> bool:  # type: ignore[override]
-        await self._fail()
-        return False
-
-    async def release(self, *args: object, **kwargs: object) -> bool:  # type: ignore[override]
-        await self._fail()
-        return False
+async def test_requests_take_effect_in_the_order_submitted_and_never_answer_inside_submit(
+        harness: Harness, rid: ResourceId) -> None:
+    # the shell submits a release and the next grant in one go: the grant must see the lock gone
+    await grant(harness.store, rid, "L1")
+    answers: list[StoreAnswer | None] = []
+    harness.store.submit(StoreRelease(rid, LockId("L1"), USR1), answers.append)
+    harness.store.submit(StoreGrant(rid, LockId("L2"), USR2, TTL, T0, T0 + TTL, CONN, ROOM), answers.append)
+    assert answers == []  # answered later, from the event loop
+    await eventually(lambda: len(answers) == 2, 2.0, "both answered")
+    assert answers[0] is None and isinstance(answers[1], GrantStored)
 
 
-@pytest.mark.parametrize("hang", [False, True], ids=["error", "timeout"])
-async def test_perform_answers_a_failing_grant_with_grant_failed_and_only_logs_the_rest(
-        rid: ResourceId, hang: bool, caplog: pytest.LogCaptureFixture) -> None:
-    store = BrokenStore(hang)
-    failed = await perform(store, StoreGrant(rid, LockId("L1"), USR1, TTL, T0, T0 + TTL, CONN, ROOM), timeout_s=0.05)
-    assert isinstance(failed, GrantFailed) and failed.lock_id == "L1"
-    assert failed.reason.startswith("TimeoutError" if hang else "ConnectionError")
-    # a failed renew or release changes nothing in the machine: logged with its stack, not raised
-    assert await perform(store, StoreRenew(rid, LockId("L1"), USR1, TTL, T0 + TTL), timeout_s=0.05) is None
-    assert await perform(store, StoreRelease(rid, LockId("L1"), USR1), timeout_s=0.05) is None
-    assert [r.exc_info is not None for r in caplog.records if r.name == "rounds.locks"] == [True] * 3
+async def test_an_unreachable_redis_fails_grants_and_logs_renewals_and_releases(
+        rid: ResourceId, caplog: pytest.LogCaptureFixture) -> None:
+    store = RedisLockStore(aioredis.Redis(host="127.0.0.1", port=1), timeout_s=0.5)
+    try:
+        failed = await ask(store, StoreGrant(rid, LockId("L1"), USR1, TTL, T0, T0 + TTL, CONN, ROOM))
+        assert isinstance(failed, GrantFailed) and failed.lock_id == "L1"
+        assert failed.reason.startswith("ConnectionRefusedError")
+        # a failed renew or release changes nothing in the machine: logged, not raised
+        assert await ask(store, StoreRenew(rid, LockId("L1"), USR1, TTL, T0 + TTL)) is None
+        assert await ask(store, StoreRelease(rid, LockId("L1"), USR1)) is None
+        assert len([r for r in caplog.records if r.name == "rounds.locks"]) == 3
+    finally:
+        await store.aclose()
+
+
+async def test_a_redis_that_does_not_answer_fails_what_is_in_flight_after_the_timeout(rid: ResourceId) -> None:
+    silent = await asyncio.start_server(lambda reader, writer: None, "127.0.0.1", 0)
+    port = silent.sockets[0].getsockname()[1]
+    store = RedisLockStore(aioredis.Redis(host="127.0.0.1", port=port), timeout_s=0.2)
+    try:
+        started = asyncio.get_running_loop().time()
+        answers = await asyncio.gather(*(ask(store, StoreGrant(rid, LockId(f"L{i}"), USR1, TTL, T0, T0 + TTL,
+                                                               CONN, ROOM)) for i in range(3)))
+        assert [type(a) for a in answers] == [GrantFailed] * 3
+        assert all(a.reason.startswith("TimeoutError") for a in answers)  # type: ignore[union-attr]
+        assert 0.15 < asyncio.get_running_loop().time() - started < 1.0
+    finally:
+        silent.close()
+        await store.aclose()
+
+
+async def test_the_redis_store_reconnects_after_losing_its_connection(redis_url: str, tag: str,
+                                                                      rid: ResourceId) -> None:
+    harness = RedisHarness(redis_url)
+    store = harness.store
+    assert isinstance(store, RedisLockStore)
+    try:
+        assert isinstance(await grant(store, rid, "L1"), GrantStored)
+        assert (await store.health())["lockConnection"]["connected"] is True
+        clients = await harness.reader.client_list()
+        [ours] = [c for c in clients if c["name"] == store.connection_name]
+        await harness.reader.client_kill_filter(_id=ours["id"])
+        await harness.reader.script_flush()  # and the scripts are gone too
+        async def lost() -> bool:
+            return (await store.health())["lockConnection"]["connected"] is False
+
+        await eventually(lost, 2.0, "loss noticed")
+        await release(store, rid, "L1")  # on a new connection, scripts loaded again
+        assert isinstance(await grant(store, rid, "L2"), GrantStored)
+    finally:
+        await harness.aclose(tag)
+
+
+async def test_the_redis_store_runs_on_uvloop_as_in_the_shards(redis_url: str, rid: ResourceId) -> None:
+    # shards run uvloop, whose transports are not asyncio.Transport subclasses
+    import uvloop
+
+    async def cycle() -> list[StoreAnswer | None]:
+        store = RedisLockStore(redis_backend.connect(redis_url))
+        try:
+            return [await ask(store, StoreGrant(rid, LockId("L1"), USR1, TTL, T0, T0 + TTL, CONN, ROOM)),
+                    await ask(store, StoreRenew(rid, LockId("L1"), USR1, TTL, T0 + TTL)),
+                    await ask(store, StoreRelease(rid, LockId("L1"), USR1))]
+        finally:
+            await store.aclose()
+
+    stored, renewed, released = await asyncio.to_thread(uvloop.run, cycle())
+    assert isinstance(stored, GrantStored) and renewed is None and released is None
+
+
+async def test_requests_beyond_the_waiting_bound_fail_at_once(rid: ResourceId) -> None:
+    store = RedisLockStore(aioredis.Redis(host="127.0.0.1", port=1), timeout_s=0.5, max_waiting=2)
+    try:
+        answers = await asyncio.gather(*(ask(store, StoreGrant(rid, LockId(f"L{i}"), USR1, TTL, T0, T0 + TTL,
+                                                               CONN, ROOM)) for i in range(4)))
+        reasons = sorted(a.reason.split(":")[0] for a in answers)  # type: ignore[union-attr]
+        assert reasons == ["ConnectionError", "ConnectionError", "ConnectionRefusedError", "ConnectionRefusedError"]
+    finally:
+        await store.aclose()
 
 
 async def test_an_unreachable_redis_reports_not_ok() -> None:

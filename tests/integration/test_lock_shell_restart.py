@@ -19,7 +19,15 @@ from rounds.backends import redis as redis_backend
 from rounds.backends.locks import LockStore, MemoryLockStore, RedisLockStore
 from rounds.ids import ConnId, FrontDoorId, ResourceId, UserId, conn_id
 from rounds.shard.events import Reply
-from rounds.shard.lock_events import AuditLock, LockAcquire, LockId, LockRelease, LockRenew, RoomBroadcast
+from rounds.shard.lock_events import (
+    AuditLock,
+    LockAcquire,
+    LockId,
+    LockRelease,
+    LockRenew,
+    RoomBroadcast,
+    StoreRelease,
+)
 from rounds.shard.lock_shell import LockShell
 from tests.client import eventually
 
@@ -101,8 +109,8 @@ async def test_a_restarted_shell_adopts_the_locks_of_its_own_rooms_only(stores: 
         second.handle(LockRelease(ConnId(HOLDER), "release", ResourceId(kept), kept_id))
         assert [r.type for r in after.replies("release")] == ["LOCK_RELEASED"]
 
-        # every next grant carries a higher token than before the restart (a
-        # resource's store requests run in order: the release lands first)
+        # every next grant carries a higher token than before the restart (the
+        # store takes requests in order: the release lands before the grant)
         for resource in (kept, expiring):
             second.handle(LockAcquire(ConnId(HOLDER), f"again-{resource}", UserId("usr_002"),
                                       ResourceId(resource), "editor", ResourceId(mine)))
@@ -111,8 +119,9 @@ async def test_a_restarted_shell_adopts_the_locks_of_its_own_rooms_only(stores: 
             assert reply.data["fencingToken"] > lock[resource].data["fencingToken"]
     finally:
         cleanup = stores()
-        for held in second.locks.locks():
-            await cleanup.release(held.resource_id, held.lock_id, held.user_id)
-        await cleanup.release(ResourceId(foreign), LockId(lock[foreign].data["lockId"]), UserId("usr_001"))
-        await cleanup.aclose()
+        releases = [StoreRelease(held.resource_id, held.lock_id, held.user_id) for held in second.locks.locks()]
+        releases.append(StoreRelease(ResourceId(foreign), LockId(lock[foreign].data["lockId"]), UserId("usr_001")))
+        for request in releases:
+            cleanup.submit(request, lambda answer: None)
+        await cleanup.aclose()  # after what it was given is done
         await second.stop()
