@@ -21,6 +21,13 @@ under the same presence load.
 - *contended*: all contenders, in one room, send LOCK_ACQUIRE for one field
   at once; each reply (ACQUIRED or DENIED) is timed; the winner releases;
   exactly one grant per round is the rule (issue 3).
+
+Only requests sent inside their phase are timed: a lock still held at the
+end is released untimed (`requests_after_window`), since the presence load
+stops at the end of the window and its 500 disconnects are not the load
+being measured. Each phase also samples this process's own event-loop lag
+(`loop_lag_ms`: how late a 5 ms sleep wakes up), the delay the client side
+can add to any reply it times.
 """
 
 from __future__ import annotations
@@ -55,6 +62,7 @@ SETTLE, FLOOR, UNCONTENDED, CONTENDED = "settle", "floor", "uncontended", "conte
 SETTLE_S, SETTLE_SHARE_MAX = 1.0, 0.1
 PHASE_SHARES = ((FLOOR, 0.2), (UNCONTENDED, 0.4), (CONTENDED, 0.4))
 CLOSE_TIMEOUT_S = 3.0
+LAG_PROBE_S = 0.005
 PROGRESS_EVERY_S = 1.0
 FLOOR_VALUE = "bench"
 
@@ -239,7 +247,7 @@ class LockWorker:
                 drivers = [self._locker(c, end, random.Random(rng.random())) for c in self.lockers if c.joined]
             else:
                 drivers = [self._contend(end, random.Random(rng.random()))]
-            await self._run_drivers(drivers, end)
+            await self._run_drivers([*drivers, self._lag_probe(name, end)], end)
         self.phase = "drain"
 
     async def _run_drivers(self, drivers: list[Coroutine[Any, Any, None]], end: float) -> None:
@@ -288,6 +296,19 @@ class LockWorker:
     def _running(self, end: float) -> bool:
         return time.monotonic() < end and not self.stopping.is_set()
 
+    def _timed(self, end: float) -> bool:
+        """Whether a request sent now is inside its phase (and timed)."""
+        if time.monotonic() < end:
+            return True
+        self.rec.count("requests_after_window")
+        return False
+
+    async def _lag_probe(self, phase: str, end: float) -> None:
+        while self._running(end):
+            due = time.perf_counter() + LAG_PROBE_S
+            await asyncio.sleep(LAG_PROBE_S)
+            self.rec.sample(phase, "loop_lag_ms", due, time.perf_counter())
+
     async def _pause(self, rng: random.Random) -> None:
         await asyncio.sleep(rng.uniform(0.5, 1.5) * self.pause_s if self.pause_s > 0 else 0)
 
@@ -304,9 +325,10 @@ class LockWorker:
                 if not stored:
                     self.rec.count("floor_set_nx_refused")
                 await self._pause(rng)
-                started = time.perf_counter()
+                timed, started = self._timed(end), time.perf_counter()
                 await self.redis.delete(key)
-                self.rec.sample(FLOOR, "del_ms", started, time.perf_counter())
+                if timed:
+                    self.rec.sample(FLOOR, "del_ms", started, time.perf_counter())
             except (RedisError, OSError) as error:
                 self.rec.count("redis_errors")
                 self.rec.error(f"floor: {type(error).__name__}: {error}")
@@ -320,7 +342,7 @@ class LockWorker:
                 self.rec.count("uncontended_denials")  # its own field in its own room
             await self._pause(rng)
             if lock_id is not None:
-                await self._release(client, lock_id, UNCONTENDED)
+                await self._release(client, lock_id, UNCONTENDED, timed=self._timed(end))
                 await self._pause(rng)
 
     async def _contend(self, end: float, rng: random.Random) -> None:
@@ -340,7 +362,7 @@ class LockWorker:
                 self.rec.count("contended_double_grants")  # two holders at once: a safety bug
             await self._pause(rng)
             for client, lock_id in winners:
-                await self._release(client, lock_id, CONTENDED)
+                await self._release(client, lock_id, CONTENDED, timed=self._timed(end))
             await self._pause(rng)
             clients = [c for c in clients if c.ws is not None]
 
@@ -368,10 +390,10 @@ class LockWorker:
             return "denied", None
         return "failed", None  # ERROR / PERMISSION_DENIED: counted by the reader
 
-    async def _release(self, client: _Client, lock_id: str, phase: str) -> None:
+    async def _release(self, client: _Client, lock_id: str, phase: str, timed: bool = True) -> None:
         data = {"resourceId": client.resource, "lockId": lock_id}
         answer = await self._request(client, MessageType.LOCK_RELEASE, data)
-        if answer is not None and answer[2].get("type") == MessageType.LOCK_RELEASED:
+        if timed and answer is not None and answer[2].get("type") == MessageType.LOCK_RELEASED:
             self.rec.sample(phase, "release_ms", answer[0], answer[1])
 
     def _check_fence(self, resource: str, token: Any) -> None:

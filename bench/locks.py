@@ -21,7 +21,8 @@ The report (`rounds.bench.locks/1`): `settings`, `targets_ms`, `environment`,
 and `targets` (goal / seed / miss) keyed `phase.operation`, `contention`
 (rounds, grants, grant rate), `throughput_per_s`, `failures`, `counts`,
 `gateway` (CPU % of one core overall and by phase, peak RSS, timeline),
-`loadgen`, `machine`, `presence` (its users, latencies and failures) and
+`loadgen`, `lock_client_loop_lag_ms` (by phase), `machine`, `presence`
+(its users, latencies and failures) and
 `phases_s` (the phase windows on the timeline's axis).
 """
 
@@ -332,6 +333,10 @@ def backend_report(
             "timeline": gateway_timeline,
         },
         "loadgen": {"cpu_percent_measured": p["loadgen"]["cpu_percent_measured"]},
+        # how late the lock client's own event loop ran, by phase: what the
+        # client side may add to any round trip it times
+        "lock_client_loop_lag_ms": {phase: stats.summarize(samples.get(phase, {}).get("loop_lag_ms", [])).as_dict()
+                                    for phase in (FLOOR, UNCONTENDED, CONTENDED)},
         "machine": {**p["machine"], "other_cpu_percent_measured": other_cpu(p)},
         "presence": {
             "users": p["users"],
@@ -435,6 +440,9 @@ def _run_lines(entry: Mapping[str, Any]) -> list[str]:
         f"({by_phase}), peak RSS {_fmt(g['peak_rss_mib'], ' MiB')}; load generator "
         f"{_fmt(entry['loadgen']['cpu_percent_measured'], '%')}; machine "
         f"{_fmt(entry['machine']['cpu_percent_measured'], '%')} of {entry['machine']['cpu_count']} cores",
+        f"[{backend}] lock client's own event-loop lag p99 (what it adds to a round trip it times): "
+        + ", ".join(f"{phase} {_fmt(lag['p99'], ' ms')}" for phase, lag in entry["lock_client_loop_lag_ms"].items()
+                    if lag["count"]),
         f"[{backend}] presence: {entry['presence']['users']['connected']} users, heartbeat p99 "
         f"{_fmt(heartbeat['p99'], ' ms')} (n={heartbeat['count']})",
         f"[{backend}] failures: {failures['total']}" + (f" ({details})" if details else ""),
