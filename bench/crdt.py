@@ -416,6 +416,10 @@ def _run_lines(entry: Mapping[str, Any]) -> list[str]:
         f"{_fmt(entry['machine']['cpu_percent_measured'], '%')} of {entry['machine']['cpu_count']} cores",
         f"[{label}] failures: {failures['total']}" + (f" ({details})" if details else ""),
     ]
+    processes = srv.get("processes", [])
+    if len(processes) > 1:
+        lines.append(f"[{label}] server CPU by process: " + ", ".join(
+            f"{_title(p['title'])} {p['cpu_percent_measured']:.0f}%" for p in processes))
     slow = entry.get("slow_deliveries_by_second", {})
     for name, by_second in slow.items():
         if any(by_second):
@@ -428,6 +432,12 @@ def _run_lines(entry: Mapping[str, Any]) -> list[str]:
     if entry["aborted"]:
         lines.append(f"[{label}] ABORTED: {entry['aborted']}")
     return lines
+
+
+def _title(title: str) -> str:
+    """A short name for a process: `ray::ShardActor` from a Ray worker's title, else its program."""
+    first = title.split(" ", 1)[0]
+    return first.split(".", 1)[0] if first.startswith("ray::") else first.rsplit("/", 1)[-1] or "?"
 
 
 def _fmt(value: float | None, unit: str = "") -> str:

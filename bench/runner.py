@@ -71,10 +71,12 @@ class ProcessSampler:
 
     def __init__(self, pids: Sequence[int]) -> None:
         self.processes: dict[int, psutil.Process] = {}
+        self.titles: dict[int, str] = {}  # what each process calls itself (Ray actors: "ray::ShardActor...")
         self.lost: set[int] = set()
         for pid in dict.fromkeys(pids):
             try:
                 self.processes[pid] = psutil.Process(pid)
+                self.titles[pid] = " ".join(self.processes[pid].cmdline())[:80]
             except psutil.Error:
                 self.lost.add(pid)
 
@@ -150,6 +152,14 @@ class Timeline:
             )
             a = b
         return out
+
+    def cpu_by_pid_between_marks(self, start: str, end: str) -> dict[int, float]:
+        """% of one core of each process between two marks (those sampled at both)."""
+        if start not in self.marks or end not in self.marks:
+            return {}
+        a, b = self.marks[start], self.marks[end]
+        return {pid: stats.cpu_percent(b.cpu_s[pid] - a.cpu_s[pid], b.at - a.at) or 0.0
+                for pid in a.cpu_s.keys() & b.cpu_s.keys()}
 
     def cpu_between_marks(self, start: str, end: str, machine: bool = False) -> float | None:
         if start not in self.marks or end not in self.marks:
@@ -393,12 +403,16 @@ def process_figures(timeline: Timeline | None, origin: float) -> dict[str, Any]:
     """CPU % of one core (ramp, measured), peak RSS and the timeline of sampled processes."""
     if timeline is None:
         return {"pids": [], "cpu_percent_measured": None, "cpu_percent_ramp": None, "peak_rss_mib": None,
-                "pids_lost": [], "timeline": []}
+                "pids_lost": [], "timeline": [], "processes": []}
     measured = timeline.cpu_between_marks("measure_start", "measure_end")
     ramp = timeline.cpu_between_marks("start", "measure_start")
+    by_pid = timeline.cpu_by_pid_between_marks("measure_start", "measure_end")
     return {
         "pids": sorted(timeline.sampler.processes.keys() | timeline.sampler.lost),
         "cpu_percent_measured": None if measured is None else round(measured, 1),
+        # each process's share in the measured phase, busiest first
+        "processes": [{"pid": pid, "title": timeline.sampler.titles.get(pid, ""), "cpu_percent_measured": round(cpu, 1)}
+                      for pid, cpu in sorted(by_pid.items(), key=lambda item: -item[1])],
         "cpu_percent_ramp": None if ramp is None else round(ramp, 1),
         "peak_rss_mib": timeline.peak_rss_mib(),
         "pids_lost": sorted(timeline.sampler.lost),

@@ -314,3 +314,9 @@ def test_slow_deliveries_are_listed_by_second_of_the_measured_phase() -> None:
     counts = {"deliveries_over_5ms_by_second": {"0": 4, "2": 1}, "deliveries_over_50ms_by_second": {"2": 1}}
     assert crdt.slow_by_second(counts, 3.5) == {"over_5ms": [4, 0, 1, 0], "over_50ms": [0, 0, 1, 0]}
     assert crdt.slow_by_second({}, 2) == {"over_5ms": [0, 0], "over_50ms": [0, 0]}
+
+
+def test_server_processes_are_named_by_their_ray_actor_or_program() -> None:
+    assert crdt._title("ray::ShardActor.serve") == "ray::ShardActor"
+    assert crdt._title("ray::FrontDoorActor") == "ray::FrontDoorActor"
+    assert crdt._title("/usr/bin/node /work/tests/interop/refserver.mjs --port 0") == "node"
