@@ -144,13 +144,15 @@ def plot_locks(
     return path
 
 
-def _cdf(axes: Any, values: Sequence[float], label: str, style: str, colour: str | None) -> None:
+def _cdf(axes: Any, values: Sequence[float], label: str, style: str, colour: str | None,
+         count: int | None = None) -> None:
+    """A step CDF of `values`; `count` is the number of samples they stand for (thinned data)."""
     data = sorted(values)
     if not data:
         return
     n = len(data)
     axes.step([max(v, 1e-3) for v in data], [(i + 1) / n for i in range(n)], style, where="post",
-              label=f"{label} (n={n})", color=colour)
+              label=f"{label} (n={count if count is not None else n})", color=colour)
 
 
 def _lock_cpu(axes: Any, report: Mapping[str, Any], colours: Mapping[str, str]) -> None:
@@ -196,11 +198,10 @@ def plot_crdt(report: Mapping[str, Any], samples: Mapping[str, Mapping[str, Sequ
     targets = report["targets_ms"]
     for run in runs:
         by_metric = samples.get(run["label"], {})
-        _cdf(cdf_axes, _thin(by_metric.get("propagation_ms", ())), f"{run['label']} propagation", "-",
-             colours[run["label"]])
-        _cdf(cdf_axes, _thin(by_metric.get("ack_ms", ())), f"{run['label']} UPDATE_ACK", "--",
-             colours[run["label"]])
-    for value, label, style in ((targets["goal_p99"], "goal", "-."), (targets["seed_p99"], "seed bar", "-")):
+        for metric, name, style in (("propagation_ms", "propagation", "-"), ("ack_ms", "UPDATE_ACK", "--")):
+            values = by_metric.get(metric, ())
+            _cdf(cdf_axes, _thin(values), f"{run['label']} {name}", style, colours[run["label"]], len(values))
+    for value, label, style in _target_lines(targets):
         cdf_axes.axvline(value, color="tab:red", linewidth=0.8, linestyle=style)
         cdf_axes.text(value * 1.04, 0.03, f"p99 {label} {value:g} ms", color="tab:red", fontsize=8, rotation=90)
     for q in (0.5, 0.95, 0.99):
@@ -224,6 +225,14 @@ def plot_crdt(report: Mapping[str, Any], samples: Mapping[str, Mapping[str, Sequ
     return path
 
 
+def _target_lines(targets: Mapping[str, Any]) -> list[tuple[float, str, str]]:
+    """(value, label, line style) of the goal and the seed's bar; one line when they coincide."""
+    goal, seed = targets["goal_p99"], targets["seed_p99"]
+    if goal == seed:
+        return [(goal, "goal = seed bar", "-")]
+    return [(goal, "goal", "-."), (seed, "seed bar", "-")]
+
+
 def _thin(values: Sequence[float]) -> list[float]:
     """At most `CDF_MAX_POINTS` values, evenly spaced through the sorted data
     (its minimum and maximum included)."""
@@ -243,9 +252,9 @@ def _crdt_bars(axes: Any, runs: Sequence[Mapping[str, Any]], colours: Mapping[st
         xs = [j + (i - (len(runs) - 1) / 2) * width for j in range(len(names))]
         heights = [figures[name] or 0.0 for name in names]
         bars = axes.bar(xs, heights, width, label=run["label"], color=colours[run["label"]])
-        axes.bar_label(bars, labels=[f"{h:.2g}" for h in heights], fontsize=7)
-    for value, label, style in ((targets["goal_p99"], "goal p99", "-."), (targets["seed_p99"], "seed bar p99", "-")):
-        axes.axhline(value, color="tab:red", linewidth=0.8, linestyle=style, label=f"{label} {value:g} ms")
+        axes.bar_label(bars, labels=[f"{h:.3g}" for h in heights], fontsize=7)
+    for value, label, style in _target_lines(targets):
+        axes.axhline(value, color="tab:red", linewidth=0.8, linestyle=style, label=f"p99 {label} {value:g} ms")
     axes.set_xticks(range(len(names)), names)
     axes.set_yscale("log")
     axes.set_ylabel("propagation (ms, log scale)")
