@@ -311,7 +311,8 @@ class DocShell:
                 if not await self._snapshot(room):
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 2.0)
-                    continue
+                # updates that came in while the snapshot was written are ours too
+                continue
             return
 
     async def _snapshot(self, room: ResourceId) -> bool:

@@ -43,6 +43,7 @@ from rounds.backends.history import DocHistory
 from rounds.backends.locks import LockStore
 from rounds.config import Settings
 from rounds.ids import ResourceId
+from rounds.routing import HashRing
 from rounds.shard.doc_shell import DocShell
 from rounds.shard.presence import Member
 from rounds.shard.lock_events import AuditLock, LockAcquire, LockRelease, LockRenew, RoomBroadcast
@@ -60,8 +61,10 @@ class ShardService:
                  doc_store: DocStore, settings: Settings, history: DocHistory | None = None) -> None:
         self.index = index
         self.presence = Presence()
+        ring = HashRing(range(settings.shards))
         self.lock_shell = LockShell(f"shard-{index}", lock_store, self.dispatch,
-                                    settings.lock_ttl_ms, settings.lock_max_ttl_ms)
+                                    settings.lock_ttl_ms, settings.lock_max_ttl_ms,
+                                    owns=lambda room: ring.shard_for(room) == index)
         self.docs = DocShell(f"shard-{index}", doc_store, self.dispatch, self._handle,
                              lambda room: bool(self.presence.members(room)), settings, history)
         self.mirror = mirror

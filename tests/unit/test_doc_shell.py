@@ -211,3 +211,19 @@ async def test_an_empty_update_changes_no_revision_and_is_not_relayed() -> None:
     (ack,) = h.of(MessageType.UPDATE_ACK)
     assert ack.data["revision"] == 0
     assert not [e for e in h.events if isinstance(e, RoomBroadcast)]
+
+
+async def test_updates_arriving_while_a_snapshot_is_written_are_stored_and_acknowledged() -> None:
+    class SlowCompact(Wrapped):
+        async def compact(self, room: ResourceId, state: bytes, revision: int, covered: int) -> None:
+            await asyncio.sleep(0.1)
+            await super().compact(room, state, revision, covered)
+
+    h = Harness(SlowCompact(), doc_log_max_entries=2, doc_snapshot_delay_ms=60_000)
+    await h.loaded()
+    for i in range(2):  # the second makes a snapshot due
+        h.shell.update(h.edit(f"{i}", ref=f"r{i}"), UserId("a"))
+    await until(lambda: len(h.of(MessageType.UPDATE_ACK)) == 2)
+    await asyncio.sleep(0.03)  # the snapshot is being written ...
+    h.shell.update(h.edit("last", ref="last"), UserId("a"))  # ... when the last update comes
+    await until(lambda: len(h.of(MessageType.UPDATE_ACK)) == 3, timeout=3)
