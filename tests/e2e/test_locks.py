@@ -20,7 +20,7 @@ import base64
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -32,12 +32,12 @@ from pycrdt import Doc, Text
 from rounds.routing import HashRing
 from tests.client import Client, Frame, eventually
 from tests.conftest import GatewayHandle, gateway_settings
+from tests.e2e.conftest import Connect
 
 pytestmark = pytest.mark.ray
 
 ISO_MS = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z")
 SHORT_TTL_MS = 1_500
-Connect = Callable[..., Awaitable[Client]]
 
 
 @pytest.fixture(scope="module")
@@ -49,20 +49,6 @@ def short_gateway(ray_session: None, redis_url: str, var_root: Path) -> Iterator
     handle.stop()
 
 
-@pytest.fixture
-async def connect(gateway: GatewayHandle) -> AsyncIterator[Connect]:
-    """Open clients (on the main gateway unless `on=` says otherwise); all are closed at the end."""
-    opened: list[Client] = []
-
-    async def open_client(user: str, role: str = "surgeon", *, on: GatewayHandle | None = None) -> Client:
-        target = on or gateway
-        client = await Client.connect(target.url, target.token(user, role))
-        opened.append(client)
-        return client
-
-    yield open_client
-    for client in opened:
-        await client.close()
 
 
 

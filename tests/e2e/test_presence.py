@@ -13,7 +13,7 @@ import asyncio
 import base64
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+
 from datetime import datetime
 from typing import Any
 
@@ -23,28 +23,14 @@ import redis
 from rounds.routing import HashRing
 from tests.client import Client, Frame, eventually
 from tests.conftest import GatewayHandle
+from tests.e2e.conftest import Connect
 
 pytestmark = pytest.mark.ray
 
 ISO_MS = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z")
 ALL_USERS = "resource:all_users"
-Connect = Callable[..., Awaitable[Client]]
 
 
-@pytest.fixture
-async def connect(gateway: GatewayHandle) -> AsyncIterator[Connect]:
-    """Open clients for a test; all are closed at its end."""
-    opened: list[Client] = []
-
-    async def open_client(user: str, role: str = "surgeon", *, username: str | None = None,
-                          binary: bool = False) -> Client:
-        client = await Client.connect(gateway.url, gateway.token(user, role, username=username), binary=binary)
-        opened.append(client)
-        return client
-
-    yield open_client
-    for client in opened:
-        await client.close()
 
 
 
