@@ -13,9 +13,10 @@ Around the in-memory `Documents` and each room's `RoomAwareness`:
   acknowledged update survives a crash of this process. A store that fails
   is retried with back-off while acks wait; past `MAX_UNWRITTEN` waiting
   updates a room refuses new ones with `UNAVAILABLE` instead of applying them.
-- **Snapshots.** `doc_snapshot_delay_ms` after a change, or once
-  `doc_log_max_entries` updates wait in the log, the writer stores the whole
-  state as the snapshot and trims the log it covers; again at shutdown.
+- **Snapshots.** Once a room has been quiet for `doc_snapshot_delay_ms`, or
+  as soon as `doc_log_max_entries` updates wait in the log, the writer
+  stores the whole state as the snapshot and trims the log it covers; again
+  at unload and at shutdown.
 - **Unloading.** A document no member has and nobody used for
   `doc_idle_unload_ms` is snapshotted and leaves memory (with its awareness).
 """
@@ -79,6 +80,7 @@ class DocShell:
         self._logged: dict[ResourceId, int] = {}  # log entries since the last snapshot
         self._snapshot_due: set[ResourceId] = set()
         self._snapshot_timers: dict[ResourceId, asyncio.TimerHandle] = {}
+        self._last_change: dict[ResourceId, float] = {}  # loop time of the last update, for the debounce
         self._writers: dict[ResourceId, asyncio.Task[None]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._sweeper: asyncio.Task[None] | None = None
@@ -258,15 +260,28 @@ class DocShell:
             self._writers[room] = asyncio.create_task(self._write(room), name=f"{self.name}-doc-writer")
 
     def _schedule_snapshot(self, room: ResourceId) -> None:
+        """Debounced: the snapshot is taken once the room has been quiet for
+        `doc_snapshot_delay_ms`, or as soon as `doc_log_max_entries` updates
+        wait in its log (so a room edited without pause is snapshotted every
+        that many updates, not every few seconds: each snapshot encodes the
+        whole document)."""
+        now = asyncio.get_running_loop().time()
+        self._last_change[room] = now
         if self._logged.get(room, 0) + len(self._unwritten.get(room, ())) >= self._log_max_entries:
             self._snapshot_due.add(room)
             return
         if room not in self._snapshot_timers:
-            self._snapshot_timers[room] = asyncio.get_running_loop().call_later(
-                self._snapshot_delay_s, self._snapshot_timer, room)
+            self._snapshot_timers[room] = asyncio.get_running_loop().call_at(
+                now + self._snapshot_delay_s, self._snapshot_timer, room)
 
     def _snapshot_timer(self, room: ResourceId) -> None:
+        loop = asyncio.get_running_loop()
+        quiet_at = self._last_change.get(room, 0.0) + self._snapshot_delay_s
+        if quiet_at > loop.time():  # changed since: wait for the quiet
+            self._snapshot_timers[room] = loop.call_at(quiet_at, self._snapshot_timer, room)
+            return
         self._snapshot_timers.pop(room, None)
+        self._last_change.pop(room, None)
         self._snapshot_due.add(room)
         self._kick(room)
 
@@ -343,6 +358,7 @@ class DocShell:
                 self.documents.unload(room)
                 self._logged.pop(room, None)
                 self.awareness.pop(room, None)
+                self._last_change.pop(room, None)
                 timer = self._snapshot_timers.pop(room, None)
                 if timer is not None:
                     timer.cancel()

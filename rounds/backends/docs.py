@@ -21,6 +21,7 @@ import asyncio
 import hashlib
 import os
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 from dataclasses import dataclass, field
@@ -96,14 +97,17 @@ class FileDocStore:
     `fsync` set, also a power cut, at the cost of a disk flush per batch).
     `snapshot` is replaced atomically (write, fsync, rename); compacting
     rewrites the log without the entries the snapshot covers the same way.
-    A torn last record (a crash mid-write) is ignored on load.
+    A torn last record (a crash mid-write) is cut off on load. The logs of
+    the last `OPEN_LOGS` documents written stay open.
     """
 
     name = "file"
+    OPEN_LOGS = 256
 
     def __init__(self, directory: str | Path, fsync: bool = False) -> None:
         self.directory = Path(directory)
         self.fsync = fsync
+        self._fds: OrderedDict[ResourceId, int] = OrderedDict()
 
     def _dir(self, room: ResourceId) -> Path:
         digest = hashlib.sha256(room.encode()).hexdigest()
@@ -132,22 +136,35 @@ class FileDocStore:
         return StoredDoc(snapshot or None, revision, records)
 
     async def append(self, room: ResourceId, entries: Sequence[tuple[int, bytes]]) -> None:
+        fd = self._fds.get(room)
+        if fd is None:
+            fd = self._open_log(room)
+        else:
+            self._fds.move_to_end(room)
+        os.write(fd, b"".join(_record(rev, update) for rev, update in entries))
+        if self.fsync:
+            await asyncio.to_thread(os.fsync, fd)
+
+    def _open_log(self, room: ResourceId) -> int:
         folder = self._dir(room)
-        data = b"".join(_record(rev, update) for rev, update in entries)
         try:
             fd = os.open(folder / "log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
         except FileNotFoundError:
             folder.mkdir(parents=True, exist_ok=True)
             (folder / "room").write_text(room)  # which document this directory holds
             fd = os.open(folder / "log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
-        try:
-            os.write(fd, data)
-            if self.fsync:
-                await asyncio.to_thread(os.fsync, fd)
-        finally:
+        self._fds[room] = fd
+        while len(self._fds) > self.OPEN_LOGS:
+            os.close(self._fds.popitem(last=False)[1])
+        return fd
+
+    def _close_log(self, room: ResourceId) -> None:
+        fd = self._fds.pop(room, None)
+        if fd is not None:
             os.close(fd)
 
     async def compact(self, room: ResourceId, state: bytes, revision: int, covered: int) -> None:
+        self._close_log(room)  # the log file is replaced: appends must open the new one
         await asyncio.to_thread(self._compact, room, state, revision, covered)
 
     def _compact(self, room: ResourceId, state: bytes, revision: int, covered: int) -> None:
@@ -165,7 +182,8 @@ class FileDocStore:
         return {"backend": self.name, "ok": ok, "directory": str(self.directory)}
 
     async def aclose(self) -> None:
-        return None
+        for room in list(self._fds):
+            self._close_log(room)
 
 
 def _record(revision: int, update: bytes) -> bytes:

@@ -227,3 +227,15 @@ async def test_updates_arriving_while_a_snapshot_is_written_are_stored_and_ackno
     await asyncio.sleep(0.03)  # the snapshot is being written ...
     h.shell.update(h.edit("last", ref="last"), UserId("a"))  # ... when the last update comes
     await until(lambda: len(h.of(MessageType.UPDATE_ACK)) == 3, timeout=3)
+
+
+async def test_snapshots_wait_for_the_room_to_be_quiet() -> None:
+    store = Wrapped()
+    h = Harness(store, doc_snapshot_delay_ms=150, doc_log_max_entries=1_000)
+    await h.loaded()
+    for i in range(6):  # an edit every 50 ms: never 150 ms of quiet
+        h.shell.update(h.edit(f"{i}", ref=f"r{i}"), UserId("a"))
+        await asyncio.sleep(0.05)
+    assert (await store.load(ROOM)).snapshot is None
+    await until(lambda: store.docs[ROOM].snapshot is not None, timeout=2)
+    assert store.docs[ROOM].revision == 6 and store.docs[ROOM].log == []
