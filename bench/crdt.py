@@ -460,7 +460,8 @@ def _git_state() -> dict[str, Any] | None:
 
 def report_stem(options: CrdtOptions, when: float | None = None) -> str:
     """File name stem of a report: benchmark, mode(s), users, UTC time."""
-    modes = options.mode + (f"-{options.codec}" if options.mode == WS else "") + ("-vs-ref" if options.compare_ref else "")
+    modes = options.mode + (f"-{options.codec}" if options.mode == WS else "")
+    modes += "-vs-ref" if options.compare_ref else ""
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(when))
     return f"crdt-{modes}-{options.users}u-{stamp}"
 
