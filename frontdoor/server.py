@@ -5,7 +5,7 @@ Per connection: authenticate before the upgrade (`process_request`), send
 that owns the resource; `HEARTBEAT` is answered here. Everything a shard
 sends back arrives as `Reply` (one connection) or `Deliver` (several, one
 frame per front door), is encoded once per codec and written with
-`websockets.broadcast`: no task and no await per recipient.
+`fanout.send_frame`: framed once, no task and no await per recipient.
 
 Bounds: frames above `max_frame_bytes` get `ERROR TOO_LARGE` (above four
 times that, websockets closes with 1009); a client whose unsent output
@@ -29,10 +29,11 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from websockets.asyncio.server import Server, ServerConnection, broadcast, serve
+from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
+from rounds.frontdoor.fanout import frame as ws_frame, send_frame
 from rounds.frontdoor.links import Address, ShardLinks
 from rounds.audit import AuditEvent, AuditSink
 from rounds.auth import AuthError, Identity, TokenVerifier
@@ -454,12 +455,12 @@ class FrontDoor:
     def _send(self, client: Client, type_: str, data: dict[str, Any], ref: Any = None) -> None:
         frame = client.codec.encode(type_, data, ref)
         if frame is not None:
-            broadcast((client.ws,), frame)
+            send_frame((client.ws,), ws_frame(frame))
 
     def _send_yjs(self, client: Client, type_: str, data: dict[str, Any]) -> None:
         if type_ == MessageType.RESOURCE_STATE:
             for frame in YJS.greeting(data):
-                broadcast((client.ws,), frame)
+                send_frame((client.ws,), ws_frame(frame))
         elif type_ == MessageType.ERROR:
             log.info("%s: y-websocket conn %d: %s %s", self.name, client.conn, data.get("code"), data.get("message"))
             if data.get("code") == ErrorCode.UNAVAILABLE and client.yjs_resource not in client.rooms:
@@ -508,7 +509,7 @@ class FrontDoor:
         for codec, group in by_codec.items():
             frame = codec.encode(type_, data)  # once per codec, whatever the number of recipients
             if frame is not None:
-                broadcast(group, frame)
+                send_frame(group, ws_frame(frame))
 
     def _overloaded(self, client: Client) -> None:
         if client.close_reason != "overloaded":
