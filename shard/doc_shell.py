@@ -8,8 +8,9 @@ Around the in-memory `Documents` and each room's `RoomAwareness`:
   `UNAVAILABLE` and lets the rest through, and the next use tries again.
   Nothing is ever served from an empty document that the store might hold.
 - **Updates.** Applied in memory at once and relayed to the room at once;
-  appended to the store's log by one writer task per room, in order, in
-  batches; `UPDATE_ACK` goes out only after the append returned. So an
+  appended to the store's log by the shard's one writer, which takes what
+  waits in every room in one store call (one Redis round trip), each room's
+  updates in order; `UPDATE_ACK` goes out only after the append returned. So an
   acknowledged update survives a crash of this process. A store that fails
   is retried with back-off while acks wait; past `MAX_UNWRITTEN` waiting
   updates a room refuses new ones with `UNAVAILABLE` instead of applying them.
@@ -81,7 +82,11 @@ class DocShell:
         self._snapshot_due: set[ResourceId] = set()
         self._snapshot_timers: dict[ResourceId, asyncio.TimerHandle] = {}
         self._last_change: dict[ResourceId, float] = {}  # loop time of the last update, for the debounce
-        self._writers: dict[ResourceId, asyncio.Task[None]] = {}
+        self._compacting: set[ResourceId] = set()
+        self._wake = asyncio.Event()
+        self._writer: asyncio.Task[None] | None = None
+        self._idle = asyncio.Event()  # set whenever the writer has nothing left to do
+        self._idle.set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._sweeper: asyncio.Task[None] | None = None
         self.store_failures = 0
@@ -104,14 +109,18 @@ class DocShell:
         for room in self.documents.rooms():
             if self._logged.get(room) or self._unwritten.get(room):
                 self._snapshot_due.add(room)
-                self._kick(room)
-        writers = list(self._writers.values())
-        if writers:
-            done, pending = await asyncio.wait(writers, timeout=2 * STORE_TIMEOUT_S)
-            if pending:
-                log.error("%s: %d documents not saved at shutdown (store unreachable)", self.name, len(pending))
-                for task in pending:
-                    task.cancel()
+        self._kick()
+        try:
+            async with asyncio.timeout(2 * STORE_TIMEOUT_S):
+                while not self._settled():
+                    self._idle.clear()
+                    self._kick()
+                    await self._idle.wait()
+        except TimeoutError:
+            log.error("%s: %d documents not saved at shutdown (store unreachable)", self.name,
+                      len(set(self._unwritten) | self._snapshot_due))
+        if self._writer is not None:
+            self._writer.cancel()
         await self.store.aclose()
         if self.history is not None:
             await self.history.aclose()
@@ -206,7 +215,7 @@ class DocShell:
             "resourceId": room, "update": msg.update, "userId": user_id, "revision": applied.revision})])
         self._unwritten.setdefault(room, deque()).append(
             _Pending(applied.revision, msg.update, msg.conn, msg.ref, msg.ack, user_id))
-        self._kick(room)
+        self._kick()
         self._schedule_snapshot(room)
 
     def sync(self, msg: DocSync) -> None:
@@ -255,9 +264,14 @@ class DocShell:
 
     # --- the writer: log, acks, snapshots, unloads --------------------------------------
 
-    def _kick(self, room: ResourceId) -> None:
-        if room not in self._writers:
-            self._writers[room] = asyncio.create_task(self._write(room), name=f"{self.name}-doc-writer")
+    def _kick(self) -> None:
+        """Wake the shard's one writer (started on first use)."""
+        self._wake.set()
+        if self._writer is None:
+            self._writer = asyncio.create_task(self._write(), name=f"{self.name}-doc-writer")
+
+    def _settled(self) -> bool:
+        return not self._unwritten and not self._snapshot_due and not self._compacting
 
     def _schedule_snapshot(self, room: ResourceId) -> None:
         """Debounced: the snapshot is taken once the room has been quiet for
@@ -283,52 +297,73 @@ class DocShell:
         self._snapshot_timers.pop(room, None)
         self._last_change.pop(room, None)
         self._snapshot_due.add(room)
-        self._kick(room)
+        self._kick()
 
-    async def _write(self, room: ResourceId) -> None:
-        """One per room at a time: appends, then acks, then a snapshot if due,
-        so the store sees this room's writes in order. It leaves `_writers`
-        in the same step as it finds nothing left to do, so an update that
-        comes after always starts a new writer (a done-callback would run a
-        loop iteration later, after uvloop may already have read that update)."""
-        try:
-            await self._write_until_done(room)
-        finally:
-            self._writers.pop(room, None)
-
-    async def _write_until_done(self, room: ResourceId) -> None:
+    async def _write(self) -> None:
+        """The shard's one writer. Each round appends what waits in every room
+        (one store call, one Redis round trip for all of them), then sends
+        those acks in one go, then starts the snapshots that are due. A room
+        being snapshotted is left out of the appends until its snapshot is
+        stored, so the store sees each room's writes in order."""
         delay = 0.1
         while True:
-            queue = self._unwritten.get(room)
-            if queue:
-                batch = list(queue)
-                try:
-                    async with asyncio.timeout(STORE_TIMEOUT_S):
-                        await self.store.append(room, [(p.revision, p.update) for p in batch])
-                except Exception:
-                    self.store_failures += 1
-                    log.exception("%s: could not append %d updates of %s; retrying in %.1fs (acks wait)",
-                                  self.name, len(batch), room, delay)
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 2.0)
-                    continue
-                delay = 0.1
-                for _ in batch:
-                    queue.popleft()
-                self._logged[room] = self._logged.get(room, 0) + len(batch)
-                if self.history is not None:
-                    self.history.submit(room, [(p.revision, p.update, p.user_id) for p in batch])
-                self._dispatch([Reply(p.conn, p.ref, MessageType.UPDATE_ACK,
-                                      {"resourceId": room, "revision": p.revision}) for p in batch if p.ack])
-                continue
-            self._unwritten.pop(room, None)
-            if room in self._snapshot_due and room in self.documents:
-                if not await self._snapshot(room):
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 2.0)
-                # updates that came in while the snapshot was written are ours too
-                continue
-            return
+            await self._wake.wait()
+            self._wake.clear()
+            while True:
+                batches = {room: list(queue) for room, queue in self._unwritten.items()
+                           if queue and room not in self._compacting}
+                if batches:
+                    try:
+                        async with asyncio.timeout(STORE_TIMEOUT_S):
+                            await self.store.append({room: [(p.revision, p.update) for p in batch]
+                                                     for room, batch in batches.items()})
+                    except Exception:
+                        self.store_failures += 1
+                        log.exception("%s: could not append %d updates of %d documents; retrying in %.1fs "
+                                      "(acks wait)", self.name, sum(map(len, batches.values())), len(batches), delay)
+                        await asyncio.sleep(delay)
+                        delay = min(delay * 2, 2.0)
+                        continue
+                    delay = 0.1
+                    self._stored(batches)
+                for room in [r for r in self._snapshot_due if r not in self._compacting]:
+                    if room in self.documents:
+                        self._compacting.add(room)
+                        task = asyncio.create_task(self._compact(room), name=f"{self.name}-doc-snapshot")
+                        self._tasks.add(task)
+                        task.add_done_callback(self._tasks.discard)
+                    else:
+                        self._snapshot_due.discard(room)
+                if not batches:
+                    break
+            if self._settled():
+                self._idle.set()
+
+    def _stored(self, batches: dict[ResourceId, list[_Pending]]) -> None:
+        """These updates are in the store: count them, log their history, ack."""
+        acks: list[Reply] = []
+        for room, batch in batches.items():
+            queue = self._unwritten[room]
+            for _ in batch:
+                queue.popleft()
+            if not queue:
+                del self._unwritten[room]
+            self._logged[room] = self._logged.get(room, 0) + len(batch)
+            if self.history is not None:
+                self.history.submit(room, [(p.revision, p.update, p.user_id) for p in batch])
+            acks.extend(Reply(p.conn, p.ref, MessageType.UPDATE_ACK, {"resourceId": room, "revision": p.revision})
+                        for p in batch if p.ack)
+        if acks:
+            self._dispatch(acks)
+
+    async def _compact(self, room: ResourceId) -> None:
+        try:
+            saved = await self._snapshot(room)
+        finally:
+            self._compacting.discard(room)
+        if not saved:
+            await asyncio.sleep(1.0)  # still due: the writer tries again
+        self._kick()
 
     async def _snapshot(self, room: ResourceId) -> bool:
         state, revision = self.documents.encode(room)
@@ -349,11 +384,12 @@ class DocShell:
         while True:
             await asyncio.sleep(period)
             for room in self.documents.idle(now_ms(), self._idle_ms):
-                if self._has_members(room) or room in self._writers or room in self._gated:
+                if (self._has_members(room) or room in self._gated or room in self._compacting
+                        or room in self._snapshot_due):
                     continue
                 if self._logged.get(room) or self._unwritten.get(room):
                     self._snapshot_due.add(room)
-                    self._kick(room)  # unloaded on a later sweep, once saved
+                    self._kick()  # unloaded on a later sweep, once saved
                     continue
                 self.documents.unload(room)
                 self._logged.pop(room, None)

@@ -92,6 +92,11 @@ class Presence:
     def members(self, room: ResourceId) -> tuple[Member, ...]:
         return tuple(self._rooms.get(room, {}).values())
 
+    def member(self, room: ResourceId, conn: ConnId) -> Member | None:
+        """The connection's membership of the room, if it is in it."""
+        members = self._rooms.get(room)
+        return None if members is None else members.get(conn)
+
     def users(self, room: ResourceId) -> list[UserView]:
         """The room's users, one per user id, in order of arrival."""
         views: dict[UserId, UserView] = {}

@@ -41,11 +41,10 @@ from rounds.shard.events import (
 from rounds.backends.docs import DocStore
 from rounds.backends.history import DocHistory
 from rounds.backends.locks import LockStore
-from rounds.config import Settings
+from rounds.config import EDITOR, Settings
 from rounds.ids import ResourceId
 from rounds.routing import HashRing
 from rounds.shard.doc_shell import DocShell
-from rounds.shard.presence import Member
 from rounds.shard.lock_events import AuditLock, LockAcquire, LockRelease, LockRenew, RoomBroadcast
 from rounds.shard.lock_shell import LockShell
 from rounds.shard.presence import Presence
@@ -189,10 +188,10 @@ class ShardService:
             case DocUpdate():
                 self._update(msg)
             case DocSync():
-                if self._member(msg.conn, msg.resource_id) is not None:
+                if self.presence.member(msg.resource_id, msg.conn) is not None:
                     self.docs.sync(msg)
             case Awareness():
-                if self._member(msg.conn, msg.resource_id) is not None:
+                if self.presence.member(msg.resource_id, msg.conn) is not None:
                     self.docs.relay_awareness(msg)
             case LockAcquire() | LockRenew() | LockRelease():
                 self.lock_shell.handle(msg)
@@ -202,10 +201,15 @@ class ShardService:
                 log.error("%s: unexpected link message %s", self.name, type(msg).__name__)
 
     def _update(self, msg: DocUpdate) -> None:
-        member = self._member(msg.conn, msg.resource_id)
+        member = self.presence.member(msg.resource_id, msg.conn)
         if member is None:
             self._send(frontdoor_of(msg.conn), Reply(msg.conn, msg.ref, MessageType.ERROR, error_data(
                 ErrorCode.NOT_JOINED, f"not joined to {msg.resource_id}", resourceId=msg.resource_id)))
+            return
+        if member.mode != EDITOR:  # the front door refuses these first; never trust one hop
+            self._send(frontdoor_of(msg.conn), Reply(msg.conn, msg.ref, MessageType.PERMISSION_DENIED, error_data(
+                ErrorCode.PERMISSION_DENIED, "viewers may not update the document", resourceId=msg.resource_id,
+                mode=member.mode)))
             return
         if msg.fencing_token is not None and msg.lock_resource_id is not None:
             lock = self.lock_shell.locks.holder(msg.lock_resource_id)
@@ -215,12 +219,6 @@ class ShardService:
                     msg.conn, msg.ref, msg.resource_id, msg.lock_resource_id, msg.fencing_token)))
                 return
         self.docs.update(msg, member.user_id)
-
-    def _member(self, conn: ConnId, room: ResourceId) -> Member | None:
-        for member in self.presence.members(room):
-            if member.conn == conn:
-                return member
-        return None
 
     # --- events -----------------------------------------------------------------
 

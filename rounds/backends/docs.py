@@ -22,7 +22,7 @@ import hashlib
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -46,9 +46,9 @@ class DocStore(Protocol):
 
     async def load(self, room: ResourceId) -> StoredDoc: ...
 
-    async def append(self, room: ResourceId, entries: Sequence[tuple[int, bytes]]) -> None:
-        """Add updates to the log, in order; when this returns they are as
-        durable as the store is."""
+    async def append(self, logs: Mapping[ResourceId, Sequence[tuple[int, bytes]]]) -> None:
+        """Add updates to the logs of several documents (each in order) at
+        once; when this returns they are as durable as the store is."""
         ...
 
     async def compact(self, room: ResourceId, state: bytes, revision: int, covered: int) -> None:
@@ -73,9 +73,9 @@ class MemoryDocStore:
         stored = self.docs.get(room)
         return StoredDoc() if stored is None else StoredDoc(stored.snapshot, stored.revision, list(stored.log))
 
-    async def append(self, room: ResourceId, entries: Sequence[tuple[int, bytes]]) -> None:
-        stored = self.docs.setdefault(room, StoredDoc())
-        stored.log.extend(entries)
+    async def append(self, logs: Mapping[ResourceId, Sequence[tuple[int, bytes]]]) -> None:
+        for room, entries in logs.items():
+            self.docs.setdefault(room, StoredDoc()).log.extend(entries)
 
     async def compact(self, room: ResourceId, state: bytes, revision: int, covered: int) -> None:
         old = self.docs.get(room, StoredDoc())
@@ -135,15 +135,18 @@ class FileDocStore:
             os.truncate(folder / "log", good)
         return StoredDoc(snapshot or None, revision, records)
 
-    async def append(self, room: ResourceId, entries: Sequence[tuple[int, bytes]]) -> None:
-        fd = self._fds.get(room)
-        if fd is None:
-            fd = self._open_log(room)
-        else:
-            self._fds.move_to_end(room)
-        os.write(fd, b"".join(_record(rev, update) for rev, update in entries))
+    async def append(self, logs: Mapping[ResourceId, Sequence[tuple[int, bytes]]]) -> None:
+        written = []
+        for room, entries in logs.items():
+            fd = self._fds.get(room)
+            if fd is None:
+                fd = self._open_log(room)
+            else:
+                self._fds.move_to_end(room)
+            os.write(fd, b"".join(_record(rev, update) for rev, update in entries))
+            written.append(fd)
         if self.fsync:
-            await asyncio.to_thread(os.fsync, fd)
+            await asyncio.to_thread(lambda: [os.fsync(fd) for fd in written])
 
     def _open_log(self, room: ResourceId) -> int:
         folder = self._dir(room)
@@ -235,8 +238,11 @@ class RedisDocStore:
         log = [(int(rev), bytes(update)) for rev, update in (msgpack.unpackb(item) for item in raw_log)]
         return StoredDoc(state or None, int(revision or 0), log)
 
-    async def append(self, room: ResourceId, entries: Sequence[tuple[int, bytes]]) -> None:
-        await self.client.rpush(doc_log_key(room), *(msgpack.packb([rev, update]) for rev, update in entries))
+    async def append(self, logs: Mapping[ResourceId, Sequence[tuple[int, bytes]]]) -> None:
+        async with self.client.pipeline(transaction=False) as pipe:  # one round trip for all
+            for room, entries in logs.items():
+                pipe.rpush(doc_log_key(room), *(msgpack.packb([rev, update]) for rev, update in entries))
+            await pipe.execute()
 
     async def compact(self, room: ResourceId, state: bytes, revision: int, covered: int) -> None:
         async with self.client.pipeline(transaction=True) as pipe:

@@ -45,13 +45,20 @@ async def test_a_document_never_stored_loads_empty(store: DocStore, room: Resour
 
 async def test_appends_come_back_in_order_and_compaction_drops_what_it_covers(store: DocStore,
                                                                               room: ResourceId) -> None:
-    await store.append(room, [(1, b"\x01a"), (2, b"\x02b")])
-    await store.append(room, [(3, b"\x03c")])
+    await store.append({room: [(1, b"\x01a"), (2, b"\x02b")]})
+    await store.append({room: [(3, b"\x03c")]})
     assert (await store.load(room)).log == [(1, b"\x01a"), (2, b"\x02b"), (3, b"\x03c")]
     await store.compact(room, b"STATE@2", 2, covered=2)
-    await store.append(room, [(4, b"\x04d")])
+    await store.append({room: [(4, b"\x04d")]})
     stored = await store.load(room)
     assert (stored.snapshot, stored.revision, stored.log) == (b"STATE@2", 2, [(3, b"\x03c"), (4, b"\x04d")])
+
+
+async def test_one_append_writes_the_logs_of_several_documents(store: DocStore, room: ResourceId) -> None:
+    other = ResourceId(room + "-b")
+    await store.append({room: [(1, b"a1"), (2, b"a2")], other: [(1, b"b1")]})
+    assert (await store.load(room)).log == [(1, b"a1"), (2, b"a2")]
+    assert (await store.load(other)).log == [(1, b"b1")]
 
 
 async def test_a_document_rebuilt_from_the_store_has_every_appended_update(store: DocStore,
@@ -67,7 +74,7 @@ async def test_a_document_rebuilt_from_the_store_has_every_appended_update(store
         text.insert(0, f"{i}|")
         update = author.get_update(before)
         revision = docs.apply(room, update, 0).revision
-        await store.append(room, [(revision, update)])
+        await store.append({room: [(revision, update)]})
         if i == 2:
             state, at = docs.encode(room)
             await store.compact(room, state, at, covered=2)  # leaves entry 3 in the log: overlap
@@ -87,7 +94,7 @@ async def test_health_reports_the_backend(store: DocStore) -> None:
 async def test_redis_keys_are_the_documented_ones(redis_url: str, room: ResourceId) -> None:
     client = connect_binary(redis_url)
     store = RedisDocStore(client)
-    await store.append(room, [(1, b"u1")])
+    await store.append({room: [(1, b"u1")]})
     await store.compact(room, b"S", 1, covered=1)
     await client.aclose()
     rdb = redis.Redis.from_url(redis_url)
@@ -104,11 +111,11 @@ async def test_redis_keys_are_the_documented_ones(redis_url: str, room: Resource
 async def test_the_file_store_ignores_a_torn_last_record_and_keeps_the_rest(tmp_path: Path) -> None:
     store = FileDocStore(tmp_path)
     room = ResourceId("document:torn")
-    await store.append(room, [(1, b"one"), (2, b"two")])
+    await store.append({room: [(1, b"one"), (2, b"two")]})
     log = next(tmp_path.rglob("log"))
     with open(log, "ab") as f:
         f.write(b"\x00\x00\x01\x00partial")  # a crash in the middle of the third write
     assert (await store.load(room)).log == [(1, b"one"), (2, b"two")]
-    await store.append(room, [(3, b"three")])  # what comes after the cut is readable
+    await store.append({room: [(3, b"three")]})  # what comes after the cut is readable
     assert (await store.load(room)).log == [(1, b"one"), (2, b"two"), (3, b"three")]
     assert next(tmp_path.rglob("room")).read_text() == room

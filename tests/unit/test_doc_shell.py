@@ -6,7 +6,7 @@ The stores are the real memory/file ones, wrapped to be slow or to fail."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pytest
@@ -43,12 +43,12 @@ class Wrapped(MemoryDocStore):
             raise ConnectionError("store down")
         return await super().load(room)
 
-    async def append(self, room: ResourceId, entries: Sequence[tuple[int, bytes]]) -> None:
+    async def append(self, logs: Mapping[ResourceId, Sequence[tuple[int, bytes]]]) -> None:
         if self.failing:
             self.failing -= 1
             raise ConnectionError("store down")
         self.appends += 1
-        await super().append(room, entries)
+        await super().append(logs)
 
 
 class Harness:
