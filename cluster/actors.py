@@ -17,7 +17,7 @@ from typing import Any
 
 import ray
 
-from rounds import logs
+from rounds import gcwatch, logs
 from rounds.config import Settings
 from rounds.services import make_frontdoor, make_shard
 from rounds.threadloop import ThreadLoop
@@ -40,6 +40,7 @@ def _freeze_heap() -> None:
     hundreds of thousands of long-lived objects."""
     gc.collect()
     gc.freeze()
+    gcwatch.install()
 
 
 @ray.remote
@@ -57,7 +58,7 @@ class ShardActor:
         return self._address
 
     def stats(self) -> dict[str, Any]:
-        return self._loop.call(self._service.stats)
+        return {**self._loop.call(self._service.stats), "gc": gcwatch.stats()}
 
     def health(self) -> dict[str, Any]:
         return self._loop.run(self._service.health(), timeout=5)
@@ -86,7 +87,7 @@ class FrontDoorActor:
         return self._door.links.version
 
     def stats(self) -> dict[str, Any]:
-        return self._loop.call(self._door.stats)
+        return {**self._loop.call(self._door.stats), "gc": gcwatch.stats()}
 
     def health(self) -> dict[str, Any]:
         return self._loop.run(self._door.health(), timeout=5)

@@ -198,6 +198,12 @@ def _alive(pid: int | None) -> bool:
     return True
 
 
+def _gc(stats: dict[str, Any]) -> str:
+    """The collector's pauses of one process, when it reports them."""
+    gc = stats.get("gc")
+    return f"  gc max pause {gc['maxPauseMs']:.0f} ms ({gc['over10ms']} over 10 ms)" if gc else ""
+
+
 def _print_status(state: dict[str, Any], status: dict[str, Any]) -> None:
     print(f"gateway {state['url']}  dashboard {state.get('dashboard')}")
     print(f"\n{'shard':<10}{'address':<24}{'conns':>7}{'rooms':>7}{'members':>9}  mirror  |  documents")
@@ -209,7 +215,7 @@ def _print_status(state: dict[str, Any], status: dict[str, Any]) -> None:
         print(f"shard-{s['shard']:<4}{s['address']:<24}{s['connections']:>7}{s['rooms']:>7}{s['members']:>9}"
               f"  {mirror['backend']} queued={mirror['queued']} dropped={mirror['dropped']}"
               f"  |  {docs.get('backend')} loaded={docs.get('loaded')} unwritten={docs.get('unwritten')}"
-              f" store failures={docs.get('storeFailures')}")
+              f" store failures={docs.get('storeFailures')}{_gc(s)}")
     print(f"\n{'front door':<14}{'conns':>7}{'users':>7}{'rooms':>7}{'rejected':>10}  shards linked")
     for f in status["frontdoors"]:
         if "error" in f:
@@ -217,7 +223,7 @@ def _print_status(state: dict[str, Any], status: dict[str, Any]) -> None:
             continue
         linked = sum(1 for up in f["shards"].values() if up)
         print(f"frontdoor-{f['frontdoor']:<4}{f['connections']:>7}{f['users']:>7}{f['rooms']:>7}"
-              f"{f['rejected']:>10}  {linked}/{len(f['shards'])}")
+              f"{f['rejected']:>10}  {linked}/{len(f['shards'])}{_gc(f)}")
     locks = [lock for s in status["shards"] for lock in s.get("locks", [])]
     print(f"\nheld locks: {len(locks)}")
     for lock in locks:
