@@ -24,7 +24,7 @@ from typing import Any
 import msgpack
 
 from rounds.ids import FrontDoorId
-from rounds.shard.events import Awareness, CheckFence, Deliver, Disconnect, DocSync, DocUpdate, Join, Leave, Reply, Sync
+from rounds.shard.events import Awareness, Deliver, Disconnect, DocSync, DocUpdate, Join, Leave, Reply, Sync
 from rounds.shard.lock_events import LockAcquire, LockRelease, LockRenew
 
 log = logging.getLogger(__name__)
@@ -41,12 +41,12 @@ class Hello:
     epoch: str  # new each time the front door process starts
 
 
-LinkMessage = (Hello | Sync | Join | Leave | Disconnect | LockAcquire | LockRenew | LockRelease | CheckFence
+LinkMessage = (Hello | Sync | Join | Leave | Disconnect | LockAcquire | LockRenew | LockRelease
                | DocUpdate | DocSync | Awareness | Reply | Deliver)
 
 _TAGS: dict[type, int] = {
     Hello: 1, Sync: 2, Join: 3, Leave: 4, Disconnect: 5,
-    LockAcquire: 6, LockRenew: 7, LockRelease: 8, CheckFence: 9,
+    LockAcquire: 6, LockRenew: 7, LockRelease: 8,
     Reply: 10, Deliver: 11, DocUpdate: 12, DocSync: 13, Awareness: 14,
 }
 _CLASSES = {tag: cls for cls, tag in _TAGS.items()}

@@ -66,19 +66,6 @@ class Sync:
 
 
 @dataclass(frozen=True, slots=True)
-class CheckFence:
-    """Is `fencing_token` still the live token of the lock on `lock_resource_id`?
-    The shard that owns the lock answers STALE_LOCK when it is not (issue 3:
-    a paused holder whose lock expired must not keep writing)."""
-
-    conn: ConnId
-    ref: Any
-    resource_id: ResourceId
-    lock_resource_id: ResourceId
-    fencing_token: int
-
-
-@dataclass(frozen=True, slots=True)
 class DocUpdate:
     """A Y.js update from a room member (`/ws` RESOURCE_UPDATE or a
     y-websocket sync step 2 / update). `ack`: answer UPDATE_ACK once durable;

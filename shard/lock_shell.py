@@ -29,7 +29,7 @@ from typing import Any
 from rounds.backends.locks import LockStore, StoreAnswer
 from rounds.clock import now_ms
 from rounds.ids import ResourceId
-from rounds.shard.events import CheckFence, Reply
+from rounds.shard.events import DocUpdate, Reply
 from rounds.shard.lock_events import (
     AuditLock,
     LockAdopt,
@@ -85,21 +85,21 @@ class LockShell:
         if answer is not None and not self._stopped:
             self.handle(answer)
 
-    def check_fence(self, check: CheckFence) -> Reply:
-        """The answer to a fenced update: STALE_LOCK unless the token is the live
-        lock's. Until documents land (issue 4) a valid one gets UNSUPPORTED."""
-        lock = self.locks.holder(check.lock_resource_id)
-        if lock is None or lock.fencing_token != check.fencing_token:
-            self._dispatch([AuditLock("fence", check.lock_resource_id, None, None, "denied",
-                                      {"fencingToken": check.fencing_token}, check.conn)])
-            return Reply(check.conn, check.ref, MessageType.ERROR, error_data(
-                ErrorCode.STALE_LOCK, "the lock this update is fenced with is no longer held with that token",
-                resourceId=check.resource_id, lockResourceId=check.lock_resource_id,
-                fencingToken=check.fencing_token,
-                currentToken=None if lock is None else lock.fencing_token))
-        # TODO(#4): apply the update; the fence is valid.
-        return Reply(check.conn, check.ref, MessageType.ERROR, error_data(
-            ErrorCode.UNSUPPORTED, "document updates are not served yet", resourceId=check.resource_id))
+    def stale_fence(self, update: DocUpdate) -> Reply | None:
+        """A fenced update's refusal (STALE_LOCK, audited) unless its token is
+        the live lock's; None when the update may go ahead."""
+        token, lock_resource = update.fencing_token, update.lock_resource_id
+        if token is None or lock_resource is None:
+            return None
+        lock = self.locks.holder(lock_resource)
+        if lock is not None and lock.fencing_token == token:
+            return None
+        self._dispatch([AuditLock("fence", lock_resource, None, None, "denied", {"fencingToken": token},
+                                  update.conn)])
+        return Reply(update.conn, update.ref, MessageType.ERROR, error_data(
+            ErrorCode.STALE_LOCK, "the lock this update is fenced with is no longer held with that token",
+            resourceId=update.resource_id, lockResourceId=lock_resource, fencingToken=token,
+            currentToken=None if lock is None else lock.fencing_token))
 
     # --- expiry -------------------------------------------------------------------
 

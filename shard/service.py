@@ -25,7 +25,6 @@ from rounds.ids import ConnId, FrontDoorId, ShardId, UserId, frontdoor_of
 from rounds.link import Hello, LinkMessage, LinkProtocol
 from rounds.shard.events import (
     Awareness,
-    CheckFence,
     Deliver,
     Disconnect,
     DocSync,
@@ -195,8 +194,6 @@ class ShardService:
                     self.docs.relay_awareness(msg)
             case LockAcquire() | LockRenew() | LockRelease():
                 self.lock_shell.handle(msg)
-            case CheckFence():
-                self._send(frontdoor_of(msg.conn), self.lock_shell.check_fence(msg))
             case _:
                 log.error("%s: unexpected link message %s", self.name, type(msg).__name__)
 
@@ -211,13 +208,10 @@ class ShardService:
                 ErrorCode.PERMISSION_DENIED, "viewers may not update the document", resourceId=msg.resource_id,
                 mode=member.mode)))
             return
-        if msg.fencing_token is not None and msg.lock_resource_id is not None:
-            lock = self.lock_shell.locks.holder(msg.lock_resource_id)
-            if lock is None or lock.fencing_token != msg.fencing_token:
-                # STALE_LOCK, audited, by the lock shell (issue 3)
-                self._send(frontdoor_of(msg.conn), self.lock_shell.check_fence(CheckFence(
-                    msg.conn, msg.ref, msg.resource_id, msg.lock_resource_id, msg.fencing_token)))
-                return
+        stale = self.lock_shell.stale_fence(msg)  # issue 3: a paused holder cannot write
+        if stale is not None:
+            self._send(frontdoor_of(msg.conn), stale)
+            return
         self.docs.update(msg, member.user_id)
 
     # --- events -----------------------------------------------------------------
