@@ -21,7 +21,7 @@ import os
 import shlex
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -365,24 +365,10 @@ def run_locks_command(args: argparse.Namespace) -> int:
         run = locks.run_locks(options, settings, _own_gateway, private_key_for_dev(settings), _log, _delete_keys)
     except KeyboardInterrupt:
         return _fail(EXIT_INTERRUPTED, "interrupted")
-    report = run.report
-    report["command"] = shlex.join(["rounds", *sys.argv[1:]])
-    out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"locks-{options.backends}-{started}"
-    json_path, png_path = out / f"{stem}.json", out / f"{stem}.png"
-    plot = not args.no_plot and any(not r.get("error") for r in report["runs"])
-    report["files"] = {"json": json_path.name, "png": png_path.name if plot else None}
-    if plot:
-        from rounds.bench.plot import plot_locks
+    from rounds.bench.plot import plot_locks
 
-        plot_locks(report, run.samples, png_path)
-    _write_json(json_path, report)
-    print(locks.format_table(report))
-    print(f"\nreport: {json_path}" + (f"\nchart:  {png_path}" if plot else ""))
-    if any(r.get("error") for r in report["runs"]):
-        return EXIT_GATEWAY
-    return EXIT_OK if report["ok"] else EXIT_FAILURES
+    return _finish(args, run.report, f"locks-{options.backends}-{started}",
+                   lambda path: plot_locks(run.report, run.samples, path), locks.format_table)
 
 
 def run_crdt_command(args: argparse.Namespace) -> int:
@@ -408,21 +394,27 @@ def run_crdt_command(args: argparse.Namespace) -> int:
         run = crdt.run_crdt(options, servers, private_key_for_dev(settings), _log)
     except KeyboardInterrupt:
         return _fail(EXIT_INTERRUPTED, "interrupted")
-    report = run.report
+    from rounds.bench.plot import plot_crdt
+
+    return _finish(args, run.report, crdt.report_stem(options, started),
+                   lambda path: plot_crdt(run.report, run.samples, path), crdt.format_table)
+
+
+def _finish(args: argparse.Namespace, report: dict[str, Any], stem: str, plot: Callable[[Path], None],
+            table: Callable[[dict[str, Any]], str]) -> int:
+    """Write a multi-run report (JSON, and PNG unless --no-plot or every run
+    failed), print its table, and choose the exit code."""
     report["command"] = shlex.join(["rounds", *sys.argv[1:]])
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
-    stem = crdt.report_stem(options, started)
     json_path, png_path = out / f"{stem}.json", out / f"{stem}.png"
-    plot = not args.no_plot and any(not r.get("error") for r in report["runs"])
-    report["files"] = {"json": json_path.name, "png": png_path.name if plot else None}
-    if plot:
-        from rounds.bench.plot import plot_crdt
-
-        plot_crdt(report, run.samples, png_path)
+    plotted = not args.no_plot and any(not r.get("error") for r in report["runs"])
+    report["files"] = {"json": json_path.name, "png": png_path.name if plotted else None}
+    if plotted:
+        plot(png_path)
     _write_json(json_path, report)
-    print(crdt.format_table(report))
-    print(f"\nreport: {json_path}" + (f"\nchart:  {png_path}" if plot else ""))
+    print(table(report))
+    print(f"\nreport: {json_path}" + (f"\nchart:  {png_path}" if plotted else ""))
     if any(r.get("error") for r in report["runs"]):
         return EXIT_GATEWAY
     return EXIT_OK if report["ok"] else EXIT_FAILURES

@@ -44,7 +44,7 @@ from rounds.bench import wsclient
 from rounds.bench.crdtplan import (
     DELIVERED, DUPLICATE, ECHO, EXTRA, MSGPACK, TEXT_NAME, WS, CrdtPlan, Ledger, find_markers, marker, room_url,
 )
-from rounds.bench.loadgen import serve_worker
+from rounds.bench.loadgen import close_clients, serve_worker
 from rounds.bench.plan import (
     DRAIN, MEASURED, RAMP, Go, Progress, Ready, Recorder, Stop, WorkerResult, bench_user_id, url_with_token,
 )
@@ -243,14 +243,7 @@ class CrdtWorker:
             client.acks.clear()
 
     async def _close_all(self) -> None:
-        open_clients = [c for c in self.clients if c.ws is not None]
-        for client in open_clients:
-            client.closing = True
-        closes = [asyncio.create_task(c.ws.close()) for c in open_clients if c.ws is not None]
-        if closes:
-            await asyncio.wait(closes, timeout=CLOSE_TIMEOUT_S)
-            for task in closes:
-                task.cancel()
+        await close_clients(self.clients, CLOSE_TIMEOUT_S)
 
     # --- one client: connect and sync -------------------------------------------------
 

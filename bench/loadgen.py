@@ -24,7 +24,7 @@ import random
 import signal
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,6 +42,21 @@ from rounds.bench.plan import (
 PROGRESS_EVERY_S = 1.0
 SWEEP_EVERY_S = 0.5
 CLOSE_TIMEOUT_S = 5.0
+
+
+async def close_clients(clients: Iterable[Any], timeout_s: float, *also: Coroutine[Any, Any, None]) -> None:
+    """Close every open client's WebSocket (and run `also`) at once, waiting
+    at most `timeout_s`. Each is marked `closing` first, so its reader does
+    not count our own close as an unexpected one."""
+    open_clients = [c for c in clients if c.ws is not None]
+    for client in open_clients:
+        client.closing = True
+    closes = [asyncio.create_task(c.ws.close()) for c in open_clients]
+    closes += [asyncio.create_task(coro) for coro in also]
+    if closes:
+        await asyncio.wait(closes, timeout=timeout_s)
+        for task in closes:
+            task.cancel()
 
 
 # --- the worker's state ---------------------------------------------------------
@@ -267,14 +282,7 @@ class Worker:
             user.heartbeats.clear()
 
     async def _close_all(self) -> None:
-        open_users = [user for user in self.users if user.ws is not None]
-        for user in open_users:
-            user.closing = True
-        closes = [asyncio.create_task(user.ws.close()) for user in open_users if user.ws is not None]
-        if closes:
-            await asyncio.wait(closes, timeout=CLOSE_TIMEOUT_S)
-            for task in closes:
-                task.cancel()
+        await close_clients(self.users, CLOSE_TIMEOUT_S)
 
     # one user
 

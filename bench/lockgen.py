@@ -48,7 +48,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from rounds.auth import mint_token
-from rounds.bench.loadgen import serve_worker
+from rounds.bench.loadgen import close_clients, serve_worker
 from rounds.bench.plan import Go, Ready, Recorder, Stop, WorkerResult, url_with_token
 from rounds.wire import MessageType
 
@@ -501,17 +501,11 @@ class LockWorker:
                 self.rec.count("close_codes", str(ws.close_code))
 
     async def _close_all(self) -> None:
-        clients = [c for c in [*self.lockers, *self.contenders] if c.ws is not None]
-        for client in clients:
-            client.closing = True
-        closes = [asyncio.create_task(c.ws.close()) for c in clients if c.ws is not None]
+        also = []
         if self.redis is not None:
             keys = [floor_key(self.plan.prefix, i) for i in range(self.plan.lockers)]
-            closes.append(asyncio.create_task(self._close_redis(self.redis, keys)))
-        if closes:
-            await asyncio.wait(closes, timeout=CLOSE_TIMEOUT_S)
-            for task in closes:
-                task.cancel()
+            also.append(self._close_redis(self.redis, keys))
+        await close_clients([*self.lockers, *self.contenders], CLOSE_TIMEOUT_S, *also)
 
     async def _close_redis(self, client: aioredis.Redis, keys: list[str]) -> None:
         try:
