@@ -243,7 +243,10 @@ class DocShell:
             self._reply_error(msg, ErrorCode.BAD_REQUEST, f"not an awareness update: {exc}")
             return
         if accepted:
-            self._dispatch([RoomBroadcast(room, msg.conn, MessageType.AWARENESS_UPDATE,
+            # To every member, the sender too, as the stock y-websocket server
+            # does: a y-websocket client alone in its room would otherwise hear
+            # nothing for 30 s and reconnect.
+            self._dispatch([RoomBroadcast(room, None, MessageType.AWARENESS_UPDATE,
                                           {"resourceId": room, "update": accepted})])
 
     def member_gone(self, conn: ConnId, room: ResourceId) -> None:

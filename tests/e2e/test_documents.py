@@ -193,8 +193,9 @@ async def test_awareness_is_relayed_and_cleared_when_its_client_goes(connect: Co
     a, b = await editors(connect, f"document:9-{uid}", f"a-{uid}", f"b-{uid}")
     cursor = encode_awareness([AwarenessEntry(4242, 1, '{"cursor":{"index":3}}')])
     await a.client.send("AWARENESS_UPDATE", {"resourceId": a.room, "update": b64(cursor)})
-    seen = await b.client.expect("AWARENESS_UPDATE", resourceId=a.room)
-    assert decode_awareness(unb64(seen.data["update"])) == [AwarenessEntry(4242, 1, '{"cursor":{"index":3}}')]
+    for member in (b, a):  # the sender hears it too, as y-websocket clients expect
+        seen = await member.client.expect("AWARENESS_UPDATE", resourceId=a.room)
+        assert decode_awareness(unb64(seen.data["update"])) == [AwarenessEntry(4242, 1, '{"cursor":{"index":3}}')]
     late = Editor(await connect(f"late-{uid}"), a.room)
     state = await late.join()
     assert [e.client_id for e in decode_awareness(unb64(state["awareness"]))] == [4242]
