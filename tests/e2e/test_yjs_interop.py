@@ -176,4 +176,3 @@ async def test_a_bad_token_is_refused_before_the_upgrade(gateway: GatewayHandle,
     result = await yclient(gateway, f"document:auth-{uid}", f"y-{uid}", token="not-a-jwt", timeout_ms=5_000)
     assert result["exit"] == 3 and not result["synced"], result
     assert any("401" in e for e in result["connectionErrors"]), result
-
