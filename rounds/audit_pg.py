@@ -1,0 +1,508 @@
+"""The audit trail in PostgreSQL (issue 5): schema and migrations, loading
+the NDJSON day files, searching, retention by month partition.
+
+The NDJSON files (`rounds.audit`) are the write-ahead record; PostgreSQL is
+the searchable copy, filled from them. Loading is idempotent by event id, so
+the files can be loaded as often as wanted (after PostgreSQL was down, after
+a crash mid-load) and the table ends up holding each event once.
+
+Table (created by `migrate`, `rounds audit migrate`):
+
+    audit_events(event_id text, time timestamptz, event_type, user_id,
+                 session_id, resource_id, source, outcome text, details jsonb,
+                 writer text, seq bigint, prev_hash text, hash text,
+                 PRIMARY KEY (event_id, time)) PARTITION BY RANGE (time)
+
+One partition per UTC month (`audit_events_y2026m11`), made on demand before
+rows of that month are inserted; retention drops whole partitions. The key
+includes `time` because PostgreSQL requires the partition key in a unique
+key on a partitioned table: an event's time never changes, so (event_id,
+time) is as unique as event_id. `event_id` is text, not uuid, so the id
+reads back exactly as the writer hashed it.
+
+The role `rounds_gateway` (made if missing, NOLOGIN; grant it to the login
+the gateway uses) may INSERT and SELECT, never UPDATE or DELETE.
+
+What must not be here: the file format itself (`rounds.audit`), argument
+parsing (`rounds.auditcli`).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import re
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+BATCH = 5_000
+GATEWAY_ROLE = "rounds_gateway"
+
+COLUMNS = ("event_id", "time", "event_type", "user_id", "session_id", "resource_id", "source", "outcome",
+           "details", "writer", "seq", "prev_hash", "hash")
+
+# (version, name, SQL). Append only: a released step is never edited, a
+# change is a new step. Each runs in its own transaction.
+MIGRATIONS: tuple[tuple[int, str, str], ...] = (
+    (1, "audit_events partitioned by month", """
+CREATE TABLE audit_events (
+    event_id text NOT NULL,
+    time timestamptz NOT NULL,
+    event_type text NOT NULL,
+    user_id text,
+    session_id text,
+    resource_id text,
+    source text NOT NULL,
+    outcome text NOT NULL,
+    details jsonb NOT NULL DEFAULT '{}',
+    writer text,
+    seq bigint,
+    prev_hash text,
+    hash text,
+    PRIMARY KEY (event_id, time)
+) PARTITION BY RANGE (time);
+-- (x, time): a search by x within a period, newest or oldest first, reads only its rows.
+CREATE INDEX audit_events_user_time ON audit_events (user_id, time);
+CREATE INDEX audit_events_resource_time ON audit_events (resource_id, time);
+CREATE INDEX audit_events_type_time ON audit_events (event_type, time);
+CREATE INDEX audit_events_time ON audit_events (time);
+"""),
+    (2, "rounds_gateway may insert and read, not update or delete", f"""
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{GATEWAY_ROLE}') THEN
+        CREATE ROLE {GATEWAY_ROLE} NOLOGIN;
+    END IF;
+EXCEPTION WHEN duplicate_object THEN
+    NULL;  -- another schema's migration made it at the same moment
+END $$;
+DO $$
+BEGIN
+    EXECUTE format('GRANT USAGE ON SCHEMA %I TO {GATEWAY_ROLE}', current_schema());
+END $$;
+REVOKE ALL ON audit_events FROM {GATEWAY_ROLE};
+GRANT SELECT, INSERT ON audit_events TO {GATEWAY_ROLE};
+"""),
+)
+
+MIGRATIONS_TABLE = """
+CREATE TABLE IF NOT EXISTS rounds_schema_migrations (
+    version integer PRIMARY KEY,
+    name text NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+)"""
+
+
+async def connect(dsn: str, schema: str | None = None) -> asyncpg.Connection:
+    """A connection whose unqualified names resolve in `schema` (default: the
+    server's `search_path`). Tests give each run its own schema."""
+    settings = {"search_path": schema} if schema else {}
+    return await asyncpg.connect(dsn, server_settings=settings, timeout=10)
+
+
+# -- schema ---------------------------------------------------------------
+
+
+async def migrate(conn: asyncpg.Connection) -> list[int]:
+    """Apply the migrations this schema lacks, oldest first; return the
+    versions applied (empty when up to date). Safe to run concurrently: an
+    advisory lock per schema makes the second runner wait, then find nothing
+    to do."""
+    applied: list[int] = []
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock(hashtext('rounds_schema_migrations:' || current_schema()))")
+        await conn.execute(MIGRATIONS_TABLE)
+        done = {r["version"] for r in await conn.fetch("SELECT version FROM rounds_schema_migrations")}
+        for version, name, sql in MIGRATIONS:
+            if version in done:
+                continue
+            async with conn.transaction():  # a savepoint: a failing step names itself
+                try:
+                    await conn.execute(sql)
+                except asyncpg.PostgresError as exc:
+                    raise RuntimeError(f"audit migration {version} ({name}) failed: {exc}") from exc
+                await conn.execute("INSERT INTO rounds_schema_migrations (version, name) VALUES ($1, $2)",
+                                   version, name)
+            applied.append(version)
+    return applied
+
+
+async def schema_version(conn: asyncpg.Connection) -> int:
+    """The highest applied migration, 0 for an empty schema."""
+    try:
+        return int(await conn.fetchval("SELECT coalesce(max(version), 0) FROM rounds_schema_migrations"))
+    except asyncpg.UndefinedTableError:
+        return 0
+
+
+def month_start(moment: datetime) -> date:
+    moment = moment.astimezone(UTC)
+    return date(moment.year, moment.month, 1)
+
+
+def next_month(month: date) -> date:
+    return date(month.year + (month.month == 12), month.month % 12 + 1, 1)
+
+
+def partition_name(month: date) -> str:
+    return f"audit_events_y{month.year:04d}m{month.month:02d}"
+
+
+_PARTITION = re.compile(r"^audit_events_y(\d{4})m(\d{2})$")
+
+
+async def ensure_partitions(conn: asyncpg.Connection, months: Iterable[date]) -> list[str]:
+    """Create the month partitions that are missing; return their names.
+    The partitioned indexes and grants of `audit_events` apply to them."""
+    existing = {name for name, _ in await partitions(conn)}
+    made = []
+    for month in sorted(set(months)):
+        name = partition_name(month)
+        if name in existing:
+            continue
+        try:
+            await conn.execute(
+                f"CREATE TABLE IF NOT EXISTS {name} PARTITION OF audit_events "
+                f"FOR VALUES FROM ('{month.isoformat()} 00:00:00+00') TO ('{next_month(month).isoformat()} 00:00:00+00')")
+        except (asyncpg.DuplicateTableError, asyncpg.UniqueViolationError):
+            continue  # a concurrent loader made it between our look and our create
+        made.append(name)
+    return made
+
+
+async def partitions(conn: asyncpg.Connection) -> list[tuple[str, date]]:
+    """The month partitions of `audit_events`, oldest first."""
+    rows = await conn.fetch(
+        "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+        "WHERE i.inhparent = 'audit_events'::regclass")
+    found = []
+    for r in rows:
+        m = _PARTITION.match(r["relname"])
+        if m:
+            found.append((r["relname"], date(int(m[1]), int(m[2]), 1)))
+    return sorted(found, key=lambda p: p[1])
+
+
+# -- parsing the NDJSON files (no I/O below but reading lines) -------------
+
+
+@dataclass(frozen=True, slots=True)
+class AuditRow:
+    """One event as stored: the NDJSON line's fields, `time` parsed."""
+
+    event_id: str
+    time: datetime
+    event_type: str
+    user_id: str | None
+    session_id: str | None
+    resource_id: str | None
+    source: str
+    outcome: str
+    details: dict[str, Any]
+    writer: str | None = None
+    seq: int | None = None
+    prev_hash: str | None = None
+    hash: str | None = None
+
+    def record(self) -> tuple[Any, ...]:
+        """The row for COPY, in `COLUMNS` order."""
+        return (self.event_id, self.time, self.event_type, self.user_id, self.session_id, self.resource_id,
+                self.source, self.outcome, json.dumps(self.details, separators=(",", ":")), self.writer,
+                self.seq, self.prev_hash, self.hash)
+
+    def to_json(self) -> str:
+        """The event in the NDJSON file's field names (`time` in microseconds, `Z`)."""
+        return json.dumps({
+            "eventId": self.event_id, "time": format_time(self.time), "eventType": self.event_type,
+            "userId": self.user_id, "sessionId": self.session_id, "resourceId": self.resource_id,
+            "source": self.source, "outcome": self.outcome, "details": self.details, "writer": self.writer,
+            "seq": self.seq, "prevHash": self.prev_hash, "hash": self.hash,
+        }, separators=(",", ":"))
+
+
+class BadLine(ValueError):
+    """A line that is not an audit event; the message says why."""
+
+
+def format_time(moment: datetime) -> str:
+    return moment.astimezone(UTC).isoformat(timespec="microseconds")[:-6] + "Z"
+
+
+def parse_time(text: str) -> datetime:
+    """Any ISO 8601 time the writers have used (`...Z`, `+00:00`, with or
+    without fractions); a time without zone is UTC."""
+    moment = datetime.fromisoformat(text)
+    if moment.tzinfo is None:
+        return moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC)
+
+
+def _text(obj: dict[str, Any], key: str, required: bool = False) -> str | None:
+    value = obj.get(key)
+    if value is None:
+        if required:
+            raise BadLine(f"{key} is missing")
+        return None
+    if not isinstance(value, str):
+        raise BadLine(f"{key} is not a string")
+    if "\x00" in value:
+        raise BadLine(f"{key} holds a NUL character")  # PostgreSQL text cannot
+    return value
+
+
+def parse_line(line: str | bytes) -> AuditRow:
+    """One NDJSON line as a row; `BadLine` says what is wrong with it."""
+    try:
+        obj = json.loads(line)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadLine(f"not JSON ({exc})") from None
+    if not isinstance(obj, dict):
+        raise BadLine("not a JSON object")
+    time_text = _text(obj, "time", required=True)
+    assert time_text is not None
+    try:
+        moment = parse_time(time_text)
+    except ValueError:
+        raise BadLine(f"time {time_text!r} is not an ISO 8601 time") from None
+    details = obj.get("details")
+    if details is None:
+        details = {}
+    if not isinstance(details, dict):
+        raise BadLine("details is not an object")
+    if "\\u0000" in json.dumps(details):
+        raise BadLine("details hold a NUL character")  # jsonb cannot
+    seq = obj.get("seq")
+    if seq is not None and (not isinstance(seq, int) or isinstance(seq, bool)):
+        raise BadLine("seq is not an integer")
+    return AuditRow(
+        event_id=_text(obj, "eventId", required=True) or "",
+        time=moment,
+        event_type=_text(obj, "eventType", required=True) or "",
+        user_id=_text(obj, "userId"),
+        session_id=_text(obj, "sessionId"),
+        resource_id=_text(obj, "resourceId"),
+        source=_text(obj, "source") or "",
+        outcome=_text(obj, "outcome") or "ok",
+        details=details,
+        writer=_text(obj, "writer"),
+        seq=seq,
+        prev_hash=_text(obj, "prevHash"),
+        hash=_text(obj, "hash"),
+    )
+
+
+_DAY_FILE = re.compile(r"^audit-(\d{4}-\d{2}-\d{2})\.ndjson(\.gz)?$")
+
+
+def day_files(directory: Path, since: datetime | None = None, until: datetime | None = None) -> list[Path]:
+    """The day files (plain and gzipped) in date order, only the days that
+    can hold events in [since, until]."""
+    found = []
+    for path in directory.iterdir() if directory.is_dir() else ():
+        m = _DAY_FILE.match(path.name)
+        if not m:
+            continue
+        day = date.fromisoformat(m[1])
+        if since is not None and day < since.astimezone(UTC).date():
+            continue
+        if until is not None and day > until.astimezone(UTC).date():
+            continue
+        found.append((day, path.name, path))
+    return [p for _, _, p in sorted(found)]
+
+
+@dataclass(frozen=True, slots=True)
+class CorruptLine:
+    path: Path
+    line_no: int
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.path}:{self.line_no}: {self.reason}"
+
+
+def read_file(path: Path) -> Iterator[AuditRow | CorruptLine]:
+    """The rows of one day file, and a `CorruptLine` for each line that is
+    not an event (blank lines are skipped). A gzip file cut short yields
+    what it holds, then a `CorruptLine` for the rest."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    line_no = 0
+    try:
+        with opener(path, "rb") as f:
+            for line_no, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    yield parse_line(line)
+                except BadLine as exc:
+                    yield CorruptLine(path, line_no, str(exc))
+    except (OSError, EOFError) as exc:  # gzip.BadGzipFile is an OSError
+        yield CorruptLine(path, line_no + 1, f"file unreadable from here ({type(exc).__name__}: {exc})")
+
+
+# -- loading ---------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class LoadReport:
+    files: int = 0
+    read: int = 0
+    inserted: int = 0
+    already: int = 0
+    corrupt: list[CorruptLine] = field(default_factory=list)
+
+    def summary(self) -> str:
+        return (f"{self.files} files, {self.read} events read, {self.inserted} inserted, "
+                f"{self.already} already there, {len(self.corrupt)} corrupt lines")
+
+
+async def insert_rows(conn: asyncpg.Connection, rows: Sequence[AuditRow]) -> int:
+    """Insert the rows that are not there yet (by event id and time) in one
+    transaction; return how many were new. COPY into a temporary table, then
+    INSERT ... ON CONFLICT DO NOTHING: a row loaded before, or twice in
+    `rows`, is a no-op."""
+    if not rows:
+        return 0
+    async with conn.transaction():
+        await ensure_partitions(conn, (month_start(r.time) for r in rows))
+        await conn.execute("CREATE TEMPORARY TABLE IF NOT EXISTS audit_events_in "
+                           "(LIKE audit_events INCLUDING DEFAULTS) ON COMMIT DELETE ROWS")
+        await conn.copy_records_to_table("audit_events_in", records=[r.record() for r in rows],
+                                         columns=list(COLUMNS))
+        status = await conn.execute(f"INSERT INTO audit_events ({', '.join(COLUMNS)}) "
+                                    f"SELECT {', '.join(COLUMNS)} FROM audit_events_in "
+                                    "ON CONFLICT (event_id, time) DO NOTHING")
+    return int(status.rsplit(" ", 1)[1])
+
+
+async def load_files(conn: asyncpg.Connection, paths: Iterable[Path], batch: int = BATCH,
+                     progress: Callable[[str], None] | None = None) -> LoadReport:
+    """Load day files into `audit_events`, `batch` rows per transaction.
+    Corrupt lines are reported (file and line number) and skipped; the rest
+    is loaded. Loading the same files again inserts nothing."""
+    report = LoadReport()
+    pending: list[AuditRow] = []
+
+    async def flush() -> None:
+        inserted = await insert_rows(conn, pending)
+        report.inserted += inserted
+        report.already += len(pending) - inserted
+        pending.clear()
+
+    for path in paths:
+        report.files += 1
+        for item in read_file(path):
+            if isinstance(item, CorruptLine):
+                report.corrupt.append(item)
+                if progress:
+                    progress(f"corrupt line skipped: {item}")
+                continue
+            report.read += 1
+            pending.append(item)
+            if len(pending) >= batch:
+                await flush()
+                if progress:
+                    progress(f"{path.name}: {report.read} events read, {report.inserted} inserted")
+        await flush()
+        if progress:
+            progress(f"{path.name} done: {report.summary()}")
+    return report
+
+
+async def load_dir(conn: asyncpg.Connection, directory: Path, batch: int = BATCH,
+                   progress: Callable[[str], None] | None = None) -> LoadReport:
+    """Load every day file of `directory` (`{var_dir}/audit`)."""
+    return await load_files(conn, day_files(directory), batch, progress)
+
+
+# -- search ------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class AuditQuery:
+    user_id: str | None = None
+    resource_id: str | None = None
+    event_type: str | None = None
+    since: datetime | None = None  # inclusive
+    until: datetime | None = None  # exclusive
+    limit: int = 1_000
+
+    def matches(self, row: AuditRow) -> bool:
+        return ((self.user_id is None or row.user_id == self.user_id)
+                and (self.resource_id is None or row.resource_id == self.resource_id)
+                and (self.event_type is None or row.event_type == self.event_type)
+                and (self.since is None or row.time >= self.since)
+                and (self.until is None or row.time < self.until))
+
+
+def search_sql(query: AuditQuery) -> tuple[str, list[Any]]:
+    """The SELECT for a query, oldest first. Only the given filters appear
+    in the WHERE clause (no `$1 IS NULL OR ...`), so the planner sees plain
+    equalities and picks the (x, time) index."""
+    where, args = [], []
+    for column, value in (("user_id", query.user_id), ("resource_id", query.resource_id),
+                          ("event_type", query.event_type)):
+        if value is not None:
+            args.append(value)
+            where.append(f"{column} = ${len(args)}")
+    if query.since is not None:
+        args.append(query.since)
+        where.append(f"time >= ${len(args)}")
+    if query.until is not None:
+        args.append(query.until)
+        where.append(f"time < ${len(args)}")
+    args.append(query.limit)
+    sql = (f"SELECT {', '.join(COLUMNS)} FROM audit_events"
+           f"{' WHERE ' + ' AND '.join(where) if where else ''} ORDER BY time, event_id LIMIT ${len(args)}")
+    return sql, args
+
+
+def _row(record: asyncpg.Record) -> AuditRow:
+    values = dict(record)
+    details = values["details"]
+    values["details"] = json.loads(details) if isinstance(details, str) else details
+    return AuditRow(**values)
+
+
+async def search_db(conn: asyncpg.Connection, query: AuditQuery) -> list[AuditRow]:
+    sql, args = search_sql(query)
+    return [_row(r) for r in await conn.fetch(sql, *args)]
+
+
+def search_files(directory: Path, query: AuditQuery,
+                 corrupt: Callable[[CorruptLine], None] | None = None) -> list[AuditRow]:
+    """The same search over the day files, for a gateway without PostgreSQL.
+    Reads only the days in [since, until]; an event in both a day's plain
+    and gzipped file (during rotation) is returned once."""
+    found: dict[tuple[str, datetime], AuditRow] = {}
+    until_day = query.until - timedelta(microseconds=1) if query.until else None
+    for path in day_files(directory, query.since, until_day):
+        for item in read_file(path):
+            if isinstance(item, CorruptLine):
+                if corrupt:
+                    corrupt(item)
+            elif query.matches(item):
+                found.setdefault((item.event_id, item.time), item)
+    return sorted(found.values(), key=lambda r: (r.time, r.event_id))[:query.limit]
+
+
+# -- retention -----------------------------------------------------------------
+
+
+async def drop_partitions_before(conn: asyncpg.Connection, cutoff: datetime) -> list[str]:
+    """Drop every month partition whose whole month is before `cutoff`; the
+    month holding `cutoff` is kept whole (events a little older than the
+    retention period stay until their month has passed)."""
+    keep_from = month_start(cutoff)
+    dropped = []
+    async with conn.transaction():
+        for name, month in await partitions(conn):
+            if next_month(month) <= keep_from:
+                await conn.execute(f"DROP TABLE {name}")
+                dropped.append(name)
+    return dropped

@@ -1,0 +1,256 @@
+"""The audit trail in PostgreSQL (issue 5): migrations, loading the NDJSON
+day files idempotently, search by each index, retention by month partition.
+Real PostgreSQL (database `test`); each test works in a schema of its own,
+dropped afterwards, so no other table is touched.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from rounds.audit_pg import (
+    AuditQuery,
+    AuditRow,
+    connect,
+    drop_partitions_before,
+    ensure_partitions,
+    insert_rows,
+    load_dir,
+    migrate,
+    month_start,
+    partitions,
+    schema_version,
+    search_db,
+    search_files,
+    search_sql,
+)
+
+DSN = os.environ.get("ROUNDS_TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+@pytest.fixture
+async def schema() -> AsyncIterator[str]:
+    try:
+        admin = await asyncpg.connect(DSN, timeout=3)
+    except (OSError, asyncpg.PostgresError) as exc:
+        pytest.skip(f"PostgreSQL not reachable at {DSN}: {exc}")
+    name = f"audit_test_{uuid.uuid4().hex[:10]}"
+    await admin.execute(f"CREATE SCHEMA {name}")
+    try:
+        yield name
+    finally:
+        await admin.execute(f"DROP SCHEMA {name} CASCADE")
+        await admin.close()
+
+
+@pytest.fixture
+async def db(schema: str) -> AsyncIterator[asyncpg.Connection]:
+    conn = await connect(DSN, schema)
+    await migrate(conn)
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+def event(n: int, time: datetime, user: str = "dr-a", resource: str = "patient:1/vitals",
+          event_type: str = "LOCK_ACQUIRED", **extra: object) -> dict[str, object]:
+    return {"eventId": f"{n:032x}", "time": time.isoformat(timespec="microseconds")[:-6] + "Z",
+            "eventType": event_type, "userId": user, "sessionId": f"s-{user}", "resourceId": resource,
+            "source": "shard-0", "outcome": "ok", "details": {"n": n}, "writer": "shard-0", "seq": n,
+            "prevHash": None, "hash": f"h{n}", **extra}
+
+
+def write_day(directory: Path, day: str, lines: list[str], gz: bool = False) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"audit-{day}.ndjson{'.gz' if gz else ''}"
+    data = "".join(line + "\n" for line in lines).encode()
+    path.write_bytes(gzip.compress(data) if gz else data)
+    return path
+
+
+async def count(conn: asyncpg.Connection) -> int:
+    return int(await conn.fetchval("SELECT count(*) FROM audit_events"))
+
+
+# -- migrations --------------------------------------------------------------
+
+
+async def test_migrate_creates_the_partitioned_table_and_is_idempotent(schema: str) -> None:
+    conn = await connect(DSN, schema)
+    try:
+        assert await schema_version(conn) == 0
+        assert await migrate(conn) == [1, 2]
+        assert await migrate(conn) == []
+        assert await schema_version(conn) == 2
+        kind = await conn.fetchval("SELECT relkind FROM pg_class WHERE oid = 'audit_events'::regclass")
+        assert kind == b"p" or kind == "p"
+        indexes = {r["indexname"] for r in await conn.fetch(
+            "SELECT indexname FROM pg_indexes WHERE schemaname = $1 AND tablename = 'audit_events'", schema)}
+        assert {"audit_events_user_time", "audit_events_resource_time", "audit_events_type_time",
+                "audit_events_time"} <= indexes
+    finally:
+        await conn.close()
+
+
+async def test_partitions_are_made_per_month_on_demand_and_get_the_indexes(db: asyncpg.Connection,
+                                                                          schema: str) -> None:
+    t = datetime(2026, 11, 30, 23, 59, 59, 999999, tzinfo=UTC)
+    rows = [AuditRow(f"{i:032x}", t + timedelta(microseconds=i), "X", "u", None, None, "shard-0", "ok", {})
+            for i in range(2)]  # the second is 2026-12-01 00:00:00 exactly
+    assert await insert_rows(db, rows) == 2
+    assert [name for name, _ in await partitions(db)] == ["audit_events_y2026m11", "audit_events_y2026m12"]
+    assert await ensure_partitions(db, [month_start(t)]) == []
+    user_index = await db.fetchval(
+        "SELECT count(*) FROM pg_indexes WHERE schemaname = $1 AND tablename = 'audit_events_y2026m12' "
+        "AND indexdef LIKE '%(user_id, \"time\")%'", schema)
+    assert user_index == 1
+
+
+async def test_the_gateway_role_can_insert_and_read_but_not_update_or_delete(db: asyncpg.Connection) -> None:
+    t = datetime(2026, 11, 26, 10, 0, tzinfo=UTC)
+    await insert_rows(db, [AuditRow("a" * 32, t, "X", "u", None, None, "shard-0", "ok", {})])
+    async with db.transaction():
+        await db.execute("SET LOCAL ROLE rounds_gateway")
+        await db.execute("INSERT INTO audit_events (event_id, time, event_type, source, outcome) "
+                         "VALUES ($1, $2, 'X', 'shard-0', 'ok')", "b" * 32, t)
+        assert await count(db) == 2
+        for statement in ("UPDATE audit_events SET outcome = 'denied'", "DELETE FROM audit_events",
+                          "UPDATE audit_events_y2026m11 SET outcome = 'denied'",
+                          "DELETE FROM audit_events_y2026m11", "TRUNCATE audit_events"):
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                async with db.transaction():
+                    await db.execute(statement)
+    assert await count(db) == 2
+
+
+# -- loading -------------------------------------------------------------------
+
+
+async def test_loading_twice_leaves_exactly_the_same_rows(db: asyncpg.Connection, tmp_path: Path) -> None:
+    t = datetime(2026, 10, 31, 23, 0, tzinfo=UTC)
+    events = [event(i, t + timedelta(minutes=i)) for i in range(150)]  # across two months
+    write_day(tmp_path, "2026-10-31", [json.dumps(e) for e in events[:60]], gz=True)
+    write_day(tmp_path, "2026-11-01", [json.dumps(e) for e in events[60:]])
+    lines: list[str] = []
+
+    first = await load_dir(db, tmp_path, batch=40, progress=lines.append)
+    assert (first.files, first.read, first.inserted, first.already, first.corrupt) == (2, 150, 150, 0, [])
+    assert any("inserted" in line for line in lines)
+    before = await db.fetch("SELECT * FROM audit_events ORDER BY event_id")
+
+    second = await load_dir(db, tmp_path, batch=40)
+    assert (second.read, second.inserted, second.already) == (150, 0, 150)
+    assert await db.fetch("SELECT * FROM audit_events ORDER BY event_id") == before
+
+    row = await db.fetchrow("SELECT * FROM audit_events WHERE event_id = $1", f"{7:032x}")
+    assert row["time"] == t + timedelta(minutes=7)
+    assert (row["user_id"], row["writer"], row["seq"], row["hash"]) == ("dr-a", "shard-0", 7, "h7")
+    assert json.loads(row["details"]) == {"n": 7}
+
+
+async def test_a_day_in_both_plain_and_gzipped_form_is_loaded_once(db: asyncpg.Connection,
+                                                                   tmp_path: Path) -> None:
+    t = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
+    lines = [json.dumps(event(i, t + timedelta(seconds=i))) for i in range(10)]
+    write_day(tmp_path, "2026-11-25", lines)
+    write_day(tmp_path, "2026-11-25", lines, gz=True)  # rotation compressed it, the plain file not yet removed
+    report = await load_dir(db, tmp_path)
+    assert (report.read, report.inserted, report.already) == (20, 10, 10)
+    assert await count(db) == 10
+
+
+async def test_a_corrupt_line_is_reported_with_file_and_line_and_the_rest_loaded(
+        db: asyncpg.Connection, tmp_path: Path) -> None:
+    t = datetime(2026, 11, 26, 8, 0, tzinfo=UTC)
+    good = [json.dumps(event(i, t + timedelta(seconds=i))) for i in range(6)]
+    lines = [good[0], '{"eventId": "trunc', good[1], "[1, 2]", good[2],
+             json.dumps({**event(99, t), "time": "yesterday"}), good[3],
+             json.dumps({**event(98, t), "details": "text"}), good[4], "", good[5]]
+    path = write_day(tmp_path, "2026-11-26", lines)
+    report = await load_dir(db, tmp_path)
+    assert (report.read, report.inserted) == (6, 6)
+    assert [(c.path, c.line_no) for c in report.corrupt] == [(path, 2), (path, 4), (path, 6), (path, 8)]
+    assert "time" in report.corrupt[2].reason and "details" in report.corrupt[3].reason
+    assert str(report.corrupt[0]).startswith(f"{path}:2: not JSON")
+    assert await count(db) == 6
+
+
+async def test_older_time_formats_load_as_utc(db: asyncpg.Connection, tmp_path: Path) -> None:
+    t = datetime(2026, 11, 26, 8, 0, tzinfo=UTC)
+    formats = ["2026-11-26T08:00:00Z", "2026-11-26T08:00:00.123Z", "2026-11-26T09:00:00+01:00",
+               "2026-11-26T08:00:00.000001+00:00", "2026-11-26T08:00:00"]
+    write_day(tmp_path, "2026-11-26", [json.dumps({**event(i, t), "time": f}) for i, f in enumerate(formats)])
+    report = await load_dir(db, tmp_path)
+    assert (report.inserted, report.corrupt) == (5, [])
+    times = [r["time"] for r in await db.fetch("SELECT time FROM audit_events ORDER BY event_id")]
+    assert times == [t, t + timedelta(milliseconds=123), t, t + timedelta(microseconds=1), t]
+
+
+# -- search ---------------------------------------------------------------------
+
+
+async def synthetic(db: asyncpg.Connection, n: int = 6_000) -> datetime:
+    start = datetime(2026, 9, 1, tzinfo=UTC)
+    types = ["USER_CONNECTED", "LOCK_ACQUIRED", "LOCK_RELEASED", "DOCUMENT_UPDATED", "USER_DISCONNECTED"]
+    rows = [AuditRow(f"{i:032x}", start + timedelta(minutes=17 * i), types[i % 5], f"user-{i % 200}",
+                     f"s-{i}", f"patient:{i % 300}/notes", "shard-0", "ok", {"i": i}) for i in range(n)]
+    await insert_rows(db, rows)
+    await db.execute("ANALYZE audit_events")
+    return start
+
+
+async def test_a_user_search_uses_the_user_index(db: asyncpg.Connection) -> None:
+    await synthetic(db)
+    sql, args = search_sql(AuditQuery(user_id="user-7"))
+    plan = "\n".join(r[0] for r in await db.fetch(f"EXPLAIN {sql}", *args))
+    assert "Seq Scan" not in plan, plan
+    assert "Index Scan" in plan and "user_id_time_idx" in plan, plan
+
+
+async def test_search_by_each_index_finds_the_same_rows_as_the_files(db: asyncpg.Connection,
+                                                                     tmp_path: Path) -> None:
+    start = await synthetic(db, 2_000)
+    rows = await search_db(db, AuditQuery(limit=10_000))
+    by_day: dict[str, list[str]] = {}
+    for r in rows:
+        by_day.setdefault(r.time.date().isoformat(), []).append(r.to_json())
+    for day, lines in by_day.items():
+        write_day(tmp_path, day, lines, gz=day < "2026-10-01")
+    queries = [AuditQuery(user_id="user-7"), AuditQuery(resource_id="patient:5/notes"),
+               AuditQuery(event_type="LOCK_RELEASED", limit=50),
+               AuditQuery(since=start + timedelta(days=3), until=start + timedelta(days=4)),
+               AuditQuery(user_id="user-7", event_type="LOCK_RELEASED", since=start + timedelta(days=5))]
+    for query in queries:
+        found = await search_db(db, query)
+        assert found, query
+        assert found == search_files(tmp_path, query), query
+        assert all(query.matches(r) for r in found)
+        assert [r.time for r in found] == sorted(r.time for r in found)
+    assert len(await search_db(db, AuditQuery(event_type="LOCK_RELEASED", limit=50))) == 50
+    user_rows = await search_db(db, AuditQuery(user_id="user-7"))
+    assert len(user_rows) == 10 and {r.details["i"] % 200 for r in user_rows} == {7}
+
+
+# -- retention ---------------------------------------------------------------------
+
+
+async def test_retention_drops_whole_months_before_the_cutoff_only(db: asyncpg.Connection) -> None:
+    rows = [AuditRow(f"{y:04d}{m:02d}".ljust(32, "0"), datetime(y, m, 15, tzinfo=UTC), "X", "u", None, None,
+                     "shard-0", "ok", {}) for y in (2014, 2015, 2016) for m in (1, 6, 12)]
+    await insert_rows(db, rows)
+    dropped = await drop_partitions_before(db, datetime(2015, 6, 10, tzinfo=UTC))
+    assert dropped == ["audit_events_y2014m01", "audit_events_y2014m06", "audit_events_y2014m12",
+                       "audit_events_y2015m01"]
+    assert [p for p, _ in await partitions(db)][0] == "audit_events_y2015m06"  # holds the cutoff: kept
+    assert await count(db) == 5
+    assert await drop_partitions_before(db, datetime(2015, 6, 10, tzinfo=UTC)) == []
