@@ -9,6 +9,9 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import shutil
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -194,6 +197,35 @@ async def test_older_time_formats_load_as_utc(db: asyncpg.Connection, tmp_path: 
     assert (report.inserted, report.corrupt) == (5, [])
     times = [r["time"] for r in await db.fetch("SELECT time FROM audit_events ORDER BY event_id")]
     assert times == [t, t + timedelta(milliseconds=123), t, t + timedelta(microseconds=1), t]
+
+
+async def test_a_load_cut_off_by_the_server_then_rerun_leaves_exactly_the_events_of_the_files(
+        db: asyncpg.Connection, schema: str, tmp_path: Path) -> None:
+    # The server ends the loader's connection after its first batch (as a
+    # PostgreSQL restart would); the second run loads the rest, nothing twice.
+    if shutil.which("psql") is None:
+        pytest.skip("psql is needed to end the loader's connection from outside")
+    t = datetime(2026, 11, 20, tzinfo=UTC)
+    write_day(tmp_path, "2026-11-20", [json.dumps(event(i, t + timedelta(seconds=i))) for i in range(500)])
+    loader = await connect(DSN, schema)
+    pid = loader.get_server_pid()
+
+    def cut(line: str) -> None:
+        if "inserted" in line:
+            subprocess.run(["psql", DSN, "-qAtc", f"SELECT pg_terminate_backend({pid})"], check=True,
+                           capture_output=True, timeout=10)
+
+    with pytest.raises((asyncpg.PostgresError, asyncpg.InterfaceError, OSError)):
+        await load_dir(loader, tmp_path, batch=100, progress=cut)
+    assert await count(db) == 100
+    loader = await connect(DSN, schema)
+    try:
+        report = await load_dir(loader, tmp_path, batch=100)
+    finally:
+        await loader.close()
+    assert (report.inserted, report.already) == (400, 100)
+    ids = [r[0] for r in await db.fetch("SELECT event_id FROM audit_events ORDER BY event_id")]
+    assert ids == [f"{i:032x}" for i in range(500)]
 
 
 # -- search ---------------------------------------------------------------------
