@@ -1,25 +1,41 @@
-"""Audit events and where they go.
+"""Audit events, the NDJSON day files they go to, and the check of their chains.
 
-One event shape for every critical step (connections now; joins, locks and
-document updates as their issues land). The embedded sink appends NDJSON to
-`{var_dir}/audit/audit-YYYY-MM-DD.ndjson` (UTC day), one `write` per line on
-an `O_APPEND` descriptor so several processes can share a day's file without
-interleaving. The PostgreSQL sink, hash chaining, fsync policy and rotation
-come with the Audit trail issue (#5). Tokens are never recorded.
+One event shape for every critical step (issue #5). The embedded sink appends
+one NDJSON line per event to `{var_dir}/audit/audit-YYYY-MM-DD.ndjson` (the
+UTC day of the write), one `write` per line on an `O_APPEND` descriptor so
+several processes can share a day's file without interleaving. Each line is
+chained to the previous line of the same *writer* (source + a random
+per-process epoch) by a sha256 hash; `verify_file` recomputes the chains. The
+exact canonical form is in docs/audit.md: change it only with that document.
+Closed days are gzipped by a background thread. Tokens are never recorded.
+The PostgreSQL side (loading these files) lives in its own module.
 """
 
 from __future__ import annotations
 
+import gzip
+import hashlib
 import itertools
 import json
 import logging
 import os
+import re
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 log = logging.getLogger("rounds.audit")
+
+FsyncPolicy = Literal["interval", "always", "never"]
+FSYNC_POLICIES: tuple[str, ...] = ("interval", "always", "never")
+FSYNC_INTERVAL_S = 1.0  # "interval": a power cut loses at most about this much
+GZIP_GRACE_S = 300.0  # a day is gzipped this long after its midnight: late writers of other processes finish first
+_DAY_FILE = re.compile(r"^audit-(\d{4}-\d{2}-\d{2})\.ndjson$")
 
 
 class _EventIds:
@@ -44,6 +60,11 @@ class _EventIds:
 new_event_id = _EventIds()
 
 
+def format_time(moment: datetime) -> str:
+    """`2025-11-17T10:30:00.123456Z`; isoformat is the C fast path of strftime's result."""
+    return moment.astimezone(UTC).isoformat(timespec="microseconds")[:-6] + "Z"
+
+
 @dataclass(frozen=True, slots=True)
 class AuditEvent:
     event_type: str  # USER_CONNECTED, CONNECTION_REJECTED, USER_DISCONNECTED, SESSION_TIMEOUT, ...
@@ -56,11 +77,11 @@ class AuditEvent:
     event_id: str = field(default_factory=new_event_id)
     time: datetime = field(default_factory=lambda: datetime.now(UTC))
 
-    def to_json(self) -> str:
-        return json.dumps({
+    def fields(self) -> dict[str, Any]:
+        """The event's NDJSON fields without the chain (`writer`, `seq`, `prevHash`, `hash`)."""
+        return {
             "eventId": self.event_id,
-            # `2025-11-17T10:30:00.123456Z`; isoformat is the C fast path of strftime's result
-            "time": self.time.astimezone(UTC).isoformat(timespec="microseconds")[:-6] + "Z",
+            "time": format_time(self.time),
             "eventType": self.event_type,
             "userId": self.user_id,
             "sessionId": self.session_id,
@@ -68,7 +89,47 @@ class AuditEvent:
             "source": self.source,
             "outcome": self.outcome,
             "details": self.details,
-        }, separators=(",", ":"), sort_keys=False)
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.fields(), separators=(",", ":"), default=str)
+
+
+# --- the chain ---------------------------------------------------------------
+
+def canonical(record: dict[str, Any]) -> bytes:
+    """The bytes that are hashed: sorted keys, no spaces, ASCII only (docs/audit.md)."""
+    return json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=True, default=str).encode()
+
+
+def chain_hash(prev_hash: str | None, body: bytes) -> str:
+    """sha256 hex of the previous hash (empty for seq 1) followed by the canonical body."""
+    return hashlib.sha256((prev_hash or "").encode() + body).hexdigest()
+
+
+class _Writer:
+    """One chain: a source in this process. `seq` and `prev` move only under the sink's lock."""
+
+    __slots__ = ("name", "seq", "prev")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.seq = 0
+        self.prev: str | None = None
+
+    def line(self, event: AuditEvent) -> bytes:
+        """The event's next line of this chain, newline included."""
+        record = event.fields()
+        record["writer"] = self.name
+        record["seq"] = self.seq + 1
+        record["prevHash"] = self.prev
+        body = canonical(record)
+        digest = chain_hash(self.prev, body)
+        self.seq += 1
+        self.prev = digest
+        # The line is the canonical body with `hash` appended last: a verifier can also
+        # strip that suffix from the raw line instead of re-serialising.
+        return body[:-1] + b',"hash":"' + digest.encode() + b'"}\n'
 
 
 class AuditSink(Protocol):
@@ -76,43 +137,176 @@ class AuditSink(Protocol):
         """Record the event; must not block the event loop for long or raise."""
 
 
-class FileAuditSink:
-    """NDJSON lines in one file per UTC day. The file is the record; the same
-    line goes to the log at DEBUG only (built only when DEBUG is on): at INFO
-    every lock step would also pay for a log record, and Ray would ship it."""
+def day_path(directory: Path, day: date | str) -> Path:
+    return Path(directory) / f"audit-{day if isinstance(day, str) else day.isoformat()}.ndjson"
 
-    def __init__(self, directory: str | Path) -> None:
+
+class FileAuditSink:
+    """NDJSON lines in one file per UTC day, hash-chained per writer.
+
+    `clock` (epoch seconds) decides the day file and which days are closed;
+    tests pass a fake one. `fsync` is the durability policy (docs/audit.md):
+    "interval" syncs at most once a second from the housekeeping thread,
+    "always" after each line, "never" leaves it to the kernel. The same line
+    goes to the log at DEBUG only (built only when DEBUG is on): at INFO every
+    lock step would also pay for a log record, and Ray would ship it.
+    """
+
+    def __init__(self, directory: str | Path, fsync: str = "interval",
+                 clock: Callable[[], float] = time.time, housekeeping: bool = True) -> None:
+        if fsync not in FSYNC_POLICIES:
+            raise ValueError(f"audit_fsync must be one of {', '.join(FSYNC_POLICIES)}, not {fsync!r}")
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
-        self._date: date | None = None
+        self.fsync = fsync
+        self._clock = clock
+        self._lock = threading.Lock()
         self._fd: int | None = None
+        self._day_end = float("-inf")  # epoch second at which the open file's day ends
+        self._dirty = False
+        self._housekeeping = housekeeping
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._reseed()
+        os.register_at_fork(after_in_child=self._reseed)
+
+    def _reseed(self) -> None:
+        # A forked child is a new writer: its own epoch, its own chains, no thread yet.
+        self._epoch = os.urandom(6).hex()
+        self._writers: dict[str, _Writer] = {}
+        self._thread = None
+
+    def writer_name(self, source: str) -> str:
+        return f"{source}#{self._epoch}"
 
     def path_for(self, day: str) -> Path:
-        return self.directory / f"audit-{day}.ndjson"
+        return day_path(self.directory, day)
 
     def emit(self, event: AuditEvent) -> None:
-        line = event.to_json()
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("%s", line)
-        moment = event.time.astimezone(UTC)
+            log.debug("%s", event.to_json())
+        now = self._clock()
         try:
-            if moment.date() != self._date:
-                self._reopen(moment.date())
-            assert self._fd is not None
-            os.write(self._fd, (line + "\n").encode())
-        except OSError:
-            log.exception("audit write failed; the event: %s", line)
+            with self._lock:
+                writer = self._writers.get(event.source)
+                if writer is None:
+                    writer = self._writers[event.source] = _Writer(self.writer_name(event.source))
+                if now >= self._day_end or self._fd is None:
+                    self._reopen(now)
+                line = writer.line(event)
+                assert self._fd is not None
+                os.write(self._fd, line)
+                if self.fsync == "always":
+                    os.fsync(self._fd)
+                else:
+                    self._dirty = True
+            if self._housekeeping and self._thread is None:
+                self._start_housekeeping()
+        except (OSError, TypeError, ValueError):
+            log.exception("audit write failed; the event: %s", event)
 
-    def _reopen(self, day: date) -> None:
-        self.close()
+    def _reopen(self, now: float) -> None:
+        """Open today's file (UTC, by the sink's clock); the old day's is synced and closed."""
+        self._close_fd()
+        day = datetime.fromtimestamp(now, UTC).date()
         self._fd = os.open(self.path_for(day.isoformat()), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
-        self._date = day
+        self._day_end = datetime(day.year, day.month, day.day, tzinfo=UTC).timestamp() + 86_400
 
-    def close(self) -> None:
+    def _close_fd(self) -> None:
         if self._fd is not None:
+            if self.fsync != "never" and self._dirty:
+                os.fsync(self._fd)
             os.close(self._fd)
             self._fd = None
-            self._date = None
+            self._dirty = False
+            self._day_end = float("-inf")
+
+    def sync(self) -> None:
+        """fsync the open file if lines were written since the last sync (the "interval" tick).
+        The descriptor is duplicated under the lock so a day switch cannot close it mid-sync,
+        and the slow fsync itself runs outside the lock, off emit's path."""
+        with self._lock:
+            if self._fd is None or not self._dirty:
+                return
+            fd = os.dup(self._fd)
+            self._dirty = False
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def compress_closed_days(self) -> list[Path]:
+        """Gzip every plain day file whose day ended GZIP_GRACE_S ago or more; returns the new .gz files."""
+        return compress_closed_days(self.directory, self._clock())
+
+    def _start_housekeeping(self) -> None:
+        with self._lock:
+            if self._thread is not None:
+                return
+            self._thread = threading.Thread(target=self._housekeep, name="audit-housekeeping", daemon=True)
+        self._thread.start()
+
+    def _housekeep(self) -> None:
+        next_gzip = 0.0
+        while not self._stop.wait(FSYNC_INTERVAL_S):
+            try:
+                if self.fsync == "interval":
+                    self.sync()
+                if time.monotonic() >= next_gzip:
+                    next_gzip = time.monotonic() + 60
+                    self.compress_closed_days()
+            except OSError:
+                log.exception("audit housekeeping failed; retrying in %.0f s", FSYNC_INTERVAL_S)
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
+        with self._lock:
+            self._close_fd()
+
+
+def compress_closed_days(directory: Path, now: float, grace_s: float = GZIP_GRACE_S) -> list[Path]:
+    """Gzip closed day files: `audit-D.ndjson` becomes `audit-D.ndjson.gz`, never today's.
+
+    The gzip is written to a temporary name, synced, and renamed over the final
+    name before the plain file is removed, so a reader always finds one complete
+    copy (when both exist, the .gz is complete). Several processes may race on
+    the same day: each writes its own temporary file and the rename is atomic.
+    """
+    done = []
+    for path in sorted(Path(directory).iterdir()):
+        match = _DAY_FILE.match(path.name)
+        if not match:
+            continue
+        day = date.fromisoformat(match.group(1))
+        day_end = datetime(day.year, day.month, day.day, tzinfo=UTC).timestamp() + 86_400
+        if now < day_end + grace_s:
+            continue
+        target = path.with_name(path.name + ".gz")
+        tmp = path.with_name(f".{path.name}.gz.{os.getpid()}.tmp")
+        try:
+            with open(path, "rb") as src, open(tmp, "wb") as raw:
+                with gzip.GzipFile(filename=path.name, mode="wb", fileobj=raw, mtime=0) as gz:
+                    shutil.copyfileobj(src, gz, 1 << 20)
+                raw.flush()
+                os.fsync(raw.fileno())
+            os.replace(tmp, target)
+            path.unlink(missing_ok=True)
+        except FileNotFoundError:  # another process compressed it first
+            tmp.unlink(missing_ok=True)
+            continue
+        _fsync_dir(Path(directory))
+        done.append(target)
+    return done
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class MemoryAuditSink:
@@ -126,3 +320,131 @@ class MemoryAuditSink:
 
     def of_type(self, event_type: str) -> list[AuditEvent]:
         return [e for e in self.events if e.event_type == event_type]
+
+
+# --- verification ------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class ChainBreak:
+    path: str
+    line: int
+    writer: str
+    seq: int | None
+    problem: str
+
+    def __str__(self) -> str:
+        return f"{self.path}:{self.line}: writer {self.writer} seq {self.seq}: {self.problem}"
+
+
+@dataclass(frozen=True, slots=True)
+class CorruptLine:
+    path: str
+    line: int
+    problem: str
+
+    def __str__(self) -> str:
+        return f"{self.path}:{self.line}: corrupt line skipped: {self.problem}"
+
+
+@dataclass(slots=True)
+class WriterChain:
+    """What the verifier knows of one writer: where its chain stands, and its first break."""
+
+    writer: str
+    first_seq: int | None = None
+    last_seq: int = 0
+    last_hash: str | None = None
+    events: int = 0
+    linked: bool = True  # False: the first line continues a chain from a file not checked
+    broken: ChainBreak | None = None
+
+
+@dataclass(slots=True)
+class VerifyReport:
+    path: str
+    writers: dict[str, WriterChain] = field(default_factory=dict)
+    corrupt: list[CorruptLine] = field(default_factory=list)
+
+    @property
+    def intact(self) -> bool:
+        return not self.corrupt and all(w.broken is None for w in self.writers.values())
+
+
+def open_day_file(path: Path) -> Iterator[bytes]:
+    """The lines of a plain or gzipped day file."""
+    opener = gzip.open if path.name.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        yield from f
+
+
+def find_day_file(directory: Path, day: str) -> Path | None:
+    """A day's file: the .gz when it exists (it is complete once renamed), else the plain one."""
+    plain = day_path(directory, day)
+    gz = plain.with_name(plain.name + ".gz")
+    return gz if gz.exists() else plain if plain.exists() else None
+
+
+def verify_file(path: Path, carry: dict[str, WriterChain] | None = None) -> VerifyReport:
+    """Check every writer's chain in one day file.
+
+    `carry` holds the chains as the previous day's file left them (from its own
+    `verify_file`), so a writer that continues across midnight is linked; a
+    writer whose first line here has seq > 1 and no carry is anchored on that
+    line (`linked` False) rather than reported, since its start is elsewhere.
+    After a writer's first break its later lines are not checked.
+    """
+    report = VerifyReport(str(path))
+    for number, raw in enumerate(open_day_file(Path(path)), start=1):
+        try:
+            record = json.loads(raw)
+            if not isinstance(record, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as exc:
+            report.corrupt.append(CorruptLine(str(path), number, f"not JSON ({exc})"))
+            continue
+        _check_line(report, carry or {}, number, record)
+    return report
+
+
+def _check_line(report: VerifyReport, carry: dict[str, WriterChain], number: int, record: dict[str, Any]) -> None:
+    name, seq, digest = record.get("writer"), record.get("seq"), record.get("hash")
+    if not isinstance(name, str) or not isinstance(seq, int) or not isinstance(digest, str):
+        report.corrupt.append(CorruptLine(report.path, number, "no writer, seq or hash"))
+        return
+    chain = report.writers.get(name)
+    if chain is None:
+        before = carry.get(name)
+        chain = report.writers[name] = WriterChain(name)
+        if before is not None and before.broken is None:
+            chain.last_seq, chain.last_hash = before.last_seq, before.last_hash
+        elif seq != 1:
+            chain.linked = False
+            chain.last_seq, chain.last_hash = seq - 1, record.get("prevHash")
+    if chain.broken is not None:
+        return
+    chain.events += 1
+    if chain.first_seq is None:
+        chain.first_seq = seq
+    body = {k: v for k, v in record.items() if k != "hash"}
+    problem = None
+    if chain_hash(record.get("prevHash"), canonical(body)) != digest:
+        problem = "hash does not match the line (a field was changed)"
+    elif seq != chain.last_seq + 1:
+        problem = f"seq {seq} where {chain.last_seq + 1} was expected (a line was deleted or moved)"
+    elif record.get("prevHash") != chain.last_hash:
+        problem = f"prevHash does not match the hash of seq {chain.last_seq}"
+    if problem:
+        chain.broken = ChainBreak(report.path, number, name, seq, problem)
+        return
+    chain.last_seq, chain.last_hash = seq, digest
+
+
+def verify_day(directory: Path, day: str) -> VerifyReport:
+    """Check a day's file, linking writers that continue from the previous day's file when it is there."""
+    path = find_day_file(directory, day)
+    if path is None:
+        raise FileNotFoundError(f"no audit file for {day} in {directory}")
+    previous = (date.fromisoformat(day) - timedelta(days=1)).isoformat()
+    before = find_day_file(directory, previous)
+    carry = verify_file(before).writers if before is not None else None
+    return verify_file(path, carry)

@@ -1,4 +1,4 @@
-"""`rounds` command line: up, token, status, doc, bench.
+"""`rounds` command line: up, token, status, doc, bench, audit.
 
 The only place (with the benchmark entry) that reads `os.environ`: settings
 are loaded once here and passed down.
@@ -56,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     from rounds.bench.cli import add_parser as add_bench_parser
 
     add_bench_parser(sub)
+    from rounds.auditcli import add_audit_parser
+
+    add_audit_parser(sub)
     args = parser.parse_args(argv)
     args.settings = load_settings(args.config, os.environ)
     return int(args.func(args) or 0)

@@ -1,0 +1,254 @@
+"""The audit files: hash chains per writer, day files, gzip, fsync policies, `rounds audit verify`."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from rounds.audit import (
+    GZIP_GRACE_S,
+    AuditEvent,
+    FileAuditSink,
+    canonical,
+    chain_hash,
+    verify_day,
+    verify_file,
+)
+
+DAY = "2026-11-26"
+
+
+class FakeClock:
+    def __init__(self, iso: str) -> None:
+        self.now = datetime.fromisoformat(iso).timestamp()
+
+    def __call__(self) -> float:
+        return self.now
+
+    def set(self, iso: str) -> None:
+        self.now = datetime.fromisoformat(iso).timestamp()
+
+
+def make_sink(directory: Path, clock: FakeClock, fsync: str = "never") -> FileAuditSink:
+    return FileAuditSink(directory, fsync=fsync, clock=clock, housekeeping=False)
+
+
+def event(n: int, source: str = "shard-0") -> AuditEvent:
+    return AuditEvent("LOCK_ACQUIRED", source, user_id=f"usr_{n}", resource_id="doc:1", details={"n": n})
+
+
+def lines(path: Path) -> list[str]:
+    return path.read_text().splitlines()
+
+
+def write_lines(path: Path, rows: list[str]) -> None:
+    path.write_text("".join(row + "\n" for row in rows))
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock(f"{DAY}T10:00:00+00:00")
+
+
+@pytest.fixture
+def day_file(tmp_path: Path, clock: FakeClock) -> Path:
+    """Six events of two writers (two processes with the same source), interleaved."""
+    a, b = make_sink(tmp_path, clock), make_sink(tmp_path, clock)
+    for n in range(3):
+        a.emit(event(n))
+        b.emit(event(n))
+    a.close()
+    b.close()
+    return tmp_path / f"audit-{DAY}.ndjson"
+
+
+def test_each_line_carries_the_schema_and_is_chained_to_its_writers_previous_line(tmp_path, clock):
+    sink = make_sink(tmp_path, clock)
+    for n in range(3):
+        sink.emit(event(n))
+    sink.close()
+    records = [json.loads(row) for row in lines(tmp_path / f"audit-{DAY}.ndjson")]
+    assert [r["seq"] for r in records] == [1, 2, 3]
+    assert records[0]["prevHash"] is None
+    assert [r["prevHash"] for r in records[1:]] == [r["hash"] for r in records[:-1]]
+    assert {r["writer"] for r in records} == {records[0]["writer"]}
+    assert records[0]["writer"].startswith("shard-0#")
+    assert set(records[0]) == {"eventId", "time", "eventType", "userId", "sessionId", "resourceId", "source",
+                               "outcome", "details", "writer", "seq", "prevHash", "hash"}
+    assert len(records[0]["time"]) == len("2026-11-26T10:00:00.000000Z") and records[0]["time"].endswith("Z")
+
+
+def test_a_third_party_can_check_a_hash_from_the_raw_line_alone(tmp_path, clock):
+    sink = make_sink(tmp_path, clock)
+    sink.emit(AuditEvent("DOC_UPDATED", "shard-1", details={"name": "Zoë 🩺", "size": 12}))
+    sink.emit(event(1, "shard-1"))
+    sink.close()
+    first, second = (row.encode() for row in lines(tmp_path / f"audit-{DAY}.ndjson"))
+    digest = json.loads(first)["hash"]
+    body = first[: -len(b',"hash":"' + digest.encode() + b'"}')] + b"}"
+    assert hashlib.sha256(body).hexdigest() == digest
+    assert body == canonical({k: v for k, v in json.loads(first).items() if k != "hash"})
+    body2 = canonical({k: v for k, v in json.loads(second).items() if k != "hash"})
+    assert hashlib.sha256(digest.encode() + body2).hexdigest() == json.loads(second)["hash"]
+    assert chain_hash(digest, body2) == json.loads(second)["hash"]
+
+
+def test_two_writers_interleaved_in_one_file_verify_ok(day_file):
+    report = verify_file(day_file)
+    assert report.intact
+    assert len(report.writers) == 2
+    assert all((w.first_seq, w.last_seq, w.linked) == (1, 3, True) for w in report.writers.values())
+
+
+def test_a_modified_field_is_reported_at_its_line(day_file):
+    rows = lines(day_file)
+    rows[2] = rows[2].replace('"usr_1"', '"usr_9"')
+    write_lines(day_file, rows)
+    report = verify_file(day_file)
+    assert not report.intact
+    (broken,) = [w.broken for w in report.writers.values() if w.broken]
+    assert (broken.line, broken.seq) == (3, 2)
+    assert "hash" in broken.problem
+
+
+def test_a_deleted_line_is_reported_at_the_writers_next_line(day_file):
+    rows = lines(day_file)
+    del rows[2]  # writer A's seq 2; its seq 3 is now line 4
+    write_lines(day_file, rows)
+    (broken,) = [w.broken for w in verify_file(day_file).writers.values() if w.broken]
+    assert (broken.line, broken.seq) == (4, 3)
+    assert "seq 3 where 2 was expected" in broken.problem
+
+
+def test_reordered_lines_are_reported_at_the_first_line_out_of_place(day_file):
+    rows = lines(day_file)
+    rows[2], rows[4] = rows[4], rows[2]  # writer A: seq 1, 3, 2
+    write_lines(day_file, rows)
+    report = verify_file(day_file)
+    (broken,) = [w.broken for w in report.writers.values() if w.broken]
+    assert (broken.line, broken.seq) == (3, 3)
+    assert sum(1 for w in report.writers.values() if w.broken is None) == 1
+
+
+def test_a_line_whose_hash_was_recomputed_still_breaks_the_link_to_the_next(day_file):
+    rows = lines(day_file)
+    record = json.loads(rows[2])
+    record["userId"] = "usr_9"
+    body = {k: v for k, v in record.items() if k != "hash"}
+    record["hash"] = chain_hash(record["prevHash"], canonical(body))
+    rows[2] = json.dumps(record)
+    write_lines(day_file, rows)
+    (broken,) = [w.broken for w in verify_file(day_file).writers.values() if w.broken]
+    assert (broken.line, broken.seq) == (5, 3)
+    assert "prevHash" in broken.problem
+
+
+def test_a_corrupt_line_is_reported_with_file_and_line_and_skipped(day_file):
+    rows = lines(day_file)
+    rows.insert(1, '{"eventId": "torn')
+    write_lines(day_file, rows)
+    report = verify_file(day_file)
+    (bad,) = report.corrupt
+    assert (bad.path, bad.line) == (str(day_file), 2)
+    assert str(bad).startswith(f"{day_file}:2: corrupt line skipped")
+    assert all(w.broken is None and w.last_seq == 3 for w in report.writers.values())
+    assert not report.intact
+
+
+def test_the_file_switches_at_utc_midnight_and_the_chain_continues_across_it(tmp_path):
+    clock = FakeClock(f"{DAY}T23:59:59.900000+00:00")
+    sink = make_sink(tmp_path, clock)
+    sink.emit(event(1))
+    sink.emit(event(2))
+    clock.set("2026-11-27T00:00:00.000001+00:00")
+    sink.emit(event(3))
+    sink.close()
+    first, second = tmp_path / f"audit-{DAY}.ndjson", tmp_path / "audit-2026-11-27.ndjson"
+    assert [json.loads(r)["seq"] for r in lines(first)] == [1, 2]
+    assert [json.loads(r)["seq"] for r in lines(second)] == [3]
+    linked = verify_day(tmp_path, "2026-11-27")
+    assert linked.intact and all(w.linked for w in linked.writers.values())
+    alone = verify_file(second)
+    assert alone.intact and not any(w.linked for w in alone.writers.values())
+    write_lines(first, lines(first)[:1])  # the previous day's last line deleted
+    (broken,) = [w.broken for w in verify_day(tmp_path, "2026-11-27").writers.values() if w.broken]
+    assert (broken.path, broken.line, broken.seq) == (str(second), 1, 3)
+
+
+def test_closed_days_are_gzipped_after_the_grace_and_today_never(tmp_path):
+    clock = FakeClock(f"{DAY}T23:59:59+00:00")
+    sink = make_sink(tmp_path, clock)
+    sink.emit(event(1))
+    clock.set("2026-11-27T00:00:01+00:00")
+    sink.emit(event(2))
+    plain = tmp_path / f"audit-{DAY}.ndjson"
+    content = plain.read_bytes()
+    assert sink.compress_closed_days() == []  # within the grace: late writers may still append
+    clock.now += GZIP_GRACE_S
+    assert sink.compress_closed_days() == [tmp_path / f"audit-{DAY}.ndjson.gz"]
+    assert not plain.exists()
+    assert gzip.decompress((tmp_path / f"audit-{DAY}.ndjson.gz").read_bytes()) == content
+    assert (tmp_path / "audit-2026-11-27.ndjson").exists()
+    assert not list(tmp_path.glob(".*tmp"))
+    sink.emit(event(3))
+    sink.close()
+    report = verify_day(tmp_path, "2026-11-27")
+    assert report.intact and all(w.linked and w.last_seq == 3 for w in report.writers.values())
+    assert verify_day(tmp_path, DAY).path.endswith(".gz")
+
+
+@pytest.mark.parametrize("policy", ["interval", "always", "never"])
+def test_every_fsync_policy_writes_every_line(tmp_path, clock, policy):
+    sink = make_sink(tmp_path, clock, fsync=policy)
+    for n in range(20):
+        sink.emit(event(n))
+    sink.sync()
+    sink.emit(event(20))
+    sink.close()
+    report = verify_file(tmp_path / f"audit-{DAY}.ndjson")
+    assert report.intact and [w.last_seq for w in report.writers.values()] == [21]
+
+
+def test_the_interval_policy_syncs_from_the_housekeeping_thread(tmp_path):
+    sink = FileAuditSink(tmp_path, fsync="interval")
+    sink.emit(event(1))
+    assert sink._dirty
+    deadline = time.monotonic() + 5
+    while sink._dirty and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not sink._dirty
+    sink.close()
+
+
+def test_an_unknown_fsync_policy_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="audit_fsync"):
+        FileAuditSink(tmp_path, fsync="sometimes")
+
+
+def run_verify(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "rounds.cli", "audit", "verify", *args],
+                          capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin"})
+
+
+def test_rounds_audit_verify_exits_0_when_intact_1_on_a_break_and_2_on_misuse(day_file, tmp_path):
+    ok = run_verify("--day", DAY, "--dir", str(tmp_path))
+    assert ok.returncode == 0, ok.stderr
+    assert "intact" in ok.stdout and ok.stdout.count(": OK, seq 1-3") == 2
+    rows = lines(day_file)
+    rows[3] = rows[3].replace('"usr_1"', '"usr_2"')
+    rows.insert(0, "not json")
+    write_lines(day_file, rows)
+    broken = run_verify("--file", str(day_file))
+    assert broken.returncode == 1
+    assert f"{day_file}:1: corrupt line skipped" in broken.stdout
+    assert "BREAK at line 5, seq 2" in broken.stdout
+    assert run_verify("--day", "26/11/2026").returncode == 2
+    assert run_verify("--day", "2020-01-01", "--dir", str(tmp_path)).returncode == 2
