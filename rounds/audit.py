@@ -17,6 +17,7 @@ import gzip
 import hashlib
 import itertools
 import json
+import json.encoder
 import logging
 import os
 import re
@@ -97,9 +98,27 @@ class AuditEvent:
 
 # --- the chain ---------------------------------------------------------------
 
+def _canonical_encoder() -> Callable[[Any], str]:
+    """`json.dumps(x, sort_keys=True, separators=(",", ":"), ensure_ascii=True, default=str)`.
+
+    `dumps` builds a new C encoder on every call (about 2 of an emit's 12 µs);
+    this one is built once. Without a `markers` dict it does not look for cycles
+    (1 µs more): a cyclic `details` ends in RecursionError, which emit logs.
+    """
+    make = json.encoder.c_make_encoder  # type: ignore[attr-defined]
+    if make is None:  # no C speedups: the same bytes, slower
+        encoder = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=True, default=str)
+        return encoder.encode
+    c_encoder = make(None, str, json.encoder.encode_basestring_ascii, None, ":", ",", True, False, True)
+    return lambda o: "".join(c_encoder(o, 0))
+
+
+_encode = _canonical_encoder()
+
+
 def canonical(record: dict[str, Any]) -> bytes:
     """The bytes that are hashed: sorted keys, no spaces, ASCII only (docs/audit.md)."""
-    return json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=True, default=str).encode()
+    return _encode(record).encode()
 
 
 def chain_hash(prev_hash: str | None, body: bytes) -> str:
@@ -202,7 +221,7 @@ class FileAuditSink:
                     self._dirty = True
             if self._housekeeping and self._thread is None:
                 self._start_housekeeping()
-        except (OSError, TypeError, ValueError):
+        except (OSError, TypeError, ValueError, RecursionError):
             log.exception("audit write failed; the event: %s", event)
 
     def _reopen(self, now: float) -> None:
