@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Awaitable, Callable
 from datetime import UTC, date, datetime
 from pathlib import Path
+from typing import Any
 
 from rounds.audit import VerifyReport, verify_day, verify_file
 from rounds.config import Settings
@@ -26,6 +28,7 @@ def add_audit_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
     which.add_argument("--day", type=_day, help="a UTC day, YYYY-MM-DD (default: today)")
     verify.add_argument("--dir", help="the audit directory (default: {var_dir}/audit)")
     verify.set_defaults(func=_verify)
+    _add_pg_parsers(audit)
 
 
 def audit_dir(settings: Settings, given: str | None) -> Path:
@@ -66,3 +69,170 @@ def print_report(report: VerifyReport) -> None:
         anchor = "" if chain.linked else " (continues a chain from a file not checked)"
         print(f"  {chain.writer}: OK, seq {chain.first_seq}-{chain.last_seq}{anchor}")
     print("intact" if report.intact else "NOT INTACT")
+
+
+# -- PostgreSQL: migrate, load, search, retention (rounds.audit_pg) -----------
+
+
+def _add_pg_parsers(audit: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    dsn_help = "PostgreSQL DSN (default: postgres_dsn of the settings)"
+    migrate = audit.add_parser("migrate", help="create or update the audit tables in PostgreSQL")
+    migrate.add_argument("--dsn", help=dsn_help)
+    migrate.set_defaults(func=_migrate)
+
+    load = audit.add_parser("load", help="load the NDJSON day files into PostgreSQL (idempotent by event id)")
+    load.add_argument("--dir", help="the audit directory (default: {var_dir}/audit)")
+    load.add_argument("--dsn", help=dsn_help)
+    load.add_argument("--batch", type=_positive, default=5_000, help="events per transaction")
+    load.set_defaults(func=_load)
+
+    search = audit.add_parser("search", help="events by user, resource, type and time, oldest first "
+                                             "(PostgreSQL, or the files when no DSN is configured)")
+    search.add_argument("--user")
+    search.add_argument("--resource")
+    search.add_argument("--type", dest="event_type")
+    search.add_argument("--since", type=_time, help="ISO time, inclusive (no zone: UTC)")
+    search.add_argument("--until", type=_time, help="ISO time, exclusive (no zone: UTC)")
+    search.add_argument("--format", choices=("ndjson", "table"), default="ndjson")
+    search.add_argument("--limit", type=_positive, default=1_000)
+    search.add_argument("--dsn", help=dsn_help)
+    search.add_argument("--dir", help="the audit directory when searching files (default: {var_dir}/audit)")
+    search.set_defaults(func=_search)
+
+    retention = audit.add_parser("retention", help="drop the PostgreSQL month partitions older than the period")
+    retention.add_argument("--keep-days", type=_positive, default=3653, help="default: ten years")
+    retention.add_argument("--dsn", help=dsn_help)
+    retention.set_defaults(func=_retention)
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"not a positive integer: {text!r}")
+    return value
+
+
+def _time(text: str) -> datetime:
+    from rounds.audit_pg import parse_time
+
+    try:
+        return parse_time(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO time: {text!r}") from None
+
+
+def _dsn(args: argparse.Namespace) -> str | None:
+    return args.dsn or args.settings.postgres_dsn
+
+
+def _with_db(args: argparse.Namespace, name: str, work: Callable[[Any], Awaitable[int]]) -> int:
+    """Run `work(connection)` on the DSN; an unreachable or failing database
+    is a message and exit code 2, not a traceback."""
+    import asyncio
+
+    import asyncpg
+
+    from rounds.audit_pg import connect
+
+    dsn = _dsn(args)
+    if not dsn:
+        print(f"rounds audit {name}: no PostgreSQL DSN (--dsn or postgres_dsn)", file=sys.stderr)
+        return 2
+
+    async def run() -> int:
+        conn = await connect(dsn)
+        try:
+            return await work(conn)
+        finally:
+            await conn.close()
+
+    try:
+        return asyncio.run(run())
+    except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, RuntimeError) as exc:
+        print(f"rounds audit {name}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    from rounds.audit_pg import MIGRATIONS, migrate
+
+    async def work(conn: Any) -> int:
+        applied = await migrate(conn)
+        names = dict((v, n) for v, n, _ in MIGRATIONS)
+        for version in applied:
+            print(f"applied {version}: {names[version]}")
+        print(f"schema at version {MIGRATIONS[-1][0]}" + ("" if applied else ", nothing to do"))
+        return 0
+
+    return _with_db(args, "migrate", work)
+
+
+def _load(args: argparse.Namespace) -> int:
+    from rounds.audit_pg import load_dir, migrate
+
+    directory = audit_dir(args.settings, args.dir)
+
+    async def work(conn: Any) -> int:
+        await migrate(conn)
+        report = await load_dir(conn, directory, args.batch,
+                                progress=lambda line: print(line, file=sys.stderr, flush=True))
+        print(f"{directory}: {report.summary()}")
+        for bad in report.corrupt:
+            print(f"  corrupt: {bad}")
+        return 1 if report.corrupt else 0
+
+    return _with_db(args, "load", work)
+
+
+def _search(args: argparse.Namespace) -> int:
+    from rounds.audit_pg import AuditQuery, search_db, search_files
+
+    query = AuditQuery(user_id=args.user, resource_id=args.resource, event_type=args.event_type,
+                       since=args.since, until=args.until, limit=args.limit)
+    if _dsn(args):
+        found: list[Any] = []
+
+        async def work(conn: Any) -> int:
+            found.extend(await search_db(conn, query))
+            return 0
+
+        code = _with_db(args, "search", work)
+        if code:
+            return code
+    else:
+        found = search_files(audit_dir(args.settings, args.dir), query,
+                             corrupt=lambda bad: print(f"corrupt line skipped: {bad}", file=sys.stderr))
+    if args.format == "ndjson":
+        for row in found:
+            print(row.to_json())
+    else:
+        print_table(found)
+    return 0
+
+
+def print_table(rows: list[Any]) -> None:
+    print(f"{'time':<28}{'type':<22}{'user':<16}{'resource':<28}{'outcome':<9}source")
+    for r in rows:
+        print(f"{r.time.isoformat(timespec='microseconds'):<28}{r.event_type:<22}{r.user_id or '-':<16}"
+              f"{r.resource_id or '-':<28}{r.outcome:<9}{r.source}")
+    print(f"({len(rows)} events)")
+
+
+def _retention(args: argparse.Namespace) -> int:
+    from datetime import timedelta
+
+    from rounds.audit_pg import drop_partitions_before
+
+    cutoff = datetime.now(UTC) - timedelta(days=args.keep_days)
+
+    async def work(conn: Any) -> int:
+        dropped = await drop_partitions_before(conn, cutoff)
+        for name in dropped:
+            print(f"dropped {name}")
+        print(f"kept every month from {cutoff:%Y-%m} on ({len(dropped)} partitions dropped)")
+        return 0
+
+    return _with_db(args, "retention", work)

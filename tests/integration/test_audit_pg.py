@@ -286,3 +286,61 @@ async def test_retention_drops_whole_months_before_the_cutoff_only(db: asyncpg.C
     assert [p for p, _ in await partitions(db)][0] == "audit_events_y2015m06"  # holds the cutoff: kept
     assert await count(db) == 5
     assert await drop_partitions_before(db, datetime(2015, 6, 10, tzinfo=UTC)) == []
+
+
+# -- the commands ------------------------------------------------------------------
+
+
+def rounds_audit(var_dir: Path, *args: str, dsn: str | None = None) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "ROUNDS_POSTGRES_DSN"}
+    env["ROUNDS_VAR_DIR"] = str(var_dir)
+    if dsn:
+        env["ROUNDS_POSTGRES_DSN"] = dsn
+    return subprocess.run([sys.executable, "-m", "rounds.cli", "audit", *args], env=env,
+                          capture_output=True, text=True, timeout=60)
+
+
+def schema_dsn(schema: str) -> str:
+    return f"{DSN}{'&' if '?' in DSN else '?'}search_path={schema}"
+
+
+async def test_the_commands_migrate_load_search_and_drop_old_months(schema: str, tmp_path: Path) -> None:
+    dsn = schema_dsn(schema)
+    first = rounds_audit(tmp_path, "migrate", "--dsn", dsn)
+    assert first.returncode == 0, first.stderr
+    assert "applied 1" in first.stdout and "applied 2" in first.stdout
+    again = rounds_audit(tmp_path, "migrate", dsn=dsn)
+    assert again.returncode == 0 and "nothing to do" in again.stdout
+
+    t = datetime(2026, 11, 26, 9, 0, tzinfo=UTC)
+    old = datetime(2010, 3, 4, 5, 6, tzinfo=UTC)
+    lines = [json.dumps(event(i, t + timedelta(seconds=i), user=f"u{i % 3}")) for i in range(30)]
+    path = write_day(tmp_path / "audit", "2026-11-26", [*lines[:10], "not json", *lines[10:]])
+    write_day(tmp_path / "audit", "2010-03-04", [json.dumps(event(1000, old, user="u1"))], gz=True)
+    load = rounds_audit(tmp_path, "load", "--batch", "7", dsn=dsn)
+    assert load.returncode == 1, load.stderr  # a corrupt line: reported, the rest loaded
+    assert "31 events read, 31 inserted, 0 already there, 1 corrupt lines" in load.stdout
+    assert f"{path}:11: not JSON" in load.stdout and "inserted" in load.stderr
+    reload = rounds_audit(tmp_path, "load", dsn=dsn)
+    assert "31 events read, 0 inserted, 31 already there" in reload.stdout
+
+    from_db = rounds_audit(tmp_path, "search", "--user", "u1", "--since", "2026-11-26T09:00:05Z", dsn=dsn)
+    from_files = rounds_audit(tmp_path, "search", "--user", "u1", "--since", "2026-11-26T09:00:05Z")
+    assert from_db.returncode == 0 and from_files.returncode == 0, from_db.stderr + from_files.stderr
+    found = [json.loads(line) for line in from_db.stdout.splitlines()]
+    assert [e["seq"] for e in found] == [7, 10, 13, 16, 19, 22, 25, 28]
+    assert from_files.stdout == from_db.stdout
+    table = rounds_audit(tmp_path, "search", "--resource", "patient:1/vitals", "--format", "table",
+                         "--limit", "5", dsn=dsn)
+    assert table.stdout.splitlines()[-1] == "(5 events)" and "2010-03-04T05:06:00" in table.stdout
+
+    retention = rounds_audit(tmp_path, "retention", "--keep-days", "3653", dsn=dsn)
+    assert retention.returncode == 0, retention.stderr
+    assert "dropped audit_events_y2010m03" in retention.stdout
+    after = rounds_audit(tmp_path, "search", "--user", "u1", dsn=dsn)
+    assert len(after.stdout.splitlines()) == 10
+
+
+def test_the_commands_say_so_when_postgres_is_unreachable(tmp_path: Path) -> None:
+    done = rounds_audit(tmp_path, "load", dsn="postgresql://postgres@127.0.0.1:1/test")
+    assert done.returncode == 2 and "rounds audit load:" in done.stderr and "Traceback" not in done.stderr
