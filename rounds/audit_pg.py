@@ -29,6 +29,7 @@ parsing (`rounds.auditcli`).
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 import re
@@ -39,6 +40,8 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+
+from rounds.audit import VerifyReport, _check_line, format_time
 
 BATCH = 5_000
 GATEWAY_ROLE = "rounds_gateway"
@@ -215,22 +218,21 @@ class AuditRow:
                 self.source, self.outcome, json.dumps(self.details, separators=(",", ":")), self.writer,
                 self.seq, self.prev_hash, self.hash)
 
-    def to_json(self) -> str:
+    def fields(self) -> dict[str, Any]:
         """The event in the NDJSON file's field names (`time` in microseconds, `Z`)."""
-        return json.dumps({
+        return {
             "eventId": self.event_id, "time": format_time(self.time), "eventType": self.event_type,
             "userId": self.user_id, "sessionId": self.session_id, "resourceId": self.resource_id,
             "source": self.source, "outcome": self.outcome, "details": self.details, "writer": self.writer,
             "seq": self.seq, "prevHash": self.prev_hash, "hash": self.hash,
-        }, separators=(",", ":"))
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.fields(), separators=(",", ":"))
 
 
 class BadLine(ValueError):
     """A line that is not an audit event; the message says why."""
-
-
-def format_time(moment: datetime) -> str:
-    return moment.astimezone(UTC).isoformat(timespec="microseconds")[:-6] + "Z"
 
 
 def parse_time(text: str) -> datetime:
@@ -489,6 +491,39 @@ def search_files(directory: Path, query: AuditQuery,
             elif query.matches(item):
                 found.setdefault((item.event_id, item.time), item)
     return sorted(found.values(), key=lambda r: (r.time, r.event_id))[:query.limit]
+
+
+# -- verification ------------------------------------------------------------------
+
+
+async def verify_db(conn: asyncpg.Connection, since: datetime, until: datetime) -> tuple[VerifyReport, int]:
+    """Check the hash chains of the events in [since, until) as stored, with
+    the same rules as `rounds.audit.verify_file` (docs/audit.md): each row is
+    re-serialised in the file's field names, so a changed column fails its
+    own hash and a deleted row is a `seq` gap. A chain that starts before
+    `since` is anchored on its first row in the range. `line` in a break is
+    the row's position in (writer, seq) order; the problem names its event id.
+    Returns the report and the number of unchained rows (loaded from files
+    written before the chain, no `writer`), which are not checked.
+
+    Exact only while `details` holds what jsonb returns unchanged: a float
+    written with an exponent and an integral value (`1e+100`) reads back as
+    an integer and fails its hash."""
+    rows = await conn.fetch(f"SELECT {', '.join(COLUMNS)} FROM audit_events WHERE time >= $1 AND time < $2 "
+                            "AND writer IS NOT NULL ORDER BY writer, seq, time", since, until)
+    unchained = int(await conn.fetchval("SELECT count(*) FROM audit_events WHERE time >= $1 AND time < $2 "
+                                        "AND writer IS NULL", since, until))
+    report = VerifyReport(f"audit_events [{format_time(since)}, {format_time(until)})")
+    event_ids = [""]
+    for number, record in enumerate(rows, start=1):
+        row = _row(record)
+        event_ids.append(row.event_id)
+        _check_line(report, {}, number, row.fields())
+    for chain in report.writers.values():
+        if chain.broken is not None:
+            chain.broken = dataclasses.replace(
+                chain.broken, problem=f"event {event_ids[chain.broken.line]}: {chain.broken.problem}")
+    return report, unchained
 
 
 # -- retention -----------------------------------------------------------------

@@ -20,6 +20,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
+from rounds.audit import AuditEvent, FileAuditSink
 from rounds.audit_pg import (
     AuditQuery,
     AuditRow,
@@ -35,6 +36,7 @@ from rounds.audit_pg import (
     search_db,
     search_files,
     search_sql,
+    verify_db,
 )
 
 DSN = os.environ.get("ROUNDS_TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test")
@@ -271,6 +273,44 @@ async def test_search_by_each_index_finds_the_same_rows_as_the_files(db: asyncpg
     assert len(await search_db(db, AuditQuery(event_type="LOCK_RELEASED", limit=50))) == 50
     user_rows = await search_db(db, AuditQuery(user_id="user-7"))
     assert len(user_rows) == 10 and {r.details["i"] % 200 for r in user_rows} == {7}
+
+
+# -- the chains, as stored ------------------------------------------------------------
+
+
+async def test_files_of_the_sink_load_and_their_chains_verify_in_postgres_until_a_row_is_changed(
+        db: asyncpg.Connection, tmp_path: Path) -> None:
+    start = datetime(2026, 11, 26, 23, 59, 50, tzinfo=UTC)
+    now = [start.timestamp()]
+    sink = FileAuditSink(tmp_path, fsync="never", clock=lambda: now[0], housekeeping=False)
+    for i in range(40):  # across midnight: two day files, chains continuing
+        now[0] = start.timestamp() + i / 2
+        sink.emit(AuditEvent("LOCK_ACQUIRED", source=f"shard-{i % 2}", user_id=f"dr-{i % 3}",
+                             resource_id="patient:9/vitals", details={"field": "bp", "ü": [1, 0.5, None]},
+                             time=datetime.fromtimestamp(now[0], UTC)))
+    sink.close()
+    report = await load_dir(db, tmp_path)
+    assert (report.files, report.inserted, report.corrupt) == (2, 40, [])
+    since, until = start - timedelta(hours=1), start + timedelta(hours=1)
+
+    verified, unchained = await verify_db(db, since, until)
+    assert verified.intact and unchained == 0
+    assert sorted(c.events for c in verified.writers.values()) == [20, 20]
+    part, _ = await verify_db(db, start + timedelta(seconds=5), until)  # chains anchored inside the range
+    assert part.intact
+
+    victim = await db.fetchrow("SELECT event_id, writer, seq FROM audit_events ORDER BY time OFFSET 13 LIMIT 1")
+    await db.execute("UPDATE audit_events SET outcome = 'denied' WHERE event_id = $1", victim["event_id"])
+    changed, _ = await verify_db(db, since, until)
+    broken = changed.writers[victim["writer"]].broken
+    assert not changed.intact and broken is not None and broken.seq == victim["seq"]
+    assert victim["event_id"] in broken.problem and "hash" in broken.problem
+
+    await db.execute("UPDATE audit_events SET outcome = 'ok' WHERE event_id = $1", victim["event_id"])
+    await db.execute("DELETE FROM audit_events WHERE event_id = $1", victim["event_id"])
+    deleted, _ = await verify_db(db, since, until)
+    broken = deleted.writers[victim["writer"]].broken
+    assert broken is not None and f"where {victim['seq']} was expected" in broken.problem
 
 
 # -- retention ---------------------------------------------------------------------
