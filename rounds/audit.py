@@ -24,6 +24,7 @@ import re
 import shutil
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
@@ -179,18 +180,19 @@ class FileAuditSink:
         self.directory.mkdir(parents=True, exist_ok=True)
         self.fsync = fsync
         self._clock = clock
-        self._lock = threading.Lock()
         self._fd: int | None = None
         self._day_end = float("-inf")  # epoch second at which the open file's day ends
         self._dirty = False
         self._housekeeping = housekeeping
         self._thread: threading.Thread | None = None
-        self._stop = threading.Event()
         self._reseed()
-        os.register_at_fork(after_in_child=self._reseed)
+        _SINKS.add(self)
 
     def _reseed(self) -> None:
-        # A forked child is a new writer: its own epoch, its own chains, no thread yet.
+        # A forked child is a new writer: its own epoch, its own chains, no thread yet,
+        # and a fresh lock (another thread of the parent may have held it at the fork).
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
         self._epoch = os.urandom(6).hex()
         self._writers: dict[str, _Writer] = {}
         self._thread = None
@@ -283,6 +285,10 @@ class FileAuditSink:
             self._thread.join(timeout=5)
         with self._lock:
             self._close_fd()
+
+
+_SINKS: weakref.WeakSet[FileAuditSink] = weakref.WeakSet()
+os.register_at_fork(after_in_child=lambda: [sink._reseed() for sink in list(_SINKS)])
 
 
 def compress_closed_days(directory: Path, now: float, grace_s: float = GZIP_GRACE_S) -> list[Path]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import os
 import subprocess
 import sys
 import time
@@ -252,3 +253,20 @@ def test_rounds_audit_verify_exits_0_when_intact_1_on_a_break_and_2_on_misuse(da
     assert "BREAK at line 5, seq 2" in broken.stdout
     assert run_verify("--day", "26/11/2026").returncode == 2
     assert run_verify("--day", "2020-01-01", "--dir", str(tmp_path)).returncode == 2
+
+
+def test_a_forked_child_is_a_new_writer_with_its_own_chain(tmp_path, clock):
+    sink = make_sink(tmp_path, clock)
+    sink.emit(event(1))
+    pid = os.fork()
+    if pid == 0:  # the child: two events of its own, then leave without pytest's teardown
+        sink.emit(event(2))
+        sink.emit(event(3))
+        sink.close()
+        os._exit(0)
+    assert os.waitpid(pid, 0)[1] == 0
+    sink.emit(event(4))
+    sink.close()
+    report = verify_file(tmp_path / f"audit-{DAY}.ndjson")
+    assert report.intact
+    assert sorted(w.last_seq for w in report.writers.values()) == [2, 2]
