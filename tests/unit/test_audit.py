@@ -270,3 +270,18 @@ def test_a_forked_child_is_a_new_writer_with_its_own_chain(tmp_path, clock):
     report = verify_file(tmp_path / f"audit-{DAY}.ndjson")
     assert report.intact
     assert sorted(w.last_seq for w in report.writers.values()) == [2, 2]
+
+
+def test_the_housekeeping_thread_gzips_a_closed_day_by_itself(tmp_path):
+    clock = FakeClock(f"{DAY}T23:59:59+00:00")
+    sink = FileAuditSink(tmp_path, fsync="interval", clock=clock)
+    sink.emit(event(1))
+    clock.set("2026-11-27T01:00:00+00:00")
+    sink.emit(event(2))
+    gz = tmp_path / f"audit-{DAY}.ndjson.gz"
+    deadline = time.monotonic() + 10
+    while not gz.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    sink.close()
+    assert gz.exists() and not (tmp_path / f"audit-{DAY}.ndjson").exists()
+    assert verify_day(tmp_path, "2026-11-27").intact
