@@ -328,21 +328,31 @@ class CorruptLine:
         return f"{self.path}:{self.line_no}: {self.reason}"
 
 
+def parse_lines(path: Path, lines: Iterable[bytes], first_line_no: int = 1) -> Iterator[AuditRow | CorruptLine]:
+    """The rows of some lines of `path`, and a `CorruptLine` for each line
+    that is not an event (blank lines are skipped)."""
+    for line_no, line in enumerate(lines, first_line_no):
+        if line.strip():
+            yield _parse_numbered(path, line_no, line)
+
+
+def _parse_numbered(path: Path, line_no: int, line: bytes) -> AuditRow | CorruptLine:
+    try:
+        return parse_line(line)
+    except BadLine as exc:
+        return CorruptLine(path, line_no, str(exc))
+
+
 def read_file(path: Path) -> Iterator[AuditRow | CorruptLine]:
-    """The rows of one day file, and a `CorruptLine` for each line that is
-    not an event (blank lines are skipped). A gzip file cut short yields
-    what it holds, then a `CorruptLine` for the rest."""
+    """The rows of one day file (as `parse_lines`). A gzip file cut short
+    yields what it holds, then a `CorruptLine` for the rest."""
     opener = gzip.open if path.suffix == ".gz" else open
     line_no = 0
     try:
         with opener(path, "rb") as f:
             for line_no, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    yield parse_line(line)
-                except BadLine as exc:
-                    yield CorruptLine(path, line_no, str(exc))
+                if line.strip():
+                    yield _parse_numbered(path, line_no, line)
     except (OSError, EOFError) as exc:  # gzip.BadGzipFile is an OSError
         yield CorruptLine(path, line_no + 1, f"file unreadable from here ({type(exc).__name__}: {exc})")
 
@@ -382,12 +392,12 @@ async def insert_rows(conn: asyncpg.Connection, rows: Sequence[AuditRow]) -> int
     return int(status.rsplit(" ", 1)[1])
 
 
-async def load_files(conn: asyncpg.Connection, paths: Iterable[Path], batch: int = BATCH,
-                     progress: Callable[[str], None] | None = None) -> LoadReport:
-    """Load day files into `audit_events`, `batch` rows per transaction.
-    Corrupt lines are reported (file and line number) and skipped; the rest
-    is loaded. Loading the same files again inserts nothing."""
-    report = LoadReport()
+async def load_items(conn: asyncpg.Connection, label: str, items: Iterable[AuditRow | CorruptLine],
+                     report: LoadReport, batch: int = BATCH,
+                     progress: Callable[[str], None] | None = None) -> None:
+    """Insert the rows of `items` (one file's, or part of one) in
+    transactions of `batch` rows, counting into `report`; corrupt lines are
+    counted and skipped."""
     pending: list[AuditRow] = []
 
     async def flush() -> None:
@@ -396,21 +406,30 @@ async def load_files(conn: asyncpg.Connection, paths: Iterable[Path], batch: int
         report.already += len(pending) - inserted
         pending.clear()
 
+    for item in items:
+        if isinstance(item, CorruptLine):
+            report.corrupt.append(item)
+            if progress:
+                progress(f"corrupt line skipped: {item}")
+            continue
+        report.read += 1
+        pending.append(item)
+        if len(pending) >= batch:
+            await flush()
+            if progress:
+                progress(f"{label}: {report.read} events read, {report.inserted} inserted")
+    await flush()
+
+
+async def load_files(conn: asyncpg.Connection, paths: Iterable[Path], batch: int = BATCH,
+                     progress: Callable[[str], None] | None = None) -> LoadReport:
+    """Load day files into `audit_events`, `batch` rows per transaction.
+    Corrupt lines are reported (file and line number) and skipped; the rest
+    is loaded. Loading the same files again inserts nothing."""
+    report = LoadReport()
     for path in paths:
         report.files += 1
-        for item in read_file(path):
-            if isinstance(item, CorruptLine):
-                report.corrupt.append(item)
-                if progress:
-                    progress(f"corrupt line skipped: {item}")
-                continue
-            report.read += 1
-            pending.append(item)
-            if len(pending) >= batch:
-                await flush()
-                if progress:
-                    progress(f"{path.name}: {report.read} events read, {report.inserted} inserted")
-        await flush()
+        await load_items(conn, path.name, read_file(path), report, batch, progress)
         if progress:
             progress(f"{path.name} done: {report.summary()}")
     return report

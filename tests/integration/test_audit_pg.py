@@ -6,6 +6,7 @@ dropped afterwards, so no other table is touched.
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import json
 import os
@@ -24,6 +25,7 @@ from rounds.audit import AuditEvent, FileAuditSink
 from rounds.audit_pg import (
     AuditQuery,
     AuditRow,
+    CorruptLine,
     connect,
     drop_partitions_before,
     ensure_partitions,
@@ -32,12 +34,14 @@ from rounds.audit_pg import (
     migrate,
     month_start,
     partitions,
+    read_file,
     schema_version,
     search_db,
     search_files,
     search_sql,
     verify_db,
 )
+from rounds.audit_tail import AuditTail, follow
 
 DSN = os.environ.get("ROUNDS_TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 
@@ -228,6 +232,74 @@ async def test_a_load_cut_off_by_the_server_then_rerun_leaves_exactly_the_events
     assert (report.inserted, report.already) == (400, 100)
     ids = [r[0] for r in await db.fetch("SELECT event_id FROM audit_events ORDER BY event_id")]
     assert ids == [f"{i:032x}" for i in range(500)]
+
+
+async def test_the_tail_loads_only_complete_new_lines_and_a_gzipped_day_once(db: asyncpg.Connection,
+                                                                            tmp_path: Path) -> None:
+    t = datetime(2026, 11, 26, 10, 0, tzinfo=UTC)
+    lines = [json.dumps(event(i, t + timedelta(seconds=i))) + "\n" for i in range(10)]
+    path = tmp_path / "audit-2026-11-26.ndjson"
+    path.write_text("".join(lines[:3]) + lines[3][:20])  # a writer is mid-line
+    tail = AuditTail(tmp_path, batch=2)
+    first = await tail.step(db)
+    assert (first.read, first.inserted) == (3, 3)
+    with open(path, "a") as f:
+        f.write(lines[3][20:] + lines[4] + "garbage\n" + lines[5])
+    second = await tail.step(db)
+    assert (second.read, second.inserted) == (3, 3)
+    assert [(c.path, c.line_no) for c in second.corrupt] == [(path, 6)]
+    assert (await tail.step(db)).read == 0
+
+    with open(path, "a") as f:
+        f.write("".join(lines[6:]))
+    path.with_name(path.name + ".gz").write_bytes(gzip.compress(path.read_bytes()))
+    path.unlink()  # rotation gzipped the day before the tail read its last lines
+    third = await tail.step(db)
+    assert (third.read, third.inserted, third.already) == (10, 4, 6)
+    assert (await tail.step(db)).read == 0
+    assert await count(db) == 10
+
+
+async def test_follow_catches_up_when_postgres_returns(schema: str, tmp_path: Path) -> None:
+    t = datetime(2026, 11, 26, 11, 0, tzinfo=UTC)
+    path = tmp_path / "audit-2026-11-26.ndjson"
+    path.write_text("".join(json.dumps(event(i, t + timedelta(seconds=i))) + "\n" for i in range(5)))
+    dsn = f"{DSN}{'&' if '?' in DSN else '?'}search_path={schema}"
+    stop = asyncio.Event()
+    task = asyncio.create_task(follow("postgresql://postgres@127.0.0.1:1/test", tmp_path, 0.05, stop))
+    await asyncio.sleep(0.3)  # PostgreSQL "down": the events stay in the file
+    stop.set()
+    await asyncio.wait_for(task, 5)
+
+    stop = asyncio.Event()
+    task = asyncio.create_task(follow(dsn, tmp_path, 0.05, stop))
+    conn = await connect(DSN, schema)
+    try:
+        for _ in range(100):
+            await asyncio.sleep(0.05)
+            if await schema_version(conn) and await count(conn) == 5:
+                break
+        with open(path, "a") as f:
+            f.write("".join(json.dumps(event(i, t + timedelta(seconds=i))) + "\n" for i in range(5, 8)))
+        for _ in range(100):
+            await asyncio.sleep(0.05)
+            if await count(conn) == 8:
+                break
+        assert await count(conn) == 8
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 5)
+        await conn.close()
+
+
+def test_a_gzip_file_cut_short_yields_its_lines_then_a_corrupt_line(tmp_path: Path) -> None:
+    t = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
+    data = gzip.compress("".join(json.dumps(event(i, t)) + "\n" for i in range(200)).encode())
+    path = tmp_path / "audit-2026-11-26.ndjson.gz"
+    path.write_bytes(data[:len(data) // 2])
+    items = list(read_file(path))
+    assert isinstance(items[-1], CorruptLine) and "unreadable" in items[-1].reason
+    assert all(isinstance(i, AuditRow) for i in items[:-1])
 
 
 # -- search ---------------------------------------------------------------------

@@ -1,0 +1,127 @@
+"""Following the audit day files into PostgreSQL (issue 5): "when PostgreSQL
+is down, events keep going to the files and are loaded when it returns".
+
+The files are the record; `AuditTail` remembers how far it has loaded each
+plain day file (bytes and lines) and, on each `step`, loads only what was
+appended since, complete lines only (a writer may be mid-line). A gzipped
+day is loaded whole once: the rotation renamed the plain file, and what was
+appended after our last read is in it (rows already there are no-ops). The
+offset moves only after its rows are committed, so a step that fails (the
+server went away) is simply repeated by the next, nothing lost or doubled.
+
+`follow` is the asyncio shell: connect, migrate, step every `interval_s`,
+reconnect with backoff while PostgreSQL is down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncpg
+
+from rounds.audit_pg import BATCH, LoadReport, connect, day_files, load_files, load_items, migrate, parse_lines
+
+log = logging.getLogger(__name__)
+
+MAX_READ_BYTES = 64 * 1024 * 1024  # one step reads at most this much of a file; the next goes on
+
+
+@dataclass(slots=True)
+class _Position:
+    offset: int = 0  # bytes of the file loaded
+    lines: int = 0  # lines of the file loaded (for line numbers of corrupt lines)
+
+
+class AuditTail:
+    def __init__(self, directory: Path, batch: int = BATCH) -> None:
+        self.directory = Path(directory)
+        self.batch = batch
+        self._plain: dict[str, _Position] = {}
+        self._gz_loaded: set[str] = set()
+
+    async def step(self, conn: asyncpg.Connection,
+                   progress: Callable[[str], None] | None = None) -> LoadReport:
+        """Load what the files gained since the last step. Raises what the
+        connection raises; the next step retries from the same place."""
+        report = LoadReport()
+        present = day_files(self.directory)
+        names = {p.name for p in present}
+        for name in [n for n in self._plain if n not in names]:
+            del self._plain[name]  # gzipped (its .gz is loaded whole) or removed by retention
+        for path in present:
+            if path.name.endswith(".gz"):
+                if path.name not in self._gz_loaded:
+                    gz_report = await load_files(conn, [path], self.batch, progress)
+                    _add(report, gz_report)
+                    self._gz_loaded.add(path.name)
+            else:
+                await self._step_plain(conn, path, report, progress)
+        return report
+
+    async def _step_plain(self, conn: asyncpg.Connection, path: Path, report: LoadReport,
+                          progress: Callable[[str], None] | None) -> None:
+        pos = self._plain.setdefault(path.name, _Position())
+        try:
+            with open(path, "rb") as f:
+                if os.fstat(f.fileno()).st_size < pos.offset:  # replaced by a shorter file: start over
+                    pos.offset = pos.lines = 0
+                f.seek(pos.offset)
+                data = f.read(MAX_READ_BYTES)
+        except FileNotFoundError:
+            return  # gzipped between the listing and the open: the next step loads the .gz
+        complete = data[:data.rfind(b"\n") + 1]
+        if not complete:
+            return
+        lines = complete.splitlines(keepends=True)
+        report.files += 1
+        await load_items(conn, path.name, parse_lines(path, lines, pos.lines + 1), report, self.batch, progress)
+        pos.offset += len(complete)
+        pos.lines += len(lines)
+
+
+def _add(total: LoadReport, part: LoadReport) -> None:
+    total.files += part.files
+    total.read += part.read
+    total.inserted += part.inserted
+    total.already += part.already
+    total.corrupt.extend(part.corrupt)
+
+
+async def follow(dsn: str, directory: Path, interval_s: float = 1.0, stop: asyncio.Event | None = None,
+                 schema: str | None = None) -> None:
+    """Keep PostgreSQL up to date with the day files until `stop` is set.
+    While PostgreSQL is down the files keep the events; this catches up
+    when it returns."""
+    stop = stop or asyncio.Event()
+    tail = AuditTail(directory)
+    conn: asyncpg.Connection | None = None
+    delay = interval_s
+    while not stop.is_set():
+        try:
+            if conn is None or conn.is_closed():
+                conn = await connect(dsn, schema)
+                await migrate(conn)
+            report = await tail.step(conn)
+            for bad in report.corrupt:
+                log.error("audit: corrupt line skipped: %s", bad)
+            if report.inserted:
+                log.info("audit: %d events loaded into PostgreSQL", report.inserted)
+            delay = interval_s
+        except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            log.warning("audit: loading into PostgreSQL failed (%s: %s); the files keep the events, "
+                        "retrying in %.1fs", type(exc).__name__, exc, delay)
+            if conn is not None:
+                conn.terminate()
+                conn = None
+            delay = min(delay * 2, 30.0)
+        try:
+            await asyncio.wait_for(stop.wait(), delay)
+        except asyncio.TimeoutError:
+            pass
+    if conn is not None:
+        await conn.close()
