@@ -298,6 +298,8 @@ def compress_closed_days(directory: Path, now: float, grace_s: float = GZIP_GRAC
     name before the plain file is removed, so a reader always finds one complete
     copy (when both exist, the .gz is complete). Several processes may race on
     the same day: each writes its own temporary file and the rename is atomic.
+    Lines appended after the gzip (a process whose clock is late) are added to
+    it as a second gzip member, never written over it.
     """
     done = []
     for path in sorted(Path(directory).iterdir()):
@@ -311,7 +313,13 @@ def compress_closed_days(directory: Path, now: float, grace_s: float = GZIP_GRAC
         target = path.with_name(path.name + ".gz")
         tmp = path.with_name(f".{path.name}.gz.{os.getpid()}.tmp")
         try:
+            if target.exists() and _already_in(target, path):  # a crash between rename and unlink
+                path.unlink(missing_ok=True)
+                continue
             with open(path, "rb") as src, open(tmp, "wb") as raw:
+                if target.exists():  # a writer with a late clock appended after the gzip: keep both
+                    with open(target, "rb") as old:
+                        shutil.copyfileobj(old, raw, 1 << 20)
                 with gzip.GzipFile(filename=path.name, mode="wb", fileobj=raw, mtime=0) as gz:
                     shutil.copyfileobj(src, gz, 1 << 20)
                 raw.flush()
@@ -324,6 +332,12 @@ def compress_closed_days(directory: Path, now: float, grace_s: float = GZIP_GRAC
         _fsync_dir(Path(directory))
         done.append(target)
     return done
+
+
+def _already_in(gz: Path, plain: Path) -> bool:
+    """Whether the plain file's lines are the end of the gzip's (so it was compressed already)."""
+    with gzip.open(gz, "rb") as f:
+        return f.read().endswith(plain.read_bytes())
 
 
 def _fsync_dir(directory: Path) -> None:

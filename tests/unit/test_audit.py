@@ -285,3 +285,34 @@ def test_the_housekeeping_thread_gzips_a_closed_day_by_itself(tmp_path):
     sink.close()
     assert gz.exists() and not (tmp_path / f"audit-{DAY}.ndjson").exists()
     assert verify_day(tmp_path, "2026-11-27").intact
+
+
+def test_lines_appended_to_a_day_after_its_gzip_are_added_to_it_not_written_over_it(tmp_path):
+    clock, late_clock = FakeClock(f"{DAY}T12:00:00+00:00"), FakeClock(f"{DAY}T12:00:00+00:00")
+    early, late = make_sink(tmp_path, clock), make_sink(tmp_path, late_clock)
+    early.emit(event(1))
+    late.emit(event(1, "shard-1"))
+    late.close()
+    clock.set("2026-11-27T01:00:00+00:00")
+    assert early.compress_closed_days() == [tmp_path / f"audit-{DAY}.ndjson.gz"]
+    late.emit(event(2, "shard-1"))  # its clock still says the 26th: a plain file of that day again
+    late.close()
+    assert (tmp_path / f"audit-{DAY}.ndjson").exists()
+    early.compress_closed_days()
+    assert not (tmp_path / f"audit-{DAY}.ndjson").exists()
+    report = verify_file(tmp_path / f"audit-{DAY}.ndjson.gz")
+    assert report.intact and sorted(w.last_seq for w in report.writers.values()) == [1, 2]
+
+
+def test_a_plain_file_left_beside_its_complete_gzip_is_removed_not_added_twice(tmp_path, clock):
+    sink = make_sink(tmp_path, clock)
+    sink.emit(event(1))
+    sink.close()
+    plain = tmp_path / f"audit-{DAY}.ndjson"
+    content = plain.read_bytes()
+    clock.set("2026-11-28T00:00:00+00:00")
+    sink.compress_closed_days()
+    plain.write_bytes(content)  # as if the process died between the rename and the unlink
+    sink.compress_closed_days()
+    assert not plain.exists()
+    assert gzip.decompress((tmp_path / f"audit-{DAY}.ndjson.gz").read_bytes()) == content
