@@ -84,6 +84,9 @@ def _add_pg_parsers(audit: argparse._SubParsersAction) -> None:  # type: ignore[
     load.add_argument("--dir", help="the audit directory (default: {var_dir}/audit)")
     load.add_argument("--dsn", help=dsn_help)
     load.add_argument("--batch", type=_positive, default=5_000, help="events per transaction")
+    load.add_argument("--follow", action="store_true",
+                      help="then keep loading what the files gain (until Ctrl-C), waiting while PostgreSQL is down")
+    load.add_argument("--interval-s", type=float, default=1.0, help="with --follow: how often to look")
     load.set_defaults(func=_load)
 
     search = audit.add_parser("search", help="events by user, resource, type and time, oldest first "
@@ -174,6 +177,8 @@ def _load(args: argparse.Namespace) -> int:
     from rounds.audit_pg import load_dir, migrate
 
     directory = audit_dir(args.settings, args.dir)
+    if args.follow:
+        return _follow(args, directory)
 
     async def work(conn: Any) -> int:
         await migrate(conn)
@@ -185,6 +190,24 @@ def _load(args: argparse.Namespace) -> int:
         return 1 if report.corrupt else 0
 
     return _with_db(args, "load", work)
+
+
+def _follow(args: argparse.Namespace, directory: Path) -> int:
+    import asyncio
+    import logging
+
+    from rounds.audit_tail import follow
+
+    dsn = _dsn(args)
+    if not dsn:
+        print("rounds audit load: no PostgreSQL DSN (--dsn or postgres_dsn)", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    try:
+        asyncio.run(follow(dsn, directory, args.interval_s))
+    except KeyboardInterrupt:
+        pass
+    return 0
 
 
 def _search(args: argparse.Namespace) -> int:

@@ -11,6 +11,7 @@ import gzip
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import uuid
@@ -456,3 +457,27 @@ async def test_the_commands_migrate_load_search_and_drop_old_months(schema: str,
 def test_the_commands_say_so_when_postgres_is_unreachable(tmp_path: Path) -> None:
     done = rounds_audit(tmp_path, "load", dsn="postgresql://postgres@127.0.0.1:1/test")
     assert done.returncode == 2 and "rounds audit load:" in done.stderr and "Traceback" not in done.stderr
+
+
+async def test_load_follow_keeps_loading_until_interrupted(schema: str, tmp_path: Path) -> None:
+    t = datetime(2026, 11, 26, 13, 0, tzinfo=UTC)
+    path = write_day(tmp_path / "audit", "2026-11-26", [json.dumps(event(i, t)) for i in range(3)])
+    env = {k: v for k, v in os.environ.items() if k != "ROUNDS_POSTGRES_DSN"}
+    proc = subprocess.Popen([sys.executable, "-m", "rounds.cli", "audit", "load", "--follow", "--interval-s",
+                             "0.05", "--dir", str(tmp_path / "audit"), "--dsn", schema_dsn(schema)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    conn = await connect(DSN, schema)
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(event(3, t)) + "\n")
+        for _ in range(200):
+            await asyncio.sleep(0.05)
+            if await schema_version(conn) and await count(conn) == 4:
+                break
+        assert await count(conn) == 4
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=10)
+        await conn.close()
+    assert proc.returncode == 0, err
+    assert "events loaded into PostgreSQL" in err
