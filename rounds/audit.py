@@ -25,6 +25,7 @@ import shutil
 import threading
 import time
 import weakref
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
@@ -433,15 +434,19 @@ def verify_file(path: Path, carry: dict[str, WriterChain] | None = None) -> Veri
     After a writer's first break its later lines are not checked.
     """
     report = VerifyReport(str(path))
-    for number, raw in enumerate(open_day_file(Path(path)), start=1):
-        try:
-            record = json.loads(raw)
-            if not isinstance(record, dict):
-                raise ValueError("not a JSON object")
-        except ValueError as exc:
-            report.corrupt.append(CorruptLine(str(path), number, f"not JSON ({exc})"))
-            continue
-        _check_line(report, carry or {}, number, record)
+    number = 0
+    try:
+        for number, raw in enumerate(open_day_file(Path(path)), start=1):
+            try:
+                record = json.loads(raw)
+                if not isinstance(record, dict):
+                    raise ValueError("not a JSON object")
+            except ValueError as exc:
+                report.corrupt.append(CorruptLine(str(path), number, f"not JSON ({exc})"))
+                continue
+            _check_line(report, carry or {}, number, record)
+    except (EOFError, zlib.error, gzip.BadGzipFile) as exc:  # a damaged gzip: what it held up to the damage
+        report.corrupt.append(CorruptLine(str(path), number + 1, f"gzip damaged, the rest unreadable ({exc})"))
     return report
 
 

@@ -316,3 +316,20 @@ def test_a_plain_file_left_beside_its_complete_gzip_is_removed_not_added_twice(t
     sink.compress_closed_days()
     assert not plain.exists()
     assert gzip.decompress((tmp_path / f"audit-{DAY}.ndjson.gz").read_bytes()) == content
+
+
+def test_a_damaged_gzip_is_reported_after_the_lines_it_still_holds(tmp_path, clock):
+    sink = make_sink(tmp_path, clock)
+    for n in range(200):
+        sink.emit(event(n))
+    sink.close()
+    clock.set("2026-11-28T00:00:00+00:00")
+    (gz,) = sink.compress_closed_days()
+    gz.write_bytes(gz.read_bytes()[: gz.stat().st_size // 2])
+    report = verify_file(gz)
+    bad = report.corrupt[-1]
+    assert "gzip damaged" in bad.problem
+    (chain,) = report.writers.values()
+    assert chain.broken is None and 0 < chain.last_seq < 200 and bad.line > chain.last_seq
+    assert not report.intact
+    assert run_verify("--file", str(gz)).returncode == 1
