@@ -112,6 +112,17 @@ async def test_migrate_creates_the_partitioned_table_and_is_idempotent(schema: s
         await conn.close()
 
 
+async def test_two_migrations_at_once_apply_each_step_once(schema: str) -> None:
+    a, b = await connect(DSN, schema), await connect(DSN, schema)
+    try:
+        results = await asyncio.gather(migrate(a), migrate(b))
+        assert sorted(results) == [[], [1, 2]]
+        assert await a.fetchval("SELECT count(*) FROM rounds_schema_migrations") == 2
+    finally:
+        await a.close()
+        await b.close()
+
+
 async def test_partitions_are_made_per_month_on_demand_and_get_the_indexes(db: asyncpg.Connection,
                                                                           schema: str) -> None:
     t = datetime(2026, 11, 30, 23, 59, 59, 999999, tzinfo=UTC)
