@@ -335,6 +335,17 @@ async def test_a_user_search_uses_the_user_index(db: asyncpg.Connection) -> None
     assert "Index Scan" in plan and "user_id_time_idx" in plan, plan
 
 
+async def test_resource_and_period_searches_use_their_indexes_and_only_the_months_asked(
+        db: asyncpg.Connection) -> None:
+    start = await synthetic(db)
+    for query, index in ((AuditQuery(resource_id="patient:5/notes"), "resource_id_time_idx"),
+                         (AuditQuery(since=start + timedelta(days=3), until=start + timedelta(days=4)), "time_idx")):
+        sql, args = search_sql(query)
+        plan = "\n".join(r[0] for r in await db.fetch(f"EXPLAIN {sql}", *args))
+        assert "Seq Scan" not in plan and "Index Scan" in plan and index in plan, plan
+    assert "y2026m10" not in plan and "y2026m09" in plan, plan  # the period's month only
+
+
 async def test_search_by_each_index_finds_the_same_rows_as_the_files(db: asyncpg.Connection,
                                                                      tmp_path: Path) -> None:
     start = await synthetic(db, 2_000)
