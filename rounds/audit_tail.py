@@ -2,12 +2,14 @@
 is down, events keep going to the files and are loaded when it returns".
 
 The files are the record; `AuditTail` remembers how far it has loaded each
-plain day file (bytes and lines) and, on each `step`, loads only what was
-appended since, complete lines only (a writer may be mid-line). A gzipped
-day is loaded whole once: the rotation renamed the plain file, and what was
-appended after our last read is in it (rows already there are no-ops). The
-offset moves only after its rows are committed, so a step that fails (the
-server went away) is simply repeated by the next, nothing lost or doubled.
+day file (bytes and lines) and, on each `step`, loads only what was
+appended since: complete lines of a plain file (a writer may be mid-line),
+new members of a gzip (a late writer's lines are added to a gzipped day as
+a member, rounds.audit). When a day is gzipped its .gz is new to the tail
+and loaded whole: what was appended after the last read of the plain file
+is in it, the rest are no-ops. The offset moves only after its rows are
+committed, so a step that fails (the server went away) is simply repeated
+by the next, nothing lost or doubled.
 
 `follow` is the asyncio shell: connect, migrate, step every `interval_s`,
 reconnect with backoff while PostgreSQL is down.
@@ -16,6 +18,7 @@ reconnect with backoff while PostgreSQL is down.
 from __future__ import annotations
 
 import asyncio
+import gzip
 import logging
 import os
 from collections.abc import Callable
@@ -24,7 +27,7 @@ from pathlib import Path
 
 import asyncpg
 
-from rounds.audit_pg import BATCH, LoadReport, connect, day_files, load_files, load_items, migrate, parse_lines
+from rounds.audit_pg import BATCH, LoadReport, connect, day_files, load_items, migrate, parse_lines
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +44,7 @@ class AuditTail:
     def __init__(self, directory: Path, batch: int = BATCH) -> None:
         self.directory = Path(directory)
         self.batch = batch
-        self._plain: dict[str, _Position] = {}
-        self._gz_loaded: set[str] = set()
+        self._loaded: dict[str, _Position] = {}
 
     async def step(self, conn: asyncpg.Connection,
                    progress: Callable[[str], None] | None = None) -> LoadReport:
@@ -51,45 +53,45 @@ class AuditTail:
         report = LoadReport()
         present = day_files(self.directory)
         names = {p.name for p in present}
-        for name in [n for n in self._plain if n not in names]:
-            del self._plain[name]  # gzipped (its .gz is loaded whole) or removed by retention
+        for name in [n for n in self._loaded if n not in names]:
+            del self._loaded[name]  # gzipped (its .gz holds the lines) or removed by retention
         for path in present:
-            if path.name.endswith(".gz"):
-                if path.name not in self._gz_loaded:
-                    gz_report = await load_files(conn, [path], self.batch, progress)
-                    _add(report, gz_report)
-                    self._gz_loaded.add(path.name)
-            else:
-                await self._step_plain(conn, path, report, progress)
+            pos = self._loaded.setdefault(path.name, _Position())
+            try:
+                lines, size = _read_new(path, pos)
+            except FileNotFoundError:
+                continue  # gzipped between the listing and the open: the next step loads the .gz
+            if lines:
+                report.files += 1
+                await load_items(conn, path.name, parse_lines(path, lines, pos.lines + 1), report,
+                                 self.batch, progress)
+                pos.lines += len(lines)
+            pos.offset = size
         return report
 
-    async def _step_plain(self, conn: asyncpg.Connection, path: Path, report: LoadReport,
-                          progress: Callable[[str], None] | None) -> None:
-        pos = self._plain.setdefault(path.name, _Position())
-        try:
-            with open(path, "rb") as f:
-                if os.fstat(f.fileno()).st_size < pos.offset:  # replaced by a shorter file: start over
-                    pos.offset = pos.lines = 0
-                f.seek(pos.offset)
-                data = f.read(MAX_READ_BYTES)
-        except FileNotFoundError:
-            return  # gzipped between the listing and the open: the next step loads the .gz
-        complete = data[:data.rfind(b"\n") + 1]
-        if not complete:
-            return
-        lines = complete.splitlines(keepends=True)
-        report.files += 1
-        await load_items(conn, path.name, parse_lines(path, lines, pos.lines + 1), report, self.batch, progress)
-        pos.offset += len(complete)
-        pos.lines += len(lines)
 
+def _read_new(path: Path, pos: _Position) -> tuple[list[bytes], int]:
+    """The complete lines `path` gained past `pos`, and the offset they end at.
 
-def _add(total: LoadReport, part: LoadReport) -> None:
-    total.files += part.files
-    total.read += part.read
-    total.inserted += part.inserted
-    total.already += part.already
-    total.corrupt.extend(part.corrupt)
+    A plain file grows by lines; a gzip by members (a late writer's lines are
+    appended to a gzipped day as a new member, rounds.audit), so its new
+    lines are the members from the old compressed size on. A file smaller
+    than the position was replaced: it is read from the start (rows already
+    there are no-ops)."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size < pos.offset:
+            pos.offset = pos.lines = 0
+        if size == pos.offset:
+            return [], size
+        f.seek(pos.offset)
+        if path.name.endswith(".gz"):
+            with gzip.GzipFile(fileobj=f, mode="rb") as gz:
+                data = gz.read()
+            return data.splitlines(keepends=True), size
+        data = f.read(MAX_READ_BYTES)
+    complete = data[:data.rfind(b"\n") + 1]  # a writer may be mid-line
+    return complete.splitlines(keepends=True), pos.offset + len(complete)
 
 
 async def follow(dsn: str, directory: Path, interval_s: float = 1.0, stop: asyncio.Event | None = None,

@@ -22,7 +22,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from rounds.audit import AuditEvent, FileAuditSink
+from rounds.audit import AuditEvent, FileAuditSink, compress_closed_days
 from rounds.audit_pg import (
     AuditQuery,
     AuditRow,
@@ -269,7 +269,18 @@ async def test_the_tail_loads_only_complete_new_lines_and_a_gzipped_day_once(db:
     third = await tail.step(db)
     assert (third.read, third.inserted, third.already) == (10, 4, 6)
     assert (await tail.step(db)).read == 0
-    assert await count(db) == 10
+
+    late = [json.dumps(event(i, t + timedelta(seconds=i))) + "\n" for i in range(10, 13)]
+    path.write_text(late[0])  # a writer with a late clock reopens the gzipped day
+    assert (await tail.step(db)).inserted == 1
+    with open(path, "a") as f:
+        f.write("".join(late[1:]))
+    compress_closed_days(tmp_path, datetime(2026, 11, 28, tzinfo=UTC).timestamp())  # appends a member
+    assert not path.exists()
+    fourth = await tail.step(db)
+    assert (fourth.read, fourth.inserted, fourth.already) == (3, 2, 1)
+    assert (await tail.step(db)).read == 0
+    assert await count(db) == 13
 
 
 async def test_follow_catches_up_when_postgres_returns(schema: str, tmp_path: Path) -> None:
