@@ -19,7 +19,7 @@ from rounds.shard.service import ShardService
 
 
 def audit_sink(settings: Settings) -> AuditSink:
-    return FileAuditSink(Path(settings.var_dir) / "audit")
+    return FileAuditSink(Path(settings.var_dir) / "audit", fsync=settings.audit_fsync)
 
 
 def make_shard(index: int, settings: Settings, audit: AuditSink | None = None) -> ShardService:
