@@ -38,6 +38,7 @@ MAX_READ_BYTES = 64 * 1024 * 1024  # one step reads at most this much of a file;
 class _Position:
     offset: int = 0  # bytes of the file loaded
     lines: int = 0  # lines of the file loaded (for line numbers of corrupt lines)
+    inode: int = 0  # a new inode under the same name is a new file
 
 
 class AuditTail:
@@ -75,19 +76,23 @@ def _read_new(path: Path, pos: _Position) -> tuple[list[bytes], int]:
 
     A plain file grows by lines; a gzip by members (a late writer's lines are
     appended to a gzipped day as a new member, rounds.audit), so its new
-    lines are the members from the old compressed size on. A file smaller
-    than the position was replaced: it is read from the start (rows already
-    there are no-ops)."""
+    lines are the members from the old compressed size on. A plain file
+    replaced (a new inode), or any file smaller than the position, is read
+    from the start (rows already there are no-ops)."""
     with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        if size < pos.offset:
+        stat = os.fstat(f.fileno())
+        size = stat.st_size
+        gz = path.name.endswith(".gz")
+        # A gzip is replaced (renamed over) when a member is added, its old bytes kept as they were.
+        if size < pos.offset or (stat.st_ino != pos.inode and not gz):
             pos.offset = pos.lines = 0
+            pos.inode = stat.st_ino
         if size == pos.offset:
             return [], size
         f.seek(pos.offset)
-        if path.name.endswith(".gz"):
-            with gzip.GzipFile(fileobj=f, mode="rb") as gz:
-                data = gz.read()
+        if gz:
+            with gzip.GzipFile(fileobj=f, mode="rb") as members:
+                data = members.read()
             return data.splitlines(keepends=True), size
         data = f.read(MAX_READ_BYTES)
     complete = data[:data.rfind(b"\n") + 1]  # a writer may be mid-line

@@ -282,6 +282,15 @@ async def test_the_tail_loads_only_complete_new_lines_and_a_gzipped_day_once(db:
     assert (await tail.step(db)).read == 0
     assert await count(db) == 13
 
+    replaced = tmp_path / "audit-2026-11-27.ndjson"
+    replaced.write_text("".join(late))
+    assert (await tail.step(db)).read == 3
+    fresh = tmp_path / "fresh"
+    fresh.write_text("".join(late) + json.dumps(event(13, t)) + "\n")
+    fresh.replace(replaced)  # a new file under a name already followed, longer than the old one
+    assert (await tail.step(db)).read == 4
+    assert await count(db) == 14
+
 
 async def test_follow_catches_up_when_postgres_returns(schema: str, tmp_path: Path) -> None:
     t = datetime(2026, 11, 26, 11, 0, tzinfo=UTC)
