@@ -35,11 +35,13 @@ from rounds.backends.docs import DocStore
 from rounds.backends.history import DocHistory
 from rounds.clock import now_ms
 from rounds.config import Settings
-from rounds.ids import ConnId, ResourceId, UserId
+from rounds.audit import AuditEvent, AuditSink
+from rounds.ids import ConnId, ResourceId, SessionId, UserId
 from rounds.shard.awareness import RoomAwareness
 from rounds.shard.documents import Documents, DocumentError
 from rounds.shard.events import Awareness, DocSync, DocUpdate, Join, Reply
 from rounds.shard.lock_events import RoomBroadcast
+from rounds.shard.presence import Member
 from rounds.wire import ErrorCode, MessageType, error_data
 from rounds.yproto import YProtocolError
 
@@ -58,16 +60,18 @@ class _Pending:
     conn: ConnId
     ref: Any
     ack: bool
-    user_id: UserId | None
+    user_id: UserId
+    session_id: SessionId
 
 
 class DocShell:
     def __init__(self, name: str, store: DocStore, dispatch: Callable[[list[Any]], None],
                  replay: Callable[[Any], None], has_members: Callable[[ResourceId], bool],
-                 settings: Settings, history: DocHistory | None = None) -> None:
+                 settings: Settings, history: DocHistory | None = None, audit: AuditSink | None = None) -> None:
         self.name = name
         self.store = store
         self.history = history
+        self.audit = audit
         self.documents = Documents(settings.max_update_bytes, settings.max_document_bytes)
         self.awareness: dict[ResourceId, RoomAwareness] = {}
         self._dispatch = dispatch
@@ -191,7 +195,8 @@ class DocShell:
         awareness = self.awareness.get(room)
         data["awareness"] = awareness.snapshot() if awareness is not None else None
 
-    def update(self, msg: DocUpdate, user_id: UserId | None) -> None:
+    def update(self, msg: DocUpdate, member: Member) -> None:
+        """`member`: the sender's membership of the room (its mode checked)."""
         room = msg.resource_id
         if msg.update == EMPTY_UPDATE:
             # Nothing to apply (a y-websocket client answering our sync step 1
@@ -209,12 +214,14 @@ class DocShell:
             applied = self.documents.apply(room, msg.update, now_ms())
         except DocumentError as exc:
             log.info("%s: refused an update to %s from conn %d: %s", self.name, room, msg.conn, exc.message)
+            self._audit("DOCUMENT_UPDATE_REFUSED", member.user_id, member.session_id, room, "denied",
+                        {"code": exc.code.value, "bytes": len(msg.update), "conn": msg.conn})
             self._reply_error(msg, exc.code, exc.message)
             return
         self._dispatch([RoomBroadcast(room, msg.conn, MessageType.RESOURCE_UPDATE, {
-            "resourceId": room, "update": msg.update, "userId": user_id, "revision": applied.revision})])
+            "resourceId": room, "update": msg.update, "userId": member.user_id, "revision": applied.revision})])
         self._unwritten.setdefault(room, deque()).append(
-            _Pending(applied.revision, msg.update, msg.conn, msg.ref, msg.ack, user_id))
+            _Pending(applied.revision, msg.update, msg.conn, msg.ref, msg.ack, member.user_id, member.session_id))
         self._kick()
         self._schedule_snapshot(room)
 
@@ -260,6 +267,12 @@ class DocShell:
                                           {"resourceId": room, "update": removed})])
         if not len(awareness):
             del self.awareness[room]
+
+    def _audit(self, event_type: str, user: UserId, session: SessionId, room: ResourceId, outcome: str,
+               details: dict[str, Any]) -> None:
+        if self.audit is not None:
+            self.audit.emit(AuditEvent(event_type, self.name, outcome, user_id=user, session_id=session,
+                                       resource_id=room, details=details))
 
     def _reply_error(self, msg: DocUpdate | Awareness, code: ErrorCode, message: str) -> None:
         self._dispatch([Reply(msg.conn, msg.ref, MessageType.ERROR,
@@ -354,6 +367,9 @@ class DocShell:
             self._logged[room] = self._logged.get(room, 0) + len(batch)
             if self.history is not None:
                 self.history.submit(room, [(p.revision, p.update, p.user_id) for p in batch])
+            for p in batch:  # who changed which document to which revision; never the content
+                self._audit("DOCUMENT_UPDATED", p.user_id, p.session_id, room, "ok",
+                            {"revision": p.revision, "bytes": len(p.update), "conn": p.conn})
             acks.extend(Reply(p.conn, p.ref, MessageType.UPDATE_ACK, {"resourceId": room, "revision": p.revision})
                         for p in batch if p.ack)
         if acks:

@@ -150,6 +150,8 @@ class MemberGone:
     conn: ConnId
     resource_id: ResourceId
     reason: str  # "left" | "disconnected" | "timeout"
+    user_id: UserId | None = None  # who it was, for the audit trail
+    session_id: SessionId | None = None
 
 
 Event = Reply | Deliver | MirrorJoin | MirrorLeave | MemberGone

@@ -226,7 +226,7 @@ class Presence:
         rooms_of_conn.discard(room_id)
         if not rooms_of_conn:
             del self._conn_rooms[conn]
-        events: list[Event] = [MemberGone(conn, room_id, reason)]
+        events: list[Event] = [MemberGone(conn, room_id, reason, member.user_id, member.session_id)]
         after = self.user_view(room_id, member.user_id)
         if after is None:
             events.append(MirrorLeave(room_id, member.user_id, room_empty=not room))

@@ -64,7 +64,7 @@ class ShardService:
                                     settings.lock_ttl_ms, settings.lock_max_ttl_ms,
                                     owns=lambda room: ring.shard_for(room) == index)
         self.docs = DocShell(f"shard-{index}", doc_store, self.dispatch, self._handle,
-                             lambda room: bool(self.presence.members(room)), settings, history)
+                             lambda room: bool(self.presence.members(room)), settings, history, audit)
         self.mirror = mirror
         self.audit = audit
         self._links: dict[FrontDoorId, LinkProtocol] = {}
@@ -181,6 +181,11 @@ class ShardService:
                 for event in events:
                     if isinstance(event, Reply) and event.type == MessageType.RESOURCE_STATE and event.conn == msg.conn:
                         self.docs.fill_state(event.data, msg.state_vector, msg.kind)
+                        self.audit.emit(AuditEvent(
+                            "RESOURCE_JOINED", self.name, user_id=msg.user_id, session_id=msg.session_id,
+                            resource_id=msg.resource_id, details={"mode": msg.mode, "conn": msg.conn,
+                                                                  "endpoint": msg.kind,
+                                                                  "revision": event.data["revision"]}))
                 self.dispatch(events)
             case Join() | Leave() | Disconnect() | Sync():
                 self.dispatch(self.presence.handle(msg, now_ms()))
@@ -212,7 +217,7 @@ class ShardService:
         if stale is not None:
             self._send(frontdoor_of(msg.conn), stale)
             return
-        self.docs.update(msg, member.user_id)
+        self.docs.update(msg, member)
 
     # --- events -----------------------------------------------------------------
 
@@ -236,6 +241,9 @@ class ShardService:
                 case MemberGone(conn=conn, resource_id=room):
                     self.lock_shell.handle(event)  # the holder's locks in that room go (issue 3)
                     self.docs.member_gone(conn, room)  # and its cursors (issue 4)
+                    self.audit.emit(AuditEvent("RESOURCE_LEFT", self.name, user_id=event.user_id,
+                                               session_id=event.session_id, resource_id=room,
+                                               details={"reason": event.reason, "conn": conn}))
                 case AuditLock():
                     user = event.user_id if event.user_id is not None else self._user_of(event.conn)
                     self.audit.emit(AuditEvent(

@@ -14,7 +14,9 @@ from pycrdt import Doc, Text
 
 from rounds.backends.docs import FileDocStore, MemoryDocStore, StoredDoc
 from rounds.config import Settings
-from rounds.ids import ConnId, ResourceId, UserId
+from rounds.audit import MemoryAuditSink
+from rounds.ids import ConnId, ResourceId, SessionId, UserId
+from rounds.shard.presence import Member
 from rounds.shard import doc_shell
 from rounds.shard.doc_shell import DocShell
 from rounds.shard.events import DocUpdate, Join, Leave, Reply
@@ -23,6 +25,7 @@ from rounds.wire import MessageType
 
 ROOM = ResourceId("document:1")
 A, B = ConnId(1_000_001), ConnId(1_000_002)
+MEMBER = Member(A, UserId("a"), "a", SessionId("s-a"), "editor", 0)
 
 
 class Wrapped(MemoryDocStore):
@@ -56,8 +59,9 @@ class Harness:
         self.events: list[Any] = []
         self.replayed: list[Any] = []
         self.members: set[ResourceId] = set()
+        self.audit = MemoryAuditSink()
         self.shell = DocShell("shard-0", store, self.events.extend, self.replayed.append,
-                              lambda room: room in self.members, Settings().replace(**settings))
+                              lambda room: room in self.members, Settings().replace(**settings), audit=self.audit)
         self.store = store
         self.author = Doc()
 
@@ -122,7 +126,7 @@ async def test_updates_are_relayed_at_once_and_acknowledged_only_once_stored() -
     h = Harness(store)
     await h.loaded()
     store.failing = 2
-    h.shell.update(h.edit("BP 120/80", ref="r1"), UserId("a"))
+    h.shell.update(h.edit("BP 120/80", ref="r1"), MEMBER)
     relayed = [e for e in h.events if isinstance(e, RoomBroadcast)]
     assert [(r.type, r.data["revision"], r.except_conn) for r in relayed] == [("RESOURCE_UPDATE", 1, A)]
     assert h.of(MessageType.UPDATE_ACK) == []
@@ -140,7 +144,7 @@ async def test_updates_waiting_for_the_store_are_bounded(monkeypatch: pytest.Mon
     await h.loaded()
     store.failing = 10**6
     for i in range(5):
-        h.shell.update(h.edit(f"{i}", ref=f"r{i}"), UserId("a"))
+        h.shell.update(h.edit(f"{i}", ref=f"r{i}"), MEMBER)
     refused = h.of(MessageType.ERROR)
     assert [e.data["code"] for e in refused] == ["UNAVAILABLE", "UNAVAILABLE"]
     assert h.shell.documents.get(ROOM).revision == 3  # type: ignore[union-attr]
@@ -153,7 +157,7 @@ async def test_the_log_is_folded_into_a_snapshot_after_enough_updates() -> None:
     h = Harness(store, doc_log_max_entries=4, doc_snapshot_delay_ms=60_000)
     await h.loaded()
     for i in range(6):
-        h.shell.update(h.edit(f"[{i}]", ref=f"r{i}"), UserId("a"))
+        h.shell.update(h.edit(f"[{i}]", ref=f"r{i}"), MEMBER)
         await until(lambda i=i: len(h.of(MessageType.UPDATE_ACK)) == i + 1)
     stored = await store.load(ROOM)
     assert stored.snapshot is not None and stored.revision >= 4
@@ -173,7 +177,7 @@ async def test_an_idle_document_leaves_memory_saved_and_comes_back_whole(tmp_pat
         await h.loaded()
         h.members.add(ROOM)
         for i in range(3):
-            h.shell.update(h.edit(f"{i}", ref=f"r{i}"), UserId("a"))
+            h.shell.update(h.edit(f"{i}", ref=f"r{i}"), MEMBER)
         await until(lambda: len(h.of(MessageType.UPDATE_ACK)) == 3)
         await asyncio.sleep(0.4)
         assert ROOM in h.shell.documents  # a member is still there
@@ -194,7 +198,7 @@ async def test_stop_writes_and_snapshots_every_changed_document(tmp_path: Any) -
     store = FileDocStore(tmp_path)
     h = Harness(store, doc_snapshot_delay_ms=60_000)
     await h.loaded()
-    h.shell.update(h.edit("last words"), UserId("a"))
+    h.shell.update(h.edit("last words"), MEMBER)
     await h.shell.stop()
     stored = await FileDocStore(tmp_path).load(ROOM)
     assert (stored.revision, stored.log) == (1, [])
@@ -207,7 +211,7 @@ async def test_stop_writes_and_snapshots_every_changed_document(tmp_path: Any) -
 async def test_an_empty_update_changes_no_revision_and_is_not_relayed() -> None:
     h = Harness(Wrapped())
     await h.loaded()
-    h.shell.update(DocUpdate(A, "e", ROOM, b"\x00\x00"), UserId("a"))
+    h.shell.update(DocUpdate(A, "e", ROOM, b"\x00\x00"), MEMBER)
     (ack,) = h.of(MessageType.UPDATE_ACK)
     assert ack.data["revision"] == 0
     assert not [e for e in h.events if isinstance(e, RoomBroadcast)]
@@ -222,10 +226,10 @@ async def test_updates_arriving_while_a_snapshot_is_written_are_stored_and_ackno
     h = Harness(SlowCompact(), doc_log_max_entries=2, doc_snapshot_delay_ms=60_000)
     await h.loaded()
     for i in range(2):  # the second makes a snapshot due
-        h.shell.update(h.edit(f"{i}", ref=f"r{i}"), UserId("a"))
+        h.shell.update(h.edit(f"{i}", ref=f"r{i}"), MEMBER)
     await until(lambda: len(h.of(MessageType.UPDATE_ACK)) == 2)
     await asyncio.sleep(0.03)  # the snapshot is being written ...
-    h.shell.update(h.edit("last", ref="last"), UserId("a"))  # ... when the last update comes
+    h.shell.update(h.edit("last", ref="last"), MEMBER)  # ... when the last update comes
     await until(lambda: len(h.of(MessageType.UPDATE_ACK)) == 3, timeout=3)
 
 
@@ -234,8 +238,22 @@ async def test_snapshots_wait_for_the_room_to_be_quiet() -> None:
     h = Harness(store, doc_snapshot_delay_ms=150, doc_log_max_entries=1_000)
     await h.loaded()
     for i in range(6):  # an edit every 50 ms: never 150 ms of quiet
-        h.shell.update(h.edit(f"{i}", ref=f"r{i}"), UserId("a"))
+        h.shell.update(h.edit(f"{i}", ref=f"r{i}"), MEMBER)
         await asyncio.sleep(0.05)
     assert (await store.load(ROOM)).snapshot is None
     await until(lambda: store.docs[ROOM].snapshot is not None, timeout=2)
     assert store.docs[ROOM].revision == 6 and store.docs[ROOM].log == []
+
+
+async def test_stored_and_refused_updates_are_audited_without_their_content() -> None:
+    h = Harness(Wrapped())
+    await h.loaded()
+    h.shell.update(h.edit("secret diagnosis", ref="r1"), MEMBER)
+    h.shell.update(DocUpdate(A, "bad", ROOM, b"\xff\xff\xff"), MEMBER)
+    await until(lambda: h.audit.of_type("DOCUMENT_UPDATED"))
+    (stored,) = h.audit.of_type("DOCUMENT_UPDATED")
+    assert (stored.user_id, stored.session_id, stored.resource_id) == ("a", "s-a", ROOM)
+    assert stored.details["revision"] == 1 and stored.details["bytes"] > 0
+    (refused,) = h.audit.of_type("DOCUMENT_UPDATE_REFUSED")
+    assert (refused.outcome, refused.details["code"]) == ("denied", "BAD_UPDATE")
+    assert "secret" not in repr(stored) + repr(refused)

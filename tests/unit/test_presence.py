@@ -151,7 +151,7 @@ def test_leaving_replies_resource_left_tells_the_others_and_mirrors_the_leave() 
         Deliver((c(2),), MessageType.USER_LEFT, {"resourceId": PAGE, "userId": "alice"}),
     ]
     assert of(events, MirrorLeave) == [MirrorLeave(PAGE, UserId("alice"))]
-    assert of(events, MemberGone) == [MemberGone(c(1), PAGE, "left")]
+    assert of(events, MemberGone) == [MemberGone(c(1), PAGE, "left", UserId("alice"), SessionId("sess-1"))]
     assert [u.user_id for u in p.users(PAGE)] == ["bob"]
 
 
@@ -255,7 +255,7 @@ def test_user_left_goes_out_only_when_the_last_tab_leaves() -> None:
     first = p.handle(Leave(c(1), None, PAGE), T0 + 1)
     assert delivers(first, MessageType.USER_LEFT) == []
     assert of(first, MirrorLeave) == []
-    assert of(first, MemberGone) == [MemberGone(c(1), PAGE, "left")]
+    assert of(first, MemberGone) == [MemberGone(c(1), PAGE, "left", UserId("alice"), SessionId("sess-1"))]
     last = p.handle(Disconnect(c(2), "disconnected"), T0 + 2)
     assert delivers(last, MessageType.USER_LEFT) == [
         Deliver((c(9),), MessageType.USER_LEFT, {"resourceId": PAGE, "userId": "alice"}),
@@ -484,7 +484,7 @@ def test_sync_drops_memberships_of_that_front_door_it_does_not_list() -> None:
     p.handle(join(c(1, FD1), "bob", PAGE), T0)
     events = p.handle(Sync(FD0, (join(c(2), "carol", PAGE),)), T0 + 5)
     assert replies(events) == []
-    assert of(events, MemberGone) == [MemberGone(c(1), PAGE, "disconnected")]
+    assert of(events, MemberGone) == [MemberGone(c(1), PAGE, "disconnected", UserId("alice"), SessionId("sess-1"))]
     assert of(events, MirrorLeave) == [MirrorLeave(PAGE, UserId("alice"))]
     [left] = delivers(events, MessageType.USER_LEFT)
     assert set(left.conns) == {c(2), c(1, FD1)}
