@@ -6,6 +6,14 @@ actors, and runs the supervisor: a reconciliation loop on a thread that
 reads every shard's address and pushes the versioned address book to every
 front door each second (a restarted shard has a new port; a restarted front
 door has no book). It returns once every front door reports healthy.
+
+With `postgres_dsn` set, the same process ships the audit trail to
+PostgreSQL by itself: a `rounds.audit_tail.Shipper` (a thread with its own
+asyncio loop) migrates the schema and follows `{var_dir}/audit` as
+`rounds audit load --follow` does. PostgreSQL down, at start or later, only
+delays the loading: the events stay in the files and are loaded when it
+returns. `Gateway.stop` stops it after the actors (so their last events are
+loaded, within a second) and joins its thread.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ import socket
 import threading
 import time
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -99,6 +108,7 @@ class Gateway:
         self.version = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.shipper: Any = None  # rounds.audit_tail.Shipper when postgres_dsn is set
 
     # --- lifecycle ------------------------------------------------------------
 
@@ -114,7 +124,18 @@ class Gateway:
             raise
         gateway._thread = threading.Thread(target=gateway._supervise, name="rounds-supervisor", daemon=True)
         gateway._thread.start()
+        gateway.start_shipper()
         return gateway
+
+    def start_shipper(self) -> None:
+        """Follow the audit files into PostgreSQL (when `postgres_dsn` is set)."""
+        if not self.settings.postgres_dsn or self.shipper is not None:
+            return
+        from rounds.audit_tail import Shipper
+
+        var_dir = Path(self.settings.var_dir)
+        self.shipper = Shipper(self.settings.postgres_dsn, var_dir / "audit",
+                               status_file=shipper_status_file(self.settings)).start()
 
     def _wait_healthy(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
@@ -147,6 +168,9 @@ class Gateway:
                 ray.kill(actor, no_restart=True)
             except Exception:  # already gone
                 pass
+        if self.shipper is not None:  # after the actors: their last events are in the files now
+            self.shipper.stop()
+            self.shipper = None
         if self.started_ray:
             ray.shutdown()
 
@@ -209,7 +233,13 @@ class Gateway:
             "shards": self._call_all(self.shards, "stats"),
             "frontdoors": self._call_all(self.frontdoors, "stats"),
             "bookVersion": self.version,
+            "auditShipper": self.shipper.stats() if self.shipper is not None else None,
         }
+
+
+def shipper_status_file(settings: Settings) -> Path:
+    """Where the gateway's process writes its audit shipper's counters (for `rounds status`)."""
+    return Path(settings.var_dir) / "audit-shipper.json"
 
 
 def gcs_address() -> str:

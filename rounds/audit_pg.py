@@ -548,15 +548,39 @@ async def verify_db(conn: asyncpg.Connection, since: datetime, until: datetime) 
 # -- retention -----------------------------------------------------------------
 
 
+async def partitions_before(conn: asyncpg.Connection, cutoff: datetime) -> list[str]:
+    """The month partitions whose whole month is before `cutoff`, oldest first."""
+    keep_from = month_start(cutoff)
+    return [name for name, month in await partitions(conn) if next_month(month) <= keep_from]
+
+
 async def drop_partitions_before(conn: asyncpg.Connection, cutoff: datetime) -> list[str]:
     """Drop every month partition whose whole month is before `cutoff`; the
     month holding `cutoff` is kept whole (events a little older than the
     retention period stay until their month has passed)."""
-    keep_from = month_start(cutoff)
     dropped = []
     async with conn.transaction():
-        for name, month in await partitions(conn):
-            if next_month(month) <= keep_from:
-                await conn.execute(f"DROP TABLE {name}")
-                dropped.append(name)
+        for name in await partitions_before(conn, cutoff):
+            await conn.execute(f"DROP TABLE {name}")
+            dropped.append(name)
     return dropped
+
+
+def day_files_before(directory: Path, cutoff: datetime) -> list[Path]:
+    """The day files (plain and gzipped) whose whole UTC day is before
+    `cutoff`, oldest first; the day holding `cutoff` is kept."""
+    keep_from = cutoff.astimezone(UTC).date()
+    return [p for p in day_files(directory) if date.fromisoformat(p.name[6:16]) < keep_from]
+
+
+def delete_day_files_before(directory: Path, cutoff: datetime) -> list[Path]:
+    """Delete the day files of `day_files_before`; return those deleted (a
+    file gone meanwhile, e.g. gzipped, is not listed)."""
+    deleted = []
+    for path in day_files_before(directory, cutoff):
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            continue
+        deleted.append(path)
+    return deleted

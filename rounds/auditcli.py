@@ -102,9 +102,12 @@ def _add_pg_parsers(audit: argparse._SubParsersAction) -> None:  # type: ignore[
     search.add_argument("--dir", help="the audit directory when searching files (default: {var_dir}/audit)")
     search.set_defaults(func=_search)
 
-    retention = audit.add_parser("retention", help="drop the PostgreSQL month partitions older than the period")
+    retention = audit.add_parser("retention", help="delete the day files and drop the PostgreSQL month "
+                                                   "partitions older than the period")
     retention.add_argument("--keep-days", type=_positive, default=3653, help="default: ten years")
-    retention.add_argument("--dsn", help=dsn_help)
+    retention.add_argument("--dry-run", action="store_true", help="list what would be deleted, delete nothing")
+    retention.add_argument("--dir", help="the audit directory (default: {var_dir}/audit)")
+    retention.add_argument("--dsn", help=dsn_help + "; without one, only the files")
     retention.set_defaults(func=_retention)
 
 
@@ -247,15 +250,27 @@ def print_table(rows: list[Any]) -> None:
 def _retention(args: argparse.Namespace) -> int:
     from datetime import timedelta
 
-    from rounds.audit_pg import drop_partitions_before
+    from rounds.audit_pg import day_files_before, delete_day_files_before, drop_partitions_before, partitions_before
 
     cutoff = datetime.now(UTC) - timedelta(days=args.keep_days)
+    directory = audit_dir(args.settings, args.dir)
+    verb = "would delete" if args.dry_run else "deleted"
+    files = day_files_before(directory, cutoff) if args.dry_run else delete_day_files_before(directory, cutoff)
+    for path in files:
+        print(f"{verb} {path}")
+    print(f"kept every day file from {cutoff:%Y-%m-%d} on ({len(files)} files {verb})")
+    if not _dsn(args):
+        return 0
 
     async def work(conn: Any) -> int:
-        dropped = await drop_partitions_before(conn, cutoff)
+        if args.dry_run:
+            dropped = await partitions_before(conn, cutoff)
+        else:
+            dropped = await drop_partitions_before(conn, cutoff)
+        verb = "would drop" if args.dry_run else "dropped"
         for name in dropped:
-            print(f"dropped {name}")
-        print(f"kept every month from {cutoff:%Y-%m} on ({len(dropped)} partitions dropped)")
+            print(f"{verb} {name}")
+        print(f"kept every month from {cutoff:%Y-%m} on ({len(dropped)} partitions {verb})")
         return 0
 
     return _with_db(args, "retention", work)

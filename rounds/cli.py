@@ -122,6 +122,7 @@ def _up(args: argparse.Namespace) -> int:
   Health      {gateway.health_url}
   Dashboard   {gateway.dashboard_url or "(Ray dashboard not available)"}
   Backends    redis={settings.redis_url or "embedded"}
+  Audit       {settings.var_dir}/audit{" -> PostgreSQL (shipped by this process)" if settings.postgres_dsn else ""}
   Token       rounds token --user usr_12345 --role surgeon
   Status      rounds status
 
@@ -182,11 +183,36 @@ def _status(args: argparse.Namespace) -> int:
 
     connect(state["gcsAddress"], state["namespace"])
     status = running_status(state["namespace"])
+    status["auditShipper"] = _shipper_status(settings)
     if args.json:
         print(json.dumps({**state, **status}, indent=2, default=str))
         return 0
     _print_status(state, status)
     return 0
+
+
+def _shipper_status(settings: Settings) -> dict[str, Any] | None:
+    """The audit shipper's counters as the gateway's process last wrote them
+    (each second), None when it ships nothing (no postgres_dsn)."""
+    from rounds.cluster.launch import shipper_status_file
+
+    try:
+        return dict(json.loads(shipper_status_file(settings).read_text()))
+    except (OSError, ValueError):
+        return None
+
+
+def format_shipper(shipper: dict[str, Any] | None) -> str:
+    """One line on the audit shipper for `rounds status`."""
+    if shipper is None:
+        return "audit shipper: off (no postgres_dsn; the day files are the only record)"
+    line = (f"audit shipper: PostgreSQL {'up' if shipper.get('postgresUp') else 'DOWN'}, "
+            f"{shipper.get('rowsLoaded', 0)} rows loaded, lag {shipper.get('lagBytes', 0)} bytes")
+    if shipper.get("corruptLines"):
+        line += f", {shipper['corruptLines']} corrupt lines skipped"
+    if shipper.get("lastError"):
+        line += f", last error: {shipper['lastError']}"
+    return line
 
 
 def _alive(pid: int | None) -> bool:
@@ -234,6 +260,8 @@ def _print_status(state: dict[str, Any], status: dict[str, Any]) -> None:
     conns = sum(f.get("connections", 0) for f in status["frontdoors"])
     rooms = sum(s.get("rooms", 0) for s in status["shards"])
     print(f"\ntotal: {conns} connections, {rooms} rooms")
+    if "auditShipper" in status:
+        print(format_shipper(status["auditShipper"]))
 
 
 if __name__ == "__main__":
