@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from rounds.auth import private_key_for_dev
-from rounds.bench import crdt, locks
+from rounds.bench import audit, crdt, locks
 from rounds.bench.crdtplan import CODECS, MODES, WS, YJS, yjs_base_url
 from rounds.bench.plan import require_loopback_url
 from rounds.bench.presence import PresenceOptions, format_table, run_presence
@@ -49,6 +49,7 @@ def add_parser(subparsers: Any) -> None:
     _add_presence(kinds)
     _add_locks(kinds)
     _add_crdt(kinds)
+    _add_audit(kinds)
 
 
 def _add_presence(kinds: Any) -> None:
@@ -178,6 +179,55 @@ def _add_crdt(kinds: Any) -> None:
     _add_gateway_options(target)
     _add_output_options(parser)
     parser.set_defaults(func=run_crdt_command)
+
+
+def _add_audit(kinds: Any) -> None:
+    defaults, lock_defaults = audit.AuditOptions(), locks.LocksOptions()
+    parser = kinds.add_parser(
+        "audit",
+        help="audit sink throughput (files, PostgreSQL) and its added latency on a lock round trip",
+        description=(
+            "1. events/s FileAuditSink.emit sustains into a day file, from one process and from N processes "
+            "appending to the same file, per fsync policy (chains verified after), then events/s loaded from "
+            "those files into PostgreSQL by rounds.audit_pg (a schema of its own, dropped after; skipped if "
+            "unreachable); 2. the locks bench twice, gateway audit 'files' then 'off', and the ratio of "
+            "their p99s. Targets: 20,000 events/s; auditing adds < 10%% to p99. JSON and PNG in --out."
+        ),
+    )
+    sink = parser.add_argument_group("sink throughput")
+    sink.add_argument("--sink-seconds", type=float, default=defaults.sink_seconds, metavar="S",
+                      help="each sink case runs this long... (default %(default)s)")
+    sink.add_argument("--sink-events", type=int, default=defaults.sink_max_events, metavar="N",
+                      help="...or this many events per process, whichever first (default %(default)s)")
+    sink.add_argument("--processes", type=int, default=defaults.processes,
+                      help="writer processes of the multi-process cases (default %(default)s)")
+    sink.add_argument("--fsync", action="append", choices=("interval", "always", "never"), default=None,
+                      help="fsync policies to bench, repeatable (default: interval and always)")
+    sink.add_argument("--dsn", help=f"loopback PostgreSQL for the load (default postgres_dsn, else {audit.DEFAULT_DSN})")
+    sink.add_argument("--no-postgres", action="store_true", help="skip the PostgreSQL load")
+    sink.add_argument("--scratch", type=Path, help="parent of the temporary folder (default var_dir: the audit "
+                                                    "files' own file system); removed after")
+    lock = parser.add_argument_group("lock round trips (the locks bench, gateway audit files and off)")
+    lock.add_argument("--no-locks", action="store_true", help="the sink part only")
+    lock.add_argument("--first", choices=audit.AUDIT_MODES, default=defaults.first,
+                      help="the gateway measured first (default %(default)s)")
+    lock.add_argument("--duration", type=float, default=lock_defaults.duration_s, metavar="S",
+                      help="measured seconds per gateway (default %(default)s)")
+    lock.add_argument("--lockers", type=int, default=lock_defaults.lockers, help="(default %(default)s)")
+    lock.add_argument("--contenders", type=int, default=lock_defaults.contenders, help="(default %(default)s)")
+    lock.add_argument("--presence-users", type=int, default=lock_defaults.presence_users,
+                      help="(default %(default)s)")
+    lock.add_argument("--presence-processes", type=int, default=lock_defaults.presence_processes,
+                      help="(default %(default)s)")
+    lock.add_argument("--pause-ms", type=float, default=lock_defaults.pause_ms, metavar="MS",
+                      help="(default %(default)s)")
+    lock.add_argument("--backend", choices=("memory", "redis"), default="memory",
+                      help="lock store of both gateways (default %(default)s)")
+    lock.add_argument("--redis-url", metavar="URL", help=f"with --backend redis (default {locks.DEFAULT_REDIS_URL})")
+    lock.add_argument("--seed", type=int, default=lock_defaults.seed, help="(default %(default)s)")
+    _add_gateway_options(lock)
+    _add_output_options(parser)
+    parser.set_defaults(func=run_audit_command)
 
 
 def _add_target_options(parser: argparse.ArgumentParser) -> None:
@@ -398,6 +448,59 @@ def run_crdt_command(args: argparse.Namespace) -> int:
 
     return _finish(args, run.report, crdt.report_stem(options, started),
                    lambda path: plot_crdt(run.report, run.samples, path), crdt.format_table)
+
+
+def run_audit_command(args: argparse.Namespace) -> int:
+    """Run `rounds bench audit`; see the module docstring for exit codes."""
+    settings = getattr(args, "settings", None) or load_settings(getattr(args, "config", None), env=os.environ)
+    try:
+        options = audit.AuditOptions(
+            sink_seconds=args.sink_seconds, sink_max_events=args.sink_events, processes=args.processes,
+            fsync_policies=tuple(args.fsync or audit.AuditOptions().fsync_policies),
+            dsn=None if args.no_postgres else (args.dsn or settings.postgres_dsn or audit.DEFAULT_DSN),
+            locks=not args.no_locks, first=args.first,
+        )
+        options.check()
+        lock_options = locks.LocksOptions(
+            duration_s=args.duration, lockers=args.lockers, contenders=args.contenders,
+            presence_users=args.presence_users, presence_processes=args.presence_processes,
+            pause_ms=args.pause_ms, backends=args.backend,
+            redis_url=locks.resolve_redis_url(args.backend, args.redis_url), seed=args.seed,
+        )
+        lock_options.check()
+    except ValueError as error:
+        return _fail(EXIT_USAGE, str(error))
+    gateway_settings = _gateway_settings(args, settings)
+    if options.locks and lock_options.redis_url is not None:
+        problem = _redis_problem(lock_options.redis_url)
+        if problem is not None:
+            return _fail(EXIT_GATEWAY, f"Redis at {lock_options.redis_url} is not usable: {problem}")
+
+    def locks_runner(mode: str, var_dir: Path) -> dict[str, Any]:
+        # Each gateway gets its own var_dir (dev keys, audit files) in the scratch folder, removed after.
+        run_settings = gateway_settings.replace(audit=mode, var_dir=str(var_dir))
+        return locks.run_locks(lock_options, run_settings, _own_gateway, private_key_for_dev(run_settings),
+                               _log, _delete_keys).report
+
+    started = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    try:
+        report = audit.run_audit(options, (args.scratch or Path(settings.var_dir)).resolve(), _log, locks_runner)
+    except KeyboardInterrupt:
+        return _fail(EXIT_INTERRUPTED, "interrupted")
+    report["command"] = shlex.join(["rounds", *sys.argv[1:]])
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    json_path, png_path = out / f"audit-{started}.json", out / f"audit-{started}.png"
+    report["files"] = {"json": json_path.name, "png": None if args.no_plot else png_path.name}
+    if not args.no_plot:
+        audit.plot_audit(report, png_path)
+    _write_json(json_path, report)
+    print(audit.format_table(report))
+    print(f"\nreport: {json_path}" + ("" if args.no_plot else f"\nchart:  {png_path}"))
+    lock_runs = ((report["locks"] or {}).get("runs") or {}).values()
+    if any(r.get("error") for r in lock_runs):
+        return EXIT_GATEWAY
+    return EXIT_OK if report["ok"] else EXIT_FAILURES
 
 
 def _finish(args: argparse.Namespace, report: dict[str, Any], stem: str, plot: Callable[[Path], None],

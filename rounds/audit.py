@@ -349,6 +349,15 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+class NullAuditSink:
+    """Drops every event: the gateway with `audit = "off"`. Only for measuring
+    what the audit trail costs (`rounds bench audit`); a hospital deployment
+    keeps the files."""
+
+    def emit(self, event: AuditEvent) -> None:
+        pass
+
+
 class MemoryAuditSink:
     """Keeps events in a list: the recording double for tests."""
 

@@ -47,6 +47,7 @@ class Settings:
     redis_url: str | None = None
     amqp_url: str | None = None
     postgres_dsn: str | None = None
+    audit: str = "files"  # "files": NDJSON day files under var_dir/audit; "off": no audit trail (benchmarks only)
     audit_fsync: str = "interval"  # audit files: "interval" (<= 1 s lost on power cut), "always", "never" (docs/audit.md)
     heartbeat_interval_ms: int = 25_000  # WebSocket ping interval, also told to clients
     ping_timeout_ms: int = 20_000

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from rounds.frontdoor.server import FrontDoor
-from rounds.audit import AuditSink, FileAuditSink
+from rounds.audit import AuditSink, FileAuditSink, NullAuditSink
 from rounds.auth import TokenVerifier
 from rounds.backends import factory
 from rounds.config import Settings
@@ -18,7 +18,15 @@ from rounds.ids import FrontDoorId, ShardId
 from rounds.shard.service import ShardService
 
 
+AUDIT_MODES = ("files", "off")
+
+
 def audit_sink(settings: Settings) -> AuditSink:
+    """The sink `settings.audit` names: the NDJSON day files, or none ("off")."""
+    if settings.audit not in AUDIT_MODES:
+        raise ValueError(f"audit must be one of {', '.join(AUDIT_MODES)}, not {settings.audit!r}")
+    if settings.audit == "off":
+        return NullAuditSink()
     return FileAuditSink(Path(settings.var_dir) / "audit", fsync=settings.audit_fsync)
 
 

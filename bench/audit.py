@@ -1,0 +1,437 @@
+"""The audit benchmark: what the audit trail sustains and what it costs a lock.
+
+Belongs here: the parent's side of `rounds bench audit` (issue 5):
+1. sink throughput: events/s that `FileAuditSink.emit` sustains into a day
+   file, from one process and from N processes appending to the same file,
+   per fsync policy; then events/s that `rounds.audit_pg.load_files` loads
+   from those files into PostgreSQL (a schema of its own, dropped after);
+2. the added latency on a lock round trip: the locks benchmark (`locks.py`)
+   run twice, with a gateway whose audit goes to files and one whose audit is
+   off (`NullAuditSink`), and the ratio of their p99s;
+the report (JSON-ready), its table and its chart. Must not be here:
+argparse, the environment, starting a gateway (`cli.py`), the lock and
+presence load (`locks.py`, `lockgen.py`, `presence.py`).
+
+Targets: the sink keeps up with 20,000 events/s (each case, including N
+processes on one file with the default fsync policy); auditing adds under
+10 % to the p99 of a lock round trip at 500 presence users.
+
+The report (`rounds.bench.audit/1`): `settings`, `targets`, `environment`,
+`sink` (one entry per case: processes, fsync, events, seconds, events/s,
+per-process events/s, lines found in the file, chain check), `postgres`
+(events loaded, seconds, events/s, or `skipped` with the reason), `locks`
+(`files` and `off`, in the order run: latency summaries by phase and operation, gateway CPU,
+failures, events the gateway wrote; `ratio_p99`: files / off by operation)
+and `ok`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from rounds.audit import AuditEvent, FileAuditSink, verify_file
+from rounds.bench.lockgen import CONTENDED, UNCONTENDED
+from rounds.bench.presence import environment
+
+SCHEMA = "rounds.bench.audit/1"
+DEFAULT_DSN = "postgresql://postgres@127.0.0.1:5432/test"
+TARGET_EVENTS_PER_S = 20_000.0
+TARGET_P99_ADDED = 0.10  # auditing adds under 10 % to a lock round trip's p99
+AUDIT_MODES = ("files", "off")  # the two gateways of the lock part
+LOCK_OPS = ((UNCONTENDED, "acquire"), (UNCONTENDED, "release"), (CONTENDED, "acquire"), (CONTENDED, "release"))
+CHECK_EVERY = 256  # events between two looks at the clock in a sink worker
+
+
+@dataclass(frozen=True, slots=True)
+class SinkCase:
+    processes: int
+    fsync: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.processes}p-{self.fsync}"
+
+
+@dataclass(frozen=True, slots=True)
+class AuditOptions:
+    sink_seconds: float = 3.0  # each sink case stops after this long ...
+    sink_max_events: int = 200_000  # ... or this many events per process, whichever first
+    processes: int = 4  # writers of the multi-process cases
+    fsync_policies: tuple[str, ...] = ("interval", "always")
+    dsn: str | None = DEFAULT_DSN  # None: no PostgreSQL part
+    locks: bool = True  # False: the sink part only
+    first: str = "files"  # the gateway measured first; the other follows (order bias shows by swapping)
+
+    def check(self) -> None:
+        """Raise ValueError naming the first option out of range."""
+        for name, low, high in (("sink_seconds", 0.1, 600), ("sink_max_events", 1, 10_000_000),
+                                ("processes", 2, 64)):
+            value = getattr(self, name)
+            if not low <= value <= high:
+                raise ValueError(f"{name} must be within [{low}, {high}], not {value}")
+        for policy in self.fsync_policies:
+            if policy not in ("interval", "always", "never"):
+                raise ValueError(f"unknown fsync policy {policy!r}")
+        if self.first not in AUDIT_MODES:
+            raise ValueError(f"first must be one of {', '.join(AUDIT_MODES)}, not {self.first!r}")
+        if self.dsn is not None:
+            require_loopback_dsn(self.dsn)
+
+    @property
+    def lock_order(self) -> tuple[str, ...]:
+        return (self.first, *(m for m in AUDIT_MODES if m != self.first))
+
+    def cases(self) -> list[SinkCase]:
+        return [SinkCase(n, policy) for policy in self.fsync_policies for n in (1, self.processes)]
+
+
+def require_loopback_dsn(dsn: str) -> str:
+    """Return `dsn` if its host is this machine (or a unix socket), else raise ValueError:
+    the bench creates and drops a schema there."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(dsn)
+    if parts.scheme not in ("postgresql", "postgres"):
+        raise ValueError(f"not a PostgreSQL URL: {dsn!r}")
+    host = parts.hostname or ""
+    if host not in ("", "localhost") and not host.startswith("127.") and host != "::1":
+        raise ValueError(f"PostgreSQL must be on loopback for the bench, not {host!r}")
+    return dsn
+
+
+# --- part 1: the sink -----------------------------------------------------------------
+
+
+def bench_event(worker: int, i: int) -> AuditEvent:
+    """An event shaped like a lock step's, the most frequent in a busy gateway."""
+    return AuditEvent(
+        "LOCK_ACQUIRED", f"shard-{worker}", user_id=f"bench-user-{i % 500}", session_id=f"bench-session-{i % 500}",
+        resource_id=f"document:bench-room-{i % 50}", details={"field": f"field-{i % 20}", "fence": i, "ttlMs": 30_000},
+    )
+
+
+def sink_worker(directory: str, fsync: str, worker: int, max_events: int, seconds: float,
+                start_at: float) -> tuple[int, float, float]:
+    """Emit events into `directory` until `seconds` or `max_events`; return (events,
+    start, end) on the wall clock (several processes: their common window)."""
+    sink = FileAuditSink(directory, fsync=fsync)
+    while time.time() < start_at:  # all writers start together
+        time.sleep(0.001)
+    started = time.time()
+    deadline = time.monotonic() + seconds
+    emitted = 0
+    try:
+        for i in range(max_events):
+            sink.emit(bench_event(worker, i))
+            emitted += 1
+            if i % CHECK_EVERY == 0 and time.monotonic() >= deadline:
+                break
+        ended = time.time()
+    finally:
+        sink.close()
+    return emitted, started, ended
+
+
+def run_sink_case(case: SinkCase, directory: Path, options: AuditOptions) -> dict[str, Any]:
+    """One case: `case.processes` writers into `directory`, then the lines found and their chains."""
+    directory.mkdir(parents=True, exist_ok=True)
+    if case.processes == 1:
+        results = [sink_worker(str(directory), case.fsync, 0, options.sink_max_events, options.sink_seconds,
+                               time.time())]
+    else:
+        context = multiprocessing.get_context("spawn")
+        start_at = time.time() + 1.0 + 0.2 * case.processes  # after the interpreters started
+        with context.Pool(case.processes) as pool:
+            results = pool.starmap(sink_worker, [
+                (str(directory), case.fsync, w, options.sink_max_events, options.sink_seconds, start_at)
+                for w in range(case.processes)])
+    events = sum(r[0] for r in results)
+    seconds = max(r[2] for r in results) - min(r[1] for r in results)
+    files = sorted(directory.glob("audit-*.ndjson"))
+    lines = intact = 0
+    broken: list[str] = []
+    for path in files:
+        report = verify_file(path)
+        lines += sum(chain.events for chain in report.writers.values()) + len(report.corrupt)
+        intact += report.intact
+        broken.extend(str(c) for c in report.corrupt[:3])
+        broken.extend(str(w.broken) for w in report.writers.values() if w.broken is not None)
+    rate = events / seconds if seconds > 0 else None
+    return {
+        "case": case.name, "processes": case.processes, "fsync": case.fsync,
+        "events": events, "seconds": round(seconds, 3),
+        "events_per_s": None if rate is None else round(rate),
+        "events_per_s_per_process": [round(r[0] / (r[2] - r[1])) if r[2] > r[1] else None for r in results],
+        "files": [p.name for p in files], "lines_in_files": lines,
+        "chains_intact": intact == len(files) and lines == events and not broken,
+        "chain_problems": broken[:5],
+        "target_met": rate is not None and rate >= TARGET_EVENTS_PER_S,
+    }
+
+
+def load_postgres(dsn: str, paths: Sequence[Path], log: Callable[[str], None]) -> dict[str, Any]:
+    """Load `paths` into a schema of their own (created, migrated, dropped after) and time it.
+    `skipped` says why when PostgreSQL cannot be reached."""
+    try:
+        import asyncpg  # noqa: F401
+
+        from rounds import audit_pg
+    except ImportError as error:
+        return {"skipped": f"asyncpg not available: {error}"}
+    schema = f"rounds_bench_audit_{os.getpid()}_{int(time.time())}"
+
+    async def run() -> dict[str, Any]:
+        try:
+            admin = await audit_pg.connect(dsn)
+        except (OSError, asyncio.TimeoutError, Exception) as error:  # unreachable, refused, auth: not run
+            return {"skipped": f"PostgreSQL at {dsn} unreachable: {type(error).__name__}: {error}"}
+        try:
+            await admin.execute(f"CREATE SCHEMA {schema}")
+            conn = await audit_pg.connect(dsn, schema)
+            try:
+                await audit_pg.migrate(conn)
+                log(f"bench audit: loading {len(paths)} file(s) into PostgreSQL (schema {schema})")
+                started = time.perf_counter()
+                report = await audit_pg.load_files(conn, paths)
+                seconds = time.perf_counter() - started
+                again_started = time.perf_counter()
+                again = await audit_pg.load_files(conn, paths)  # idempotent: inserts nothing
+                again_seconds = time.perf_counter() - again_started
+                in_table = await conn.fetchval("SELECT count(*) FROM audit_events")
+            finally:
+                await conn.close()
+        finally:
+            await admin.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+            await admin.close()
+        return {
+            "schema": schema, "files": report.files, "events_read": report.read, "inserted": report.inserted,
+            "corrupt": len(report.corrupt), "seconds": round(seconds, 3),
+            "events_per_s": round(report.inserted / seconds) if seconds > 0 else None,
+            "reload": {"inserted": again.inserted, "already": again.already, "seconds": round(again_seconds, 3),
+                       "events_per_s": round(again.read / again_seconds) if again_seconds > 0 else None},
+            "rows_in_table": in_table, "schema_dropped": True,
+            "target_met": seconds > 0 and report.inserted / seconds >= TARGET_EVENTS_PER_S,
+        }
+
+    return asyncio.run(run())
+
+
+# --- part 2: a lock round trip, audit on and off ---------------------------------------
+
+
+def lock_summary(locks_report: Mapping[str, Any]) -> dict[str, Any]:
+    """The figures of one locks run (`rounds.bench.locks/1`, one backend) this bench reports."""
+    runs = locks_report.get("runs") or [{}]
+    entry = runs[0]
+    if entry.get("error"):
+        return {"ok": False, "error": entry["error"]}
+    latency = {f"{phase}.{op}": entry["latency_ms"][phase][op] for phase, op in LOCK_OPS}
+    return {
+        "ok": bool(locks_report.get("ok")),
+        "backend": entry["backend"],
+        "latency_ms": latency,
+        "failures": entry["failures"]["total"],
+        "gateway_cpu_percent": entry["gateway"]["cpu_percent_measured"],
+        "presence_users": entry["presence"]["users"]["connected"],
+        "aborted": entry["aborted"],
+    }
+
+
+def p99_ratios(on: Mapping[str, Any], off: Mapping[str, Any]) -> dict[str, float | None]:
+    """p99 with audit files / p99 with audit off, by `phase.operation`."""
+    out: dict[str, float | None] = {}
+    for key in (f"{phase}.{op}" for phase, op in LOCK_OPS):
+        a = on.get("latency_ms", {}).get(key, {}).get("p99")
+        b = off.get("latency_ms", {}).get(key, {}).get("p99")
+        out[key] = round(a / b, 3) if a is not None and b else None
+    return out
+
+
+def count_lines(directory: Path) -> int:
+    total = 0
+    for path in directory.glob("audit-*.ndjson"):
+        with open(path, "rb") as f:
+            total += sum(block.count(b"\n") for block in iter(lambda: f.read(1 << 20), b""))
+    return total
+
+
+# --- the whole run ------------------------------------------------------------------
+
+
+LocksRunner = Callable[[str, Path], Mapping[str, Any]]  # (audit mode, var dir) -> a locks report
+
+
+@contextmanager
+def scratch(parent: Path) -> Iterator[Path]:
+    """A temporary folder under `parent` (the audit files' own file system), removed on exit."""
+    parent.mkdir(parents=True, exist_ok=True)
+    path = Path(tempfile.mkdtemp(prefix="bench-audit-", dir=parent)).resolve()
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def run_audit(options: AuditOptions, scratch_parent: Path, log: Callable[[str], None],
+              locks_runner: LocksRunner | None = None) -> dict[str, Any]:
+    """Run both parts and return the report. `locks_runner(mode, var_dir)` runs the
+    locks bench against a gateway with `audit = mode` and `var_dir` and returns its report."""
+    options.check()
+    report: dict[str, Any] = {
+        "schema": SCHEMA, "benchmark": "audit",
+        "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "settings": {**asdict(options), "fsync_policies": list(options.fsync_policies)},
+        "targets": {"sink_events_per_s": TARGET_EVENTS_PER_S, "p99_added_max": TARGET_P99_ADDED},
+        "environment": environment(),
+        "sink": [], "postgres": None, "locks": None,
+    }
+    with scratch(scratch_parent) as root:
+        report["scratch_dir"] = str(root)
+        for case in options.cases():
+            log(f"bench audit: sink {case.processes} process(es), fsync {case.fsync}, "
+                f"{options.sink_seconds:g} s or {options.sink_max_events} events each")
+            result = run_sink_case(case, root / case.name, options)
+            log(f"bench audit: sink {case.name}: {result['events']} events in {result['seconds']:.2f} s = "
+                f"{result['events_per_s']} events/s; chains intact: {result['chains_intact']}")
+            report["sink"].append(result)
+        if options.dsn is None:
+            report["postgres"] = {"skipped": "no DSN"}
+        else:
+            paths = sorted(p for d in root.iterdir() if d.is_dir() for p in d.glob("audit-*.ndjson"))
+            report["postgres"] = load_postgres(options.dsn, paths, log)
+            if "skipped" in report["postgres"]:
+                log(f"bench audit: PostgreSQL part skipped: {report['postgres']['skipped']}")
+            else:
+                pg = report["postgres"]
+                log(f"bench audit: PostgreSQL: {pg['inserted']} events in {pg['seconds']:.2f} s = "
+                    f"{pg['events_per_s']} events/s (reload of the same files: {pg['reload']['inserted']} inserted)")
+        if options.locks and locks_runner is not None:
+            runs: dict[str, Any] = {}
+            for mode in options.lock_order:
+                var_dir = root / f"gateway-{mode}"
+                log(f"bench audit: lock round trips, gateway audit {mode}")
+                summary = lock_summary(locks_runner(mode, var_dir))
+                summary["audit_events_written"] = count_lines(var_dir / "audit")
+                runs[mode] = summary
+                if not summary["ok"] and summary.get("error"):
+                    break
+            locks_part: dict[str, Any] = {"runs": runs}
+            if all(mode in runs and not runs[mode].get("error") for mode in AUDIT_MODES):
+                ratios = p99_ratios(runs["files"], runs["off"])
+                locks_part["ratio_p99"] = ratios
+                locks_part["target_met"] = {k: v is not None and v < 1 + TARGET_P99_ADDED for k, v in ratios.items()}
+            report["locks"] = locks_part
+    report["finished_at"] = datetime.now(UTC).isoformat(timespec="seconds")
+    report["ok"] = (all(c["chains_intact"] for c in report["sink"])
+                    and not (report["postgres"] or {}).get("corrupt")
+                    and all(r.get("ok") for r in ((report["locks"] or {}).get("runs") or {}).values()))
+    return report
+
+
+# --- the table and the chart ------------------------------------------------------------
+
+
+def _fmt(value: float | None, spec: str = ".2f") -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def format_table(report: Mapping[str, Any]) -> str:
+    s = report["settings"]
+    lines = [
+        f"audit bench: sink cases of {s['sink_seconds']:g} s or {s['sink_max_events']} events per process; "
+        f"target {TARGET_EVENTS_PER_S:,.0f} events/s, auditing adds < {TARGET_P99_ADDED:.0%} to lock p99",
+        "",
+        f"{'sink case':<16}{'processes':>10}{'fsync':>10}{'events':>10}{'seconds':>9}{'events/s':>11}  "
+        "target  chains",
+    ]
+    for c in report["sink"]:
+        lines.append(f"{'FileAuditSink':<16}{c['processes']:>10}{c['fsync']:>10}{c['events']:>10}"
+                     f"{c['seconds']:>9.2f}{_fmt(c['events_per_s'], ',.0f'):>11}  "
+                     f"{'met' if c['target_met'] else 'MISS':<6}  {'intact' if c['chains_intact'] else 'BROKEN'}")
+    pg = report.get("postgres") or {}
+    if "skipped" in pg:
+        lines.append(f"{'PostgreSQL load':<16}skipped: {pg['skipped']}")
+    elif pg:
+        lines.append(f"{'PostgreSQL load':<16}{pg['files']:>10}{'files':>10}{pg['inserted']:>10}{pg['seconds']:>9.2f}"
+                     f"{_fmt(pg['events_per_s'], ',.0f'):>11}  {'met' if pg['target_met'] else 'MISS':<6}  "
+                     f"reload inserted {pg['reload']['inserted']}")
+    locks_part = report.get("locks")
+    if locks_part:
+        runs = locks_part["runs"]
+        lines += ["", f"lock round trips: gateway audit {' then '.join(runs)}, {s['first']} first",
+                  f"{'lock round trip (ms)':<24}{'audit':>6}{'count':>8}{'p50':>8}{'p95':>8}{'p99':>8}"
+                      f"{'p99 files/off':>15}"]
+        for phase, op in LOCK_OPS:
+            key = f"{phase}.{op}"
+            for mode in AUDIT_MODES:
+                run = runs.get(mode, {})
+                if run.get("error"):
+                    lines.append(f"{key:<24}{mode:>6}  not run: {run['error']}")
+                    continue
+                f = run.get("latency_ms", {}).get(key)
+                if f is None:
+                    continue
+                ratio = locks_part.get("ratio_p99", {}).get(key) if mode == "off" else None
+                met = locks_part.get("target_met", {}).get(key)
+                cell = "" if ratio is None else f"{ratio:.3f} {'met' if met else 'MISS'}"
+                lines.append(f"{key:<24}{mode:>6}{f['count']:>8}{_fmt(f['p50']):>8}{_fmt(f['p95']):>8}"
+                             f"{_fmt(f['p99']):>8}{cell:>15}")
+        for mode in AUDIT_MODES:
+            run = runs.get(mode)
+            if run and not run.get("error"):
+                lines.append(f"[audit {mode}] {run['presence_users']} presence users, gateway CPU "
+                             f"{_fmt(run['gateway_cpu_percent'], '.0f')}% of a core, {run['audit_events_written']} "
+                             f"audit events written, failures {run['failures']}")
+    if not report["ok"]:
+        lines.append("NOT OK: see chains, failures and errors in the JSON")
+    return "\n".join(lines)
+
+
+def plot_audit(report: Mapping[str, Any], path: Path) -> Path:
+    """Sink and load throughput against the 20,000/s target; lock p50/p95/p99 with audit on and off."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(12, 5), layout="constrained")
+    FigureCanvasAgg(figure)
+    left, right = figure.subplots(1, 2)
+    labels = [c["case"] for c in report["sink"]]
+    values = [c["events_per_s"] or 0 for c in report["sink"]]
+    pg = report.get("postgres") or {}
+    if pg.get("events_per_s"):
+        labels.append("PostgreSQL load")
+        values.append(pg["events_per_s"])
+    left.bar(labels, values, color=["C0" if "PostgreSQL" not in x else "C2" for x in labels])
+    left.axhline(TARGET_EVENTS_PER_S, color="tab:red", linestyle="--", linewidth=1)
+    left.text(0, TARGET_EVENTS_PER_S * 1.05, "target 20,000/s", color="tab:red", fontsize=8)
+    left.set_yscale("log")
+    left.set_ylabel("events/s (log scale)")
+    left.set_title("audit sink (processes-fsync) and PostgreSQL load")
+    left.tick_params(axis="x", labelrotation=30, labelsize=8)
+    runs = (report.get("locks") or {}).get("runs") or {}
+    keys = [f"{phase}.{op}" for phase, op in LOCK_OPS]
+    width = 0.13
+    for m, mode in enumerate(AUDIT_MODES):
+        run = runs.get(mode) or {}
+        for q, quantile in enumerate(("p50", "p95", "p99")):
+            ys = [((run.get("latency_ms") or {}).get(k) or {}).get(quantile) or 0 for k in keys]
+            xs = [i + (m * 3 + q - 2.5) * width for i in range(len(keys))]
+            right.bar(xs, ys, width, color=f"C{m}", alpha=0.35 + 0.3 * q,
+                      label=f"audit {mode} {quantile}")
+    right.set_xticks(range(len(keys)), keys, fontsize=8)
+    right.set_ylabel("round trip (ms)")
+    right.set_title("lock round trip at 500 presence users: audit files vs off")
+    right.legend(fontsize=7, ncols=2)
+    figure.savefig(path, dpi=110)
+    return path
