@@ -181,6 +181,18 @@ async def follow(dsn: str, directory: Path, interval_s: float = 1.0, stop: async
             except Exception:  # a status file that cannot be written must not stop the loading
                 log.exception("audit: shipper status not recorded")
 
+    async def wait(delay: float) -> None:
+        """Until `stop` or `delay` s; while backing off, the lag is still
+        reported every `interval_s` (the files grow meanwhile)."""
+        deadline = time.monotonic() + delay
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                await asyncio.wait_for(stop.wait(), min(left, interval_s))
+                return
+            except asyncio.TimeoutError:
+                if deadline - time.monotonic() > 0:
+                    report_step()
+
     try:
         while not stop.is_set():
             try:
@@ -193,10 +205,7 @@ async def follow(dsn: str, directory: Path, interval_s: float = 1.0, stop: async
                 failed(exc)
                 delay = min(delay * 2, 30.0)
             report_step()
-            try:
-                await asyncio.wait_for(stop.wait(), delay)
-            except asyncio.TimeoutError:
-                pass
+            await wait(delay)
         if final_step_s > 0 and conn is not None:
             try:
                 await asyncio.wait_for(step(), final_step_s)

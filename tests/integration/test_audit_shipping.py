@@ -137,6 +137,59 @@ async def test_the_gateway_ships_a_session_to_postgres_once_and_intact(
     assert not (Path(settings.var_dir) / "audit-shipper.json").exists()
 
 
+async def test_a_gateway_whose_postgres_was_down_catches_up_without_loss_or_duplicates(
+        ray_session: None, redis_url: str, var_root: Path, schema: str, uid: str) -> None:
+    """The gateway's shipper first points at a closed port (PostgreSQL down:
+    the session's events wait in the files, the status says so), then at the
+    server: every event of the files arrives once."""
+    settings = gateway_settings(var_root, f"ship-down-{uid}", shards=1, frontdoors=1, redis_url=redis_url,
+                                postgres_dsn=schema_dsn(schema))
+    handle = await asyncio.to_thread(GatewayHandle, settings)
+    gateway = handle.gateway
+    conn = await connect(DSN, schema)
+    try:
+        await asyncio.to_thread(gateway.shipper.stop)
+        gateway.shipper = Shipper(CLOSED, handle.audit_dir, interval_s=0.1).start()
+        users = [f"down-{uid}-{i}" for i in range(3)]
+        for user in users:
+            client = await Client.connect(handle.url, handle.token(user))
+            await client.join(f"patient:{user}/chart")
+            await client.close()
+        for user in users:
+            await handle.wait_audit("USER_DISCONNECTED", userId=user)
+
+        async def lagging() -> dict | None:  # type: ignore[type-arg]
+            shipper = (await asyncio.to_thread(gateway.status))["auditShipper"]
+            return shipper if shipper["lagBytes"] > 0 else None
+
+        down = await until(lagging, 5, "a lag reported")  # reported each interval_s, also while backing off
+        assert not down["postgresUp"] and down["lastError"] and down["rowsLoaded"] == 0, down
+        assert not await rows(conn, "USER_CONNECTED", users[0])
+
+        await asyncio.to_thread(gateway.shipper.stop)
+        gateway.shipper = None
+        gateway.start_shipper()  # the settings' DSN: PostgreSQL is back
+
+        async def caught_up() -> bool:
+            return all([await rows(conn, "USER_DISCONNECTED", u) for u in users])
+
+        await until(caught_up, 10, "every disconnection in PostgreSQL")
+        await asyncio.sleep(1.2)
+        in_files = file_event_ids(handle.audit_dir)
+        ids = await rows(conn)
+        assert len(ids) == len(set(ids)) and sorted(ids) == sorted(set(in_files))
+        for user in users:
+            for event_type in ("USER_CONNECTED", "RESOURCE_JOINED", "USER_DISCONNECTED"):
+                assert len(await rows(conn, event_type, user)) == 1, (event_type, user)
+        now = datetime.now(UTC)
+        report, _ = await verify_db(conn, now - timedelta(days=1), now + timedelta(days=1))
+        assert report.intact, report
+    finally:
+        await asyncio.to_thread(handle.stop)
+        await conn.close()
+    assert not shipper_threads()
+
+
 async def test_the_shipper_waits_while_postgres_is_down_then_loads_each_event_once(
         schema: str, tmp_path: Path) -> None:
     directory = tmp_path / "audit"
