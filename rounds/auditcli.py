@@ -26,7 +26,11 @@ def add_audit_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
     which = verify.add_mutually_exclusive_group()
     which.add_argument("--file", help="an audit-YYYY-MM-DD.ndjson[.gz] file")
     which.add_argument("--day", type=_day, help="a UTC day, YYYY-MM-DD (default: today)")
+    which.add_argument("--since", type=_time,
+                       help="check PostgreSQL instead: the events from this ISO time (inclusive) ...")
+    verify.add_argument("--until", type=_time, help="... to this one (exclusive; default: now)")
     verify.add_argument("--dir", help="the audit directory (default: {var_dir}/audit)")
+    verify.add_argument("--dsn", help="with --since: PostgreSQL DSN (default: postgres_dsn of the settings)")
     verify.set_defaults(func=_verify)
     _add_pg_parsers(audit)
 
@@ -43,6 +47,11 @@ def _day(text: str) -> str:
 
 
 def _verify(args: argparse.Namespace) -> int:
+    if args.since is not None:
+        return _verify_db(args)
+    if args.until is not None:
+        print("rounds audit verify: --until goes with --since (a time range in PostgreSQL)", file=sys.stderr)
+        return 2
     try:
         if args.file:
             report = verify_file(Path(args.file))
@@ -54,6 +63,22 @@ def _verify(args: argparse.Namespace) -> int:
         return 2
     print_report(report)
     return 0 if report.intact else 1
+
+
+def _verify_db(args: argparse.Namespace) -> int:
+    """The chains of the events stored in [since, until) (audit_pg.verify_db)."""
+    from rounds.audit_pg import verify_db
+
+    until = args.until or datetime.now(UTC)
+
+    async def work(conn: Any) -> int:
+        report, unchained = await verify_db(conn, args.since, until)
+        print_report(report)
+        if unchained:
+            print(f"({unchained} rows without a chain, from files written before it, not checked)")
+        return 0 if report.intact else 1
+
+    return _with_db(args, "verify", work)
 
 
 def print_report(report: VerifyReport) -> None:

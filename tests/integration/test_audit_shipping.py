@@ -359,3 +359,38 @@ def test_retention_deletes_day_files_older_than_the_cutoff_and_dry_run_only_list
                            *(p.name for p in names[30]), "notes.txt", "audit-1999-01-01.ndjson.tmp"])
     again = rounds_audit(tmp_path, "retention", "--keep-days", "30")
     assert "(0 files deleted)" in again.stdout
+
+
+# -- rounds audit verify --since/--until: the chains as stored in PostgreSQL -----------
+
+
+async def test_verify_a_time_range_in_postgres_until_a_row_is_changed(schema: str, tmp_path: Path) -> None:
+    from rounds.audit_pg import load_dir, migrate
+
+    directory = tmp_path / "audit"
+    sink = FileAuditSink(directory, fsync="never")
+    for i in range(12):
+        sink.emit(AuditEvent(event_type="LOCK_ACQUIRED", source="shard-0", user_id=f"u{i % 2}",
+                             resource_id=f"patient:{i}/vitals", details={"i": i}))
+    sink.close()
+    conn = await connect(DSN, schema)
+    try:
+        await migrate(conn)
+        assert (await load_dir(conn, directory)).inserted == 12
+        since = (datetime.now(UTC) - timedelta(hours=1)).isoformat()
+        good = rounds_audit(tmp_path, "verify", "--since", since, "--dsn", schema_dsn(schema))
+        assert good.returncode == 0, good.stdout + good.stderr
+        assert "12 events checked" in good.stdout and good.stdout.rstrip().endswith("intact")
+
+        changed = await conn.fetchval("UPDATE audit_events SET user_id = 'someone-else' WHERE seq = 5 "
+                                      "RETURNING event_id")
+        bad = rounds_audit(tmp_path, "verify", "--since", since, "--dsn", schema_dsn(schema))
+        assert bad.returncode == 1, bad.stdout + bad.stderr
+        assert f"BREAK at line 5, seq 5: event {changed}" in bad.stdout and "NOT INTACT" in bad.stdout
+
+        alone = rounds_audit(tmp_path, "verify", "--until", since)
+        assert alone.returncode == 2 and "--until goes with --since" in alone.stderr
+        no_db = rounds_audit(tmp_path, "verify", "--since", since, "--dsn", CLOSED)
+        assert no_db.returncode == 2 and "Traceback" not in no_db.stderr
+    finally:
+        await conn.close()
