@@ -15,10 +15,11 @@ import socket
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 import redis
 
@@ -26,6 +27,7 @@ from rounds.auth import mint_token, private_key_for_dev
 from rounds.config import JwtSettings, Settings
 
 REDIS_URL = os.environ.get("ROUNDS_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+POSTGRES_DSN = os.environ.get("ROUNDS_TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 
 
 def free_port() -> int:
@@ -44,6 +46,28 @@ def redis_url() -> str:
     client.flushdb()
     client.close()
     return REDIS_URL
+
+
+async def require_postgres() -> None:
+    """Skip the calling test when the tests' PostgreSQL is not reachable."""
+    try:
+        await (await asyncpg.connect(POSTGRES_DSN, timeout=3)).close()
+    except (OSError, asyncpg.PostgresError) as exc:
+        pytest.skip(f"PostgreSQL not reachable at {POSTGRES_DSN}: {exc}")
+
+
+@pytest.fixture
+async def schema() -> AsyncIterator[str]:
+    """A PostgreSQL schema of the test's own, dropped with everything in it afterwards."""
+    await require_postgres()
+    admin = await asyncpg.connect(POSTGRES_DSN, timeout=3)
+    name = f"rounds_test_{uuid.uuid4().hex[:10]}"
+    await admin.execute(f"CREATE SCHEMA {name}")
+    try:
+        yield name
+    finally:
+        await admin.execute(f"DROP SCHEMA {name} CASCADE")
+        await admin.close()
 
 
 @pytest.fixture

@@ -14,7 +14,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -43,28 +42,13 @@ from rounds.audit_pg import (
     verify_db,
 )
 from rounds.audit_tail import AuditTail, follow
+from tests.conftest import POSTGRES_DSN
 
-DSN = os.environ.get("ROUNDS_TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test")
-
-
-@pytest.fixture
-async def schema() -> AsyncIterator[str]:
-    try:
-        admin = await asyncpg.connect(DSN, timeout=3)
-    except (OSError, asyncpg.PostgresError) as exc:
-        pytest.skip(f"PostgreSQL not reachable at {DSN}: {exc}")
-    name = f"audit_test_{uuid.uuid4().hex[:10]}"
-    await admin.execute(f"CREATE SCHEMA {name}")
-    try:
-        yield name
-    finally:
-        await admin.execute(f"DROP SCHEMA {name} CASCADE")
-        await admin.close()
 
 
 @pytest.fixture
 async def db(schema: str) -> AsyncIterator[asyncpg.Connection]:
-    conn = await connect(DSN, schema)
+    conn = await connect(POSTGRES_DSN, schema)
     await migrate(conn)
     try:
         yield conn
@@ -96,7 +80,7 @@ async def count(conn: asyncpg.Connection) -> int:
 
 
 async def test_migrate_creates_the_partitioned_table_and_is_idempotent(schema: str) -> None:
-    conn = await connect(DSN, schema)
+    conn = await connect(POSTGRES_DSN, schema)
     try:
         assert await schema_version(conn) == 0
         assert await migrate(conn) == [1, 2]
@@ -113,7 +97,7 @@ async def test_migrate_creates_the_partitioned_table_and_is_idempotent(schema: s
 
 
 async def test_two_migrations_at_once_apply_each_step_once(schema: str) -> None:
-    a, b = await connect(DSN, schema), await connect(DSN, schema)
+    a, b = await connect(POSTGRES_DSN, schema), await connect(POSTGRES_DSN, schema)
     try:
         results = await asyncio.gather(migrate(a), migrate(b))
         assert sorted(results) == [[], [1, 2]]
@@ -225,18 +209,18 @@ async def test_a_load_cut_off_by_the_server_then_rerun_leaves_exactly_the_events
         pytest.skip("psql is needed to end the loader's connection from outside")
     t = datetime(2026, 11, 20, tzinfo=UTC)
     write_day(tmp_path, "2026-11-20", [json.dumps(event(i, t + timedelta(seconds=i))) for i in range(500)])
-    loader = await connect(DSN, schema)
+    loader = await connect(POSTGRES_DSN, schema)
     pid = loader.get_server_pid()
 
     def cut(line: str) -> None:
         if "inserted" in line:
-            subprocess.run(["psql", DSN, "-qAtc", f"SELECT pg_terminate_backend({pid})"], check=True,
+            subprocess.run(["psql", POSTGRES_DSN, "-qAtc", f"SELECT pg_terminate_backend({pid})"], check=True,
                            capture_output=True, timeout=10)
 
     with pytest.raises((asyncpg.PostgresError, asyncpg.InterfaceError, OSError)):
         await load_dir(loader, tmp_path, batch=100, progress=cut)
     assert await count(db) == 100
-    loader = await connect(DSN, schema)
+    loader = await connect(POSTGRES_DSN, schema)
     try:
         report = await load_dir(loader, tmp_path, batch=100)
     finally:
@@ -296,7 +280,7 @@ async def test_follow_catches_up_when_postgres_returns(schema: str, tmp_path: Pa
     t = datetime(2026, 11, 26, 11, 0, tzinfo=UTC)
     path = tmp_path / "audit-2026-11-26.ndjson"
     path.write_text("".join(json.dumps(event(i, t + timedelta(seconds=i))) + "\n" for i in range(5)))
-    dsn = f"{DSN}{'&' if '?' in DSN else '?'}search_path={schema}"
+    dsn = f"{POSTGRES_DSN}{'&' if '?' in POSTGRES_DSN else '?'}search_path={schema}"
     stop = asyncio.Event()
     task = asyncio.create_task(follow("postgresql://postgres@127.0.0.1:1/test", tmp_path, 0.05, stop))
     await asyncio.sleep(0.3)  # PostgreSQL "down": the events stay in the file
@@ -305,7 +289,7 @@ async def test_follow_catches_up_when_postgres_returns(schema: str, tmp_path: Pa
 
     stop = asyncio.Event()
     task = asyncio.create_task(follow(dsn, tmp_path, 0.05, stop))
-    conn = await connect(DSN, schema)
+    conn = await connect(POSTGRES_DSN, schema)
     try:
         for _ in range(100):
             await asyncio.sleep(0.05)
@@ -456,7 +440,7 @@ def rounds_audit(var_dir: Path, *args: str, dsn: str | None = None) -> subproces
 
 
 def schema_dsn(schema: str) -> str:
-    return f"{DSN}{'&' if '?' in DSN else '?'}search_path={schema}"
+    return f"{POSTGRES_DSN}{'&' if '?' in POSTGRES_DSN else '?'}search_path={schema}"
 
 
 async def test_the_commands_migrate_load_search_and_drop_old_months(schema: str, tmp_path: Path) -> None:
@@ -508,7 +492,7 @@ async def test_load_follow_keeps_loading_until_interrupted(schema: str, tmp_path
     proc = subprocess.Popen([sys.executable, "-m", "rounds.cli", "audit", "load", "--follow", "--interval-s",
                              "0.05", "--dir", str(tmp_path / "audit"), "--dsn", schema_dsn(schema)],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    conn = await connect(DSN, schema)
+    conn = await connect(POSTGRES_DSN, schema)
     try:
         with open(path, "a") as f:
             f.write(json.dumps(event(3, t)) + "\n")

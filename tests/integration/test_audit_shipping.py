@@ -16,42 +16,23 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import asyncpg
-import pytest
 
 from rounds.audit import AuditEvent, FileAuditSink
 from rounds.audit_pg import connect, verify_db
 from rounds.audit_tail import Shipper
 from rounds.cli import format_shipper
 from tests.client import Client
-from tests.conftest import GatewayHandle, gateway_settings
+from tests.conftest import POSTGRES_DSN, GatewayHandle, gateway_settings
 
-DSN = os.environ.get("ROUNDS_TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 CLOSED = "postgresql://postgres@127.0.0.1:1/test"  # nothing listens on port 1: PostgreSQL "down"
 
 
-@pytest.fixture
-async def schema() -> AsyncIterator[str]:
-    try:
-        admin = await asyncpg.connect(DSN, timeout=3)
-    except (OSError, asyncpg.PostgresError) as exc:
-        pytest.skip(f"PostgreSQL not reachable at {DSN}: {exc}")
-    name = f"audit_ship_{uuid.uuid4().hex[:10]}"
-    await admin.execute(f"CREATE SCHEMA {name}")
-    try:
-        yield name
-    finally:
-        await admin.execute(f"DROP SCHEMA {name} CASCADE")
-        await admin.close()
-
-
 def schema_dsn(schema: str) -> str:
-    return f"{DSN}{'&' if '?' in DSN else '?'}search_path={schema}"
+    return f"{POSTGRES_DSN}{'&' if '?' in POSTGRES_DSN else '?'}search_path={schema}"
 
 
 async def rows(conn: asyncpg.Connection, event_type: str | None = None, user: str | None = None) -> list[str]:
@@ -92,7 +73,7 @@ async def test_the_gateway_ships_a_session_to_postgres_once_and_intact(
                                 postgres_dsn=schema_dsn(schema))
     started = time.monotonic()
     handle = await asyncio.to_thread(GatewayHandle, settings)
-    conn = await connect(DSN, schema)
+    conn = await connect(POSTGRES_DSN, schema)
     try:
         user, room = f"ship-{uid}", f"patient:ship-{uid}/chart"
         client = await Client.connect(handle.url, handle.token(user))
@@ -146,7 +127,7 @@ async def test_a_gateway_whose_postgres_was_down_catches_up_without_loss_or_dupl
                                 postgres_dsn=schema_dsn(schema))
     handle = await asyncio.to_thread(GatewayHandle, settings)
     gateway = handle.gateway
-    conn = await connect(DSN, schema)
+    conn = await connect(POSTGRES_DSN, schema)
     try:
         await asyncio.to_thread(gateway.shipper.stop)
         gateway.shipper = Shipper(CLOSED, handle.audit_dir, interval_s=0.1).start()
@@ -168,7 +149,7 @@ async def test_a_gateway_whose_postgres_was_down_catches_up_without_loss_or_dupl
 
         await asyncio.to_thread(gateway.shipper.stop)
         gateway.shipper = None
-        gateway.start_shipper()  # the settings' DSN: PostgreSQL is back
+        gateway.start_shipper()  # the settings' POSTGRES_DSN: PostgreSQL is back
 
         async def caught_up() -> bool:
             return all([await rows(conn, "USER_DISCONNECTED", u) for u in users])
@@ -200,7 +181,7 @@ async def test_the_shipper_waits_while_postgres_is_down_then_loads_each_event_on
             sink.emit(AuditEvent(event_type="LOCK_ACQUIRED", source="shard-0", user_id=f"u{i % 3}",
                                  resource_id=f"patient:{i}/vitals", details={"i": i}))
 
-    conn = await connect(DSN, schema)
+    conn = await connect(POSTGRES_DSN, schema)
     down = Shipper(CLOSED, directory, interval_s=0.05, status_file=tmp_path / "shipper.json").start()
     try:
         emit(40)
@@ -280,7 +261,7 @@ async def test_rounds_up_ships_and_rounds_status_shows_the_shipper(schema: str, 
             str(ROUNDS), "up", "--port", str(port), "--shards", "1", "--frontdoors", "1",
             env=env, stdout=asyncio.subprocess.PIPE, stderr=stderr, start_new_session=True)
     gw = RunningGateway(process, port, 0, env, "", stderr_path)
-    conn = await connect(DSN, schema)
+    conn = await connect(POSTGRES_DSN, schema)
     try:
         gw.banner = await _read_banner(gw)
         assert "-> PostgreSQL" in gw.banner
@@ -373,7 +354,7 @@ async def test_verify_a_time_range_in_postgres_until_a_row_is_changed(schema: st
         sink.emit(AuditEvent(event_type="LOCK_ACQUIRED", source="shard-0", user_id=f"u{i % 2}",
                              resource_id=f"patient:{i}/vitals", details={"i": i}))
     sink.close()
-    conn = await connect(DSN, schema)
+    conn = await connect(POSTGRES_DSN, schema)
     try:
         await migrate(conn)
         assert (await load_dir(conn, directory)).inserted == 12

@@ -25,20 +25,15 @@ from rounds.audit import MemoryAuditSink
 from rounds.auth import mint_token, private_key_for_dev
 from rounds.inprocess import InProcessGateway
 from tests.client import Client
-from tests.conftest import gateway_settings
+from tests.conftest import POSTGRES_DSN, gateway_settings, require_postgres
 
-DSN = os.environ.get("ROUNDS_TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 
 
 @pytest.fixture
 async def pg_gateway(var_root: Path, redis_url: str, uid: str) -> AsyncIterator[InProcessGateway]:
-    try:
-        conn = await asyncpg.connect(DSN, timeout=3)
-    except (OSError, asyncpg.PostgresError) as exc:
-        pytest.skip(f"PostgreSQL not reachable at {DSN}: {exc}")
-    await conn.close()
+    await require_postgres()
     settings = gateway_settings(var_root, f"history-{uid}", shards=2, frontdoors=1, redis_url=redis_url,
-                                postgres_dsn=DSN)
+                                postgres_dsn=POSTGRES_DSN)
     gateway = await InProcessGateway(settings, MemoryAuditSink()).start()
     try:
         yield gateway
@@ -47,7 +42,7 @@ async def pg_gateway(var_root: Path, redis_url: str, uid: str) -> AsyncIterator[
 
 
 async def rows_of(room: str) -> int:
-    conn = await asyncpg.connect(DSN)
+    conn = await asyncpg.connect(POSTGRES_DSN)
     try:
         return int(await conn.fetchval("SELECT count(*) FROM rounds_doc_updates WHERE resource_id = $1", room))
     except asyncpg.UndefinedTableError:
@@ -58,7 +53,8 @@ async def rows_of(room: str) -> int:
 
 def doc_show(settings_dir: Path, *args: str) -> dict:  # type: ignore[type-arg]
     done = subprocess.run([sys.executable, "-m", "rounds.cli", "doc", "show", *args],
-                          env={**os.environ, "ROUNDS_POSTGRES_DSN": DSN, "ROUNDS_VAR_DIR": str(settings_dir)},
+                          env={**os.environ, "ROUNDS_POSTGRES_DSN": POSTGRES_DSN,
+                               "ROUNDS_VAR_DIR": str(settings_dir)},
                           capture_output=True, text=True, timeout=60, check=True)
     return json.loads(done.stdout)
 
@@ -95,7 +91,7 @@ async def test_a_document_can_be_read_as_of_any_time_from_its_postgres_history(
     now = await asyncio.to_thread(doc_show, var_dir, "--resource", room, "--text", "notes")
     assert now["text"] == {"notes": "BP 120/80; HR 72; SpO2 98%"} and now["revision"] == 3
     assert now["source"] == "postgres" and "notes" in now["roots"]
-    conn = await asyncpg.connect(DSN)
+    conn = await asyncpg.connect(POSTGRES_DSN)
     try:
         users = await conn.fetch("SELECT DISTINCT user_id FROM rounds_doc_updates WHERE resource_id = $1", room)
     finally:
@@ -121,10 +117,7 @@ def test_at_without_postgres_is_a_clear_usage_error(tmp_path: Path) -> None:
 async def test_rows_wait_while_postgres_is_unreachable_and_are_written_once_when_it_returns(uid: str) -> None:
     from rounds.backends.history import DocHistory
 
-    try:
-        await (await asyncpg.connect(DSN, timeout=3)).close()
-    except (OSError, asyncpg.PostgresError) as exc:
-        pytest.skip(f"PostgreSQL not reachable at {DSN}: {exc}")
+    await require_postgres()
     room = f"document:outage-{uid}"
     history = DocHistory("postgresql://postgres@127.0.0.1:1/test")  # nothing listens there
     await history.start()
@@ -135,7 +128,7 @@ async def test_rows_wait_while_postgres_is_unreachable_and_are_written_once_when
             assert time.monotonic() < deadline
             await asyncio.sleep(0.05)
         assert history.stats()["waiting"] == 2 and (await history.health())["ok"] is False
-        history.dsn = DSN  # PostgreSQL is back
+        history.dsn = POSTGRES_DSN  # PostgreSQL is back
         history.submit(room, [(2, b"u2", "a"), (3, b"u3", "b")])  # a repeat is harmless
         await _until_rows(room, 3)
         await asyncio.sleep(0.3)
