@@ -91,6 +91,21 @@ END $$;
 REVOKE ALL ON audit_events FROM {GATEWAY_ROLE};
 GRANT SELECT, INSERT ON audit_events TO {GATEWAY_ROLE};
 """),
+    (3, "identifier salt and erasure commitments (rounds audit erase)", """
+ALTER TABLE audit_events ADD COLUMN salt text, ADD COLUMN erased jsonb;
+"""),
+    (4, "audit_ship_positions: how far each gateway has loaded its day files", f"""
+CREATE TABLE audit_ship_positions (
+    origin text NOT NULL,
+    file text NOT NULL,
+    inode bigint NOT NULL,
+    byte_offset bigint NOT NULL,
+    lines bigint NOT NULL,
+    updated_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (origin, file)
+);
+GRANT SELECT, INSERT, UPDATE, DELETE ON audit_ship_positions TO {GATEWAY_ROLE};
+"""),
 )
 
 MIGRATIONS_TABLE = """
