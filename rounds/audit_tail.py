@@ -2,32 +2,46 @@
 is down, events keep going to the files and are loaded when it returns".
 
 The files are the record; `AuditTail` remembers how far it has loaded each
-day file (bytes and lines) and, on each `step`, loads only what was
+day file (bytes, lines, inode) and, on each `step`, loads only what was
 appended since: complete lines of a plain file (a writer may be mid-line),
 new members of a gzip (a late writer's lines are added to a gzipped day as
 a member, rounds.audit). When a day is gzipped its .gz is new to the tail
 and loaded whole: what was appended after the last read of the plain file
-is in it, the rest are no-ops. The offset moves only after its rows are
-committed, so a step that fails (the server went away) is simply repeated
-by the next, nothing lost or doubled.
+is in it, the rest are no-ops.
+
+The positions are kept in PostgreSQL (`audit_ship_positions`, one row per
+origin and file; the origin is the host and the directory shipped), so a
+restarted gateway goes on where it stopped instead of reading ten years of
+files again. A position moves in the same transaction as the rows it
+covers: after a crash at any point the rows and the positions agree, and
+the next start neither re-reads a committed batch nor skips a line. The
+first step (and the first after a failure, whose commit may or may not
+have happened) reads the origin's positions back; a plain file whose inode
+is not the stored one is new and read from 0; the row of a file that is
+gone (gzipped, removed by retention) is deleted.
 
 `follow` is the asyncio shell: connect, migrate, step every `interval_s`,
 reconnect with backoff while PostgreSQL is down. `Shipper` runs `follow` on
 a thread of its own (its own event loop) beside the gateway's supervisor,
 and reports what it has done (`ShipperStats`).
+
+What must not be here: the schema (rounds.audit_pg, migration 4 makes the
+positions table) and the file format (rounds.audit).
 """
 
 from __future__ import annotations
 
 import asyncio
 import gzip
-import logging
+import io
 import json
+import logging
 import os
+import socket
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import asyncpg
@@ -39,45 +53,91 @@ log = logging.getLogger(__name__)
 MAX_READ_BYTES = 64 * 1024 * 1024  # one step reads at most this much of a file; the next goes on
 
 
-@dataclass(slots=True)
+# audit_ship_positions is made by migration 4 (rounds.audit_pg).
+FETCH_POSITIONS = "SELECT file, inode, byte_offset, lines FROM audit_ship_positions WHERE origin = $1"
+STORE_POSITION = ("INSERT INTO audit_ship_positions (origin, file, inode, byte_offset, lines) "
+                  "VALUES ($1, $2, $3, $4, $5) ON CONFLICT (origin, file) DO UPDATE SET inode = EXCLUDED.inode, "
+                  "byte_offset = EXCLUDED.byte_offset, lines = EXCLUDED.lines, updated_at = now()")
+FORGET_POSITIONS = "DELETE FROM audit_ship_positions WHERE origin = $1 AND file = ANY($2::text[])"
+
+
+@dataclass(frozen=True, slots=True)
 class _Position:
-    offset: int = 0  # bytes of the file loaded
+    offset: int = 0  # bytes of the file loaded; always the end of a line (plain) or of a member (gzip)
     lines: int = 0  # lines of the file loaded (for line numbers of corrupt lines)
-    inode: int = 0  # a new inode under the same name is a new file
+    inode: int = 0  # a new inode under the same name is a new plain file
+
+
+def default_origin(directory: Path) -> str:
+    """The name under which a directory's positions are kept: several
+    gateways on several hosts ship their own directories into one database."""
+    return f"{socket.gethostname()}:{Path(directory).resolve()}"
 
 
 class AuditTail:
-    def __init__(self, directory: Path, batch: int = BATCH) -> None:
+    def __init__(self, directory: Path, batch: int = BATCH, origin: str | None = None) -> None:
         self.directory = Path(directory)
         self.batch = batch
-        self._loaded: dict[str, _Position] = {}
+        self.origin = origin if origin is not None else default_origin(self.directory)
+        self._loaded: dict[str, _Position] = {}  # as committed in audit_ship_positions
+        self._stale = True  # read the positions from PostgreSQL before the next load
 
-    async def step(self, conn: asyncpg.Connection,
-                   progress: Callable[[str], None] | None = None) -> LoadReport:
-        """Load what the files gained since the last step. Raises what the
-        connection raises; the next step retries from the same place."""
-        report = LoadReport()
-        present = day_files(self.directory)
-        names = {p.name for p in present}
-        for name in [n for n in self._loaded if n not in names]:
-            del self._loaded[name]  # gzipped (its .gz holds the lines) or removed by retention
-        for path in present:
-            pos = self._loaded.setdefault(path.name, _Position())
-            try:
-                lines, size = _read_new(path, pos)
-            except FileNotFoundError:
-                continue  # gzipped between the listing and the open: the next step loads the .gz
-            if lines:
-                report.files += 1
-                await load_items(conn, path.name, parse_lines(path, lines, pos.lines + 1), report,
-                                 self.batch, progress)
-                pos.lines += len(lines)
-            pos.offset = size
+    async def step(self, conn: asyncpg.Connection, progress: Callable[[str], None] | None = None,
+                   report: LoadReport | None = None) -> LoadReport:
+        """Load what the files gained since the last committed position,
+        counting into `report` (also what was committed before a failure).
+        Raises what the connection raises; the next step reads the
+        positions back and goes on from the last committed batch."""
+        report = report if report is not None else LoadReport()
+        try:
+            if self._stale:
+                self._loaded = {r["file"]: _Position(r["byte_offset"], r["lines"], r["inode"])
+                                for r in await conn.fetch(FETCH_POSITIONS, self.origin)}
+                self._stale = False
+            if not self.directory.is_dir():
+                return report  # not made yet (the sink makes it), or unmounted: the positions stay
+            present = day_files(self.directory)
+            names = {p.name for p in present}
+            gone = [n for n in self._loaded if n not in names]  # gzipped (its .gz holds the lines) or removed
+            if gone:
+                await conn.execute(FORGET_POSITIONS, self.origin, gone)
+                for name in gone:
+                    del self._loaded[name]
+            for path in present:
+                await self._load_file(conn, path, report, progress)
+        except BaseException:
+            self._stale = True  # a commit whose answer was lost may have moved a position
+            raise
         return report
+
+    async def _load_file(self, conn: asyncpg.Connection, path: Path, report: LoadReport,
+                         progress: Callable[[str], None] | None) -> None:
+        stored = self._loaded.get(path.name)
+        try:
+            start, lines, end = _read_new(path, stored or _Position())
+        except FileNotFoundError:
+            return  # gzipped between the listing and the open: the next step loads the .gz
+        if not lines:
+            if end != stored:  # a new file with no complete line yet, a new inode, a gzip's empty member
+                await _store(conn, self.origin, path.name, end)
+                self._loaded[path.name] = end
+            return
+        gz = path.name.endswith(".gz")
+        for i, (chunk, pos) in enumerate(_batches(start, lines, end, self.batch, gz)):
+            part = LoadReport(files=int(i == 0))
+            async with conn.transaction():  # the rows and the position that covers them, or neither
+                await load_items(conn, path.name, parse_lines(path, chunk, start.lines + i * self.batch + 1),
+                                 part, self.batch, progress)
+                if pos is not None:
+                    await _store(conn, self.origin, path.name, pos)
+            if pos is not None:
+                self._loaded[path.name] = pos
+            _add(report, part)
 
     def lag_bytes(self) -> int:
         """Bytes of the day files not loaded yet (a gzip counts its
-        compressed bytes; a file not yet read counts whole)."""
+        compressed bytes; a file not yet read counts whole, and so does
+        every file before the positions were first read from PostgreSQL)."""
         lag = 0
         for path in day_files(self.directory):
             try:
@@ -89,8 +149,13 @@ class AuditTail:
         return lag
 
 
-def _read_new(path: Path, pos: _Position) -> tuple[list[bytes], int]:
-    """The complete lines `path` gained past `pos`, and the offset they end at.
+async def _store(conn: asyncpg.Connection, origin: str, name: str, pos: _Position) -> None:
+    await conn.execute(STORE_POSITION, origin, name, pos.inode, pos.offset, pos.lines)
+
+
+def _read_new(path: Path, pos: _Position) -> tuple[_Position, list[bytes], _Position]:
+    """Where reading `path` starts, the complete lines it gained past `pos`
+    (each with its newline), and the position after them.
 
     A plain file grows by lines; a gzip by members (a late writer's lines are
     appended to a gzipped day as a new member, rounds.audit), so its new
@@ -99,22 +164,54 @@ def _read_new(path: Path, pos: _Position) -> tuple[list[bytes], int]:
     from the start (rows already there are no-ops)."""
     with open(path, "rb") as f:
         stat = os.fstat(f.fileno())
-        size = stat.st_size
+        size, inode = stat.st_size, _signed(stat.st_ino)
         gz = path.name.endswith(".gz")
         # A gzip is replaced (renamed over) when a member is added, its old bytes kept as they were.
-        if size < pos.offset or (stat.st_ino != pos.inode and not gz):
-            pos.offset = pos.lines = 0
-            pos.inode = stat.st_ino
+        if size < pos.offset or (inode != pos.inode and not gz):
+            pos = _Position(inode=inode)
+        elif inode != pos.inode:
+            pos = replace(pos, inode=inode)
         if size == pos.offset:
-            return [], size
+            return pos, [], pos
         f.seek(pos.offset)
         if gz:
             with gzip.GzipFile(fileobj=f, mode="rb") as members:
-                data = members.read()
-            return data.splitlines(keepends=True), size
+                lines = io.BytesIO(members.read()).readlines()
+            return pos, lines, _Position(size, pos.lines + len(lines), inode)
         data = f.read(MAX_READ_BYTES)
     complete = data[:data.rfind(b"\n") + 1]  # a writer may be mid-line
-    return complete.splitlines(keepends=True), pos.offset + len(complete)
+    lines = io.BytesIO(complete).readlines()  # split at b"\n" only, as `read_file` numbers them
+    return pos, lines, _Position(pos.offset + len(complete), pos.lines + len(lines), inode)
+
+
+def _batches(start: _Position, lines: list[bytes], end: _Position, batch: int,
+             gz: bool) -> Iterator[tuple[list[bytes], _Position | None]]:
+    """`lines` in batches, each with the position after it. A plain file's
+    position is the end of the batch's last line; a gzip's can only be the
+    end of a member, so it moves with the last batch only (None before: a
+    crash in between re-reads the new members, their first rows no-ops)."""
+    offset = start.offset
+    for first in range(0, len(lines), batch):
+        chunk = lines[first:first + batch]
+        offset += sum(map(len, chunk))
+        if first + batch >= len(lines):
+            assert gz or offset == end.offset, (offset, end)
+            yield chunk, end
+        else:
+            yield chunk, None if gz else _Position(offset, start.lines + first + len(chunk), start.inode)
+
+
+def _signed(inode: int) -> int:
+    """An inode as PostgreSQL's bigint holds it (some file systems use all 64 bits)."""
+    return inode - (1 << 64) if inode >= 1 << 63 else inode
+
+
+def _add(into: LoadReport, part: LoadReport) -> None:
+    into.files += part.files
+    into.read += part.read
+    into.inserted += part.inserted
+    into.already += part.already
+    into.corrupt += part.corrupt
 
 
 @dataclass(slots=True)
@@ -136,15 +233,18 @@ class ShipperStats:
 
 async def follow(dsn: str, directory: Path, interval_s: float = 1.0, stop: asyncio.Event | None = None,
                  schema: str | None = None, stats: ShipperStats | None = None,
-                 on_step: Callable[[ShipperStats], None] | None = None, final_step_s: float = 0.0) -> None:
+                 on_step: Callable[[ShipperStats], None] | None = None, final_step_s: float = 0.0,
+                 origin: str | None = None) -> None:
     """Keep PostgreSQL up to date with the day files until `stop` is set.
     While PostgreSQL is down the files keep the events; this catches up
-    when it returns. `stats` is updated after each attempt and handed to
-    `on_step`. With `final_step_s`, once `stop` is set and while connected,
-    one last step (bounded by that many seconds) loads what came meanwhile."""
+    when it returns, from the positions stored under `origin` (default:
+    this host and `directory`). `stats` is updated after each attempt and
+    handed to `on_step`. With `final_step_s`, once `stop` is set and while
+    connected, one last step (bounded by that many seconds) loads what came
+    meanwhile."""
     stop = stop or asyncio.Event()
     stats = stats if stats is not None else ShipperStats()
-    tail = AuditTail(directory)
+    tail = AuditTail(directory, origin=origin)
     conn: asyncpg.Connection | None = None
     delay = interval_s
 
@@ -153,15 +253,18 @@ async def follow(dsn: str, directory: Path, interval_s: float = 1.0, stop: async
         if conn is None or conn.is_closed():
             conn = await connect(dsn, schema)
             await migrate(conn)
-        report = await tail.step(conn)
-        for bad in report.corrupt:
-            log.error("audit: corrupt line skipped: %s", bad)
-        if report.inserted:
-            log.info("audit: %d events loaded into PostgreSQL", report.inserted)
-            stats.lastLoadAt = time.time()
-        stats.rowsLoaded += report.inserted
-        stats.rowsAlready += report.already
-        stats.corruptLines += len(report.corrupt)
+        report = LoadReport()
+        try:
+            await tail.step(conn, report=report)
+        finally:  # the batches committed before a failure count: they are not read again
+            for bad in report.corrupt:
+                log.error("audit: corrupt line skipped: %s", bad)
+            if report.inserted:
+                log.info("audit: %d events loaded into PostgreSQL", report.inserted)
+                stats.lastLoadAt = time.time()
+            stats.rowsLoaded += report.inserted
+            stats.rowsAlready += report.already
+            stats.corruptLines += len(report.corrupt)
         stats.postgresUp = True
 
     def failed(exc: BaseException) -> None:
@@ -231,9 +334,10 @@ class Shipper:
     them to `status_file` (for `rounds status`, another process)."""
 
     def __init__(self, dsn: str, directory: Path, interval_s: float = 1.0,
-                 status_file: Path | None = None, final_step_s: float = 1.0) -> None:
+                 status_file: Path | None = None, final_step_s: float = 1.0, origin: str | None = None) -> None:
         self.dsn = dsn
         self.directory = Path(directory)
+        self.origin = origin
         self.interval_s = interval_s
         self.status_file = status_file
         self.final_step_s = final_step_s
@@ -258,7 +362,7 @@ class Shipper:
             self._stop = asyncio.Event()
             self._task = loop.create_task(follow(self.dsn, self.directory, self.interval_s, self._stop,
                                                  stats=self._stats, on_step=self._record,
-                                                 final_step_s=self.final_step_s))
+                                                 final_step_s=self.final_step_s, origin=self.origin))
             self._ready.set()
             loop.run_until_complete(self._task)
         except asyncio.CancelledError:
