@@ -19,7 +19,7 @@ import asyncpg
 import pytest
 
 from rounds.audit import AuditEvent, FileAuditSink
-from rounds.audit_pg import connect, migrate
+from rounds.audit_pg import GATEWAY_ROLE, connect, ensure_partitions, migrate, month_start
 from rounds.audit_tail import AuditTail, Shipper, ShipperStats, follow
 from tests.conftest import POSTGRES_DSN
 
@@ -216,6 +216,23 @@ async def test_two_origins_in_one_schema_do_not_see_each_others_positions(
     await a.step(db)
     assert await positions(db, "host-a:/audit") == {}
     assert name in await positions(db, "host-b:/audit") and name in await positions(db, "host-c:/audit")
+
+
+async def test_the_gateway_role_may_keep_its_positions(db: asyncpg.Connection, tmp_path: Path) -> None:
+    """As `rounds_gateway` (migrations 2 and 4 grant it what the shipper
+    needs; the month partition is made by the owner, as `migrate` or an
+    earlier load would)."""
+    await ensure_partitions(db, [month_start(T)])
+    path = day(tmp_path)
+    append(path, range(4))
+    await db.execute(f"SET ROLE {GATEWAY_ROLE}")
+    assert counts(await AuditTail(tmp_path, batch=3, origin=ORIGIN).step(db)) == (4, 4, 0)
+    append(path, range(4, 6))
+    assert counts(await AuditTail(tmp_path, batch=3, origin=ORIGIN).step(db)) == (2, 2, 0)
+    path.unlink()
+    await AuditTail(tmp_path, origin=ORIGIN).step(db)
+    assert await positions(db) == {}
+    await db.execute("RESET ROLE")
 
 
 async def test_a_restarted_shipper_loads_only_the_events_written_since(
