@@ -13,6 +13,7 @@ The PostgreSQL side (loading these files) lives in its own module.
 
 from __future__ import annotations
 
+import fcntl
 import gzip
 import hashlib
 import itertools
@@ -27,6 +28,7 @@ import time
 import weakref
 import zlib
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -128,6 +130,69 @@ def chain_hash(prev_hash: str | None, body: bytes) -> str:
     return hashlib.sha256((prev_hash or "").encode() + body).hexdigest()
 
 
+# --- identifiers under a commitment (erasable without breaking the chain) ---
+
+# The fields that name a person, as `salt`/`erased` keys: a dotted name is a
+# member of `details`. The chain hashes a salted commitment of each in place
+# of its value, so `rounds audit erase` can replace the value by a pseudonym
+# and keep the commitment (docs/audit.md, "Erasure").
+PERSONAL_FIELDS: tuple[str, ...] = ("userId", "sessionId", "details.lockedBy", "details.remote")
+SALT_BYTES = 16
+_TOP_FIELDS = tuple(name for name in PERSONAL_FIELDS if "." not in name)
+_DETAIL_FIELDS = tuple(name[8:] for name in PERSONAL_FIELDS if name.startswith("details."))
+
+
+def personal_value(record: dict[str, Any], name: str) -> Any:
+    if name.startswith("details."):
+        details = record.get("details")
+        return details.get(name[8:]) if isinstance(details, dict) else None
+    return record.get(name)
+
+
+def set_personal_value(record: dict[str, Any], name: str, value: Any) -> None:
+    """Set a field in place; a `details` member in a copy of `details`, so the caller's copy is untouched."""
+    if name.startswith("details."):
+        details = record.get("details")
+        record["details"] = {**(details if isinstance(details, dict) else {}), name[8:]: value}
+    else:
+        record[name] = value
+
+
+def commitment(salt: str, value: str) -> str:
+    """`sha256:` + hex sha256 of the salt (hex, as ASCII), `:`, and the value in UTF-8."""
+    return "sha256:" + hashlib.sha256(f"{salt}:{value}".encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def sealed_body(record: dict[str, Any]) -> bytes:
+    """The bytes the chain hashes for a line (its object without `hash`).
+
+    Without `salt` and `erased` members that is the canonical JSON of the
+    object. Otherwise those two members are left out, and each personal
+    field is replaced by its commitment: `erased[name]` when the field was
+    erased, else `commitment(salt[name], value)`; a field with neither is
+    hashed as it is (lines written before identifiers were salted).
+    """
+    salts, erased = record.get("salt"), record.get("erased")
+    if salts is None and erased is None:
+        return canonical(record)
+    body = {k: v for k, v in record.items() if k != "salt" and k != "erased"}
+    salts = salts if isinstance(salts, dict) else {}
+    erased = erased if isinstance(erased, dict) else {}
+    for name in PERSONAL_FIELDS:
+        if isinstance(erased.get(name), str):
+            set_personal_value(body, name, erased[name])
+            continue
+        value, salt = personal_value(body, name), salts.get(name)
+        if isinstance(value, str) and isinstance(salt, str):
+            set_personal_value(body, name, commitment(salt, value))
+    return canonical(body)
+
+
+def hashed_line(record: dict[str, Any], digest: str) -> bytes:
+    """A line as the writer writes it: the canonical object with `hash` appended last."""
+    return canonical(record)[:-1] + b',"hash":"' + digest.encode() + b'"}\n'
+
+
 class _Writer:
     """One chain: a source in this process. `seq` and `prev` move only under the sink's lock."""
 
@@ -139,18 +204,65 @@ class _Writer:
         self.prev: str | None = None
 
     def line(self, event: AuditEvent) -> bytes:
-        """The event's next line of this chain, newline included."""
+        """The event's next line of this chain, newline included; each personal
+        field present gets a salt of its own. What is hashed is `sealed_body`
+        of the line, built here directly from the event (half the cost)."""
         record = event.fields()
         record["writer"] = self.name
         record["seq"] = self.seq + 1
         record["prevHash"] = self.prev
-        body = canonical(record)
-        digest = chain_hash(self.prev, body)
+        body = record
+        salts: dict[str, str] = {}
+        for name in _TOP_FIELDS:
+            value = record[name]
+            if isinstance(value, str):
+                if body is record:
+                    body = dict(record)
+                salts[name] = salt = _salts.take()
+                body[name] = commitment(salt, value)
+        details = event.details
+        if any(name in details for name in _DETAIL_FIELDS):
+            sealed_details = dict(details)
+            for name in _DETAIL_FIELDS:
+                value = details.get(name)
+                if isinstance(value, str):
+                    salts["details." + name] = salt = _salts.take()
+                    sealed_details[name] = commitment(salt, value)
+            if body is record:
+                body = dict(record)
+            body["details"] = sealed_details
+        if salts:
+            record["salt"] = salts
+        digest = chain_hash(self.prev, canonical(body))
         self.seq += 1
         self.prev = digest
-        # The line is the canonical body with `hash` appended last: a verifier can also
-        # strip that suffix from the raw line instead of re-serialising.
-        return body[:-1] + b',"hash":"' + digest.encode() + b'"}\n'
+        return hashed_line(record, digest)
+
+
+class _SaltPool:
+    """Salts of SALT_BYTES random bytes, as hex, cut from one `os.urandom`
+    read of 256 at a time (a read per salt would be a system call per field).
+    A forked child refills before its first salt, so it never repeats the parent's."""
+
+    def __init__(self) -> None:
+        self._refill()
+        os.register_at_fork(after_in_child=self._refill)
+
+    def _refill(self) -> None:
+        self._lock = threading.Lock()  # sinks of several threads share the pool
+        self._hex = os.urandom(256 * SALT_BYTES).hex()
+        self._at = 0
+
+    def take(self) -> str:
+        with self._lock:
+            if self._at >= len(self._hex):
+                self._hex, self._at = os.urandom(256 * SALT_BYTES).hex(), 0
+            at = self._at
+            self._at = at + 2 * SALT_BYTES
+            return self._hex[at:at + 2 * SALT_BYTES]
+
+
+_salts = _SaltPool()
 
 
 class AuditSink(Protocol):
@@ -228,11 +340,35 @@ class FileAuditSink:
             log.exception("audit write failed; the event: %s", event)
 
     def _reopen(self, now: float) -> None:
-        """Open today's file (UTC, by the sink's clock); the old day's is synced and closed."""
+        """Open today's file (UTC, by the sink's clock); the old day's is synced and closed.
+
+        The open file is held with a shared `flock`: a rewrite (`rounds audit
+        erase`, the gzip of a closed day) takes it exclusively, so it never
+        replaces a file a writer appends to. A rewrite that renamed a new file
+        over the name while this one waited for the lock is seen by its inode,
+        and the new file is opened instead."""
         self._close_fd()
         day = datetime.fromtimestamp(now, UTC).date()
-        self._fd = os.open(self.path_for(day.isoformat()), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+        path = self.path_for(day.isoformat())
+        while True:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            try:
+                if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        self._fd = fd
         self._day_end = datetime(day.year, day.month, day.day, tzinfo=UTC).timestamp() + 86_400
+
+    def close_past_day(self) -> None:
+        """Close the open file once its day is over, so that a writer with
+        nothing to say after midnight does not hold yesterday's file (the
+        housekeeping thread, every second)."""
+        with self._lock:
+            if self._fd is not None and self._clock() >= self._day_end:
+                self._close_fd()
 
     def _close_fd(self) -> None:
         if self._fd is not None:
@@ -258,7 +394,9 @@ class FileAuditSink:
             os.close(fd)
 
     def compress_closed_days(self) -> list[Path]:
-        """Gzip every plain day file whose day ended GZIP_GRACE_S ago or more; returns the new .gz files."""
+        """Gzip every plain day file whose day ended GZIP_GRACE_S ago or more; returns the new .gz files.
+        This sink's own file of a past day is closed first (a file held open is not gzipped)."""
+        self.close_past_day()
         return compress_closed_days(self.directory, self._clock())
 
     def _start_housekeeping(self) -> None:
@@ -274,6 +412,7 @@ class FileAuditSink:
             try:
                 if self.fsync == "interval":
                     self.sync()
+                self.close_past_day()
                 if time.monotonic() >= next_gzip:
                     next_gzip = time.monotonic() + 60
                     self.compress_closed_days()
@@ -292,8 +431,26 @@ _SINKS: weakref.WeakSet[FileAuditSink] = weakref.WeakSet()
 os.register_at_fork(after_in_child=lambda: [sink._reseed() for sink in list(_SINKS)])
 
 
+@contextmanager
+def rewrite_lock(directory: Path, wait: bool = True) -> Iterator[bool]:
+    """Hold the directory's rewrite lock (`flock` on `.rewrite.lock`): one
+    rewriter of its files at a time, gzip or erase. Yields False, holding
+    nothing, when `wait` is False and another process holds it."""
+    with open(Path(directory) / ".rewrite.lock", "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+
+
 def compress_closed_days(directory: Path, now: float, grace_s: float = GZIP_GRACE_S) -> list[Path]:
     """Gzip closed day files: `audit-D.ndjson` becomes `audit-D.ndjson.gz`, never today's.
+
+    Only under the directory's rewrite lock, and only a file no writer holds
+    open (`FileAuditSink` holds its open file with a shared `flock`); what
+    is skipped is tried again at the next call (a minute later).
 
     The gzip is written to a temporary name, synced, and renamed over the final
     name before the plain file is removed, so a reader always finds one complete
@@ -302,21 +459,38 @@ def compress_closed_days(directory: Path, now: float, grace_s: float = GZIP_GRAC
     Lines appended after the gzip (a process whose clock is late) are added to
     it as a second gzip member, never written over it.
     """
-    done = []
-    for path in sorted(Path(directory).iterdir()):
-        match = _DAY_FILE.match(path.name)
-        if not match:
-            continue
-        day = date.fromisoformat(match.group(1))
-        day_end = datetime(day.year, day.month, day.day, tzinfo=UTC).timestamp() + 86_400
-        if now < day_end + grace_s:
-            continue
+    with rewrite_lock(directory, wait=False) as held:
+        if not held:
+            return []
+        done = []
+        for path in sorted(Path(directory).iterdir()):
+            match = _DAY_FILE.match(path.name)
+            if not match:
+                continue
+            day = date.fromisoformat(match.group(1))
+            day_end = datetime(day.year, day.month, day.day, tzinfo=UTC).timestamp() + 86_400
+            if now >= day_end + grace_s and _compress_day(path):
+                done.append(path.with_name(path.name + ".gz"))
+        return done
+
+
+def _compress_day(path: Path) -> bool:
+    """Gzip one closed day file unless a writer holds it; whether it was done."""
+    try:
+        held = open(path, "rb")
+    except FileNotFoundError:
+        return False
+    with held:
+        try:
+            fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
         target = path.with_name(path.name + ".gz")
         tmp = path.with_name(f".{path.name}.gz.{os.getpid()}.tmp")
         try:
             if target.exists() and _already_in(target, path):  # a crash between rename and unlink
                 path.unlink(missing_ok=True)
-                continue
+                return False
             with open(path, "rb") as src, open(tmp, "wb") as raw:
                 if target.exists():  # a writer with a late clock appended after the gzip: keep both
                     with open(target, "rb") as old:
@@ -327,12 +501,11 @@ def compress_closed_days(directory: Path, now: float, grace_s: float = GZIP_GRAC
                 os.fsync(raw.fileno())
             os.replace(tmp, target)
             path.unlink(missing_ok=True)
-        except FileNotFoundError:  # another process compressed it first
+        except FileNotFoundError:  # removed meanwhile (retention)
             tmp.unlink(missing_ok=True)
-            continue
-        _fsync_dir(Path(directory))
-        done.append(target)
-    return done
+            return False
+    fsync_dir(path.parent)
+    return True
 
 
 def _already_in(gz: Path, plain: Path) -> bool:
@@ -341,7 +514,7 @@ def _already_in(gz: Path, plain: Path) -> bool:
         return f.read().endswith(plain.read_bytes())
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -480,7 +653,7 @@ def _check_line(report: VerifyReport, carry: dict[str, WriterChain], number: int
         chain.first_seq = seq
     body = {k: v for k, v in record.items() if k != "hash"}
     problem = None
-    if chain_hash(record.get("prevHash"), canonical(body)) != digest:
+    if chain_hash(record.get("prevHash"), sealed_body(body)) != digest:
         problem = "hash does not match the line (a field was changed)"
     elif seq != chain.last_seq + 1:
         problem = f"seq {seq} where {chain.last_seq + 1} was expected (a line was deleted or moved)"

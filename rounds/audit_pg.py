@@ -47,7 +47,7 @@ BATCH = 5_000
 GATEWAY_ROLE = "rounds_gateway"
 
 COLUMNS = ("event_id", "time", "event_type", "user_id", "session_id", "resource_id", "source", "outcome",
-           "details", "writer", "seq", "prev_hash", "hash")
+           "details", "writer", "seq", "prev_hash", "hash", "salt", "erased")
 
 # (version, name, SQL). Append only: a released step is never edited, a
 # change is a new step. Each runs in its own transaction.
@@ -92,7 +92,7 @@ REVOKE ALL ON audit_events FROM {GATEWAY_ROLE};
 GRANT SELECT, INSERT ON audit_events TO {GATEWAY_ROLE};
 """),
     (3, "identifier salt and erasure commitments (rounds audit erase)", """
-ALTER TABLE audit_events ADD COLUMN salt text, ADD COLUMN erased jsonb;
+ALTER TABLE audit_events ADD COLUMN salt jsonb, ADD COLUMN erased jsonb;
 """),
     (4, "audit_ship_positions: how far each gateway has loaded its day files", f"""
 CREATE TABLE audit_ship_positions (
@@ -226,24 +226,36 @@ class AuditRow:
     seq: int | None = None
     prev_hash: str | None = None
     hash: str | None = None
+    salt: dict[str, str] | None = None  # the salts of its personal fields (rounds.audit.sealed_body)
+    erased: dict[str, str] | None = None  # the commitments of its erased fields (rounds audit erase)
 
     def record(self) -> tuple[Any, ...]:
         """The row for COPY, in `COLUMNS` order."""
         return (self.event_id, self.time, self.event_type, self.user_id, self.session_id, self.resource_id,
-                self.source, self.outcome, json.dumps(self.details, separators=(",", ":")), self.writer,
-                self.seq, self.prev_hash, self.hash)
+                self.source, self.outcome, jsonb_text(self.details), self.writer,
+                self.seq, self.prev_hash, self.hash, jsonb_text(self.salt), jsonb_text(self.erased))
 
     def fields(self) -> dict[str, Any]:
-        """The event in the NDJSON file's field names (`time` in microseconds, `Z`)."""
-        return {
+        """The event in the NDJSON file's field names (`time` in microseconds,
+        `Z`); `salt` and `erased` only when the line had them."""
+        found = {
             "eventId": self.event_id, "time": format_time(self.time), "eventType": self.event_type,
             "userId": self.user_id, "sessionId": self.session_id, "resourceId": self.resource_id,
             "source": self.source, "outcome": self.outcome, "details": self.details, "writer": self.writer,
             "seq": self.seq, "prevHash": self.prev_hash, "hash": self.hash,
         }
+        if self.salt is not None:
+            found["salt"] = self.salt
+        if self.erased is not None:
+            found["erased"] = self.erased
+        return found
 
     def to_json(self) -> str:
         return json.dumps(self.fields(), separators=(",", ":"))
+
+
+def jsonb_text(value: dict[str, Any] | None) -> str | None:
+    return None if value is None else json.dumps(value, separators=(",", ":"))
 
 
 class BadLine(ValueError):
@@ -296,6 +308,7 @@ def parse_line(line: str | bytes) -> AuditRow:
     seq = obj.get("seq")
     if seq is not None and (not isinstance(seq, int) or isinstance(seq, bool)):
         raise BadLine("seq is not an integer")
+    salt, erased = _text_map(obj, "salt"), _text_map(obj, "erased")
     return AuditRow(
         event_id=_text(obj, "eventId", required=True) or "",
         time=moment,
@@ -310,7 +323,18 @@ def parse_line(line: str | bytes) -> AuditRow:
         seq=seq,
         prev_hash=_text(obj, "prevHash"),
         hash=_text(obj, "hash"),
+        salt=salt,
+        erased=erased,
     )
+
+
+def _text_map(obj: dict[str, Any], key: str) -> dict[str, str] | None:
+    value = obj.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not all(isinstance(v, str) and "\x00" not in v for v in value.values()):
+        raise BadLine(f"{key} is not an object of strings")
+    return value
 
 
 _DAY_FILE = re.compile(r"^audit-(\d{4}-\d{2}-\d{2})\.ndjson(\.gz)?$")
@@ -498,16 +522,17 @@ def search_sql(query: AuditQuery) -> tuple[str, list[Any]]:
     return sql, args
 
 
-def _row(record: asyncpg.Record) -> AuditRow:
+def row_from_record(record: asyncpg.Record) -> AuditRow:
     values = dict(record)
-    details = values["details"]
-    values["details"] = json.loads(details) if isinstance(details, str) else details
+    for column in ("details", "salt", "erased"):
+        if isinstance(values[column], str):
+            values[column] = json.loads(values[column])
     return AuditRow(**values)
 
 
 async def search_db(conn: asyncpg.Connection, query: AuditQuery) -> list[AuditRow]:
     sql, args = search_sql(query)
-    return [_row(r) for r in await conn.fetch(sql, *args)]
+    return [row_from_record(r) for r in await conn.fetch(sql, *args)]
 
 
 def search_files(directory: Path, query: AuditQuery,
@@ -550,7 +575,7 @@ async def verify_db(conn: asyncpg.Connection, since: datetime, until: datetime) 
     report = VerifyReport(f"audit_events [{format_time(since)}, {format_time(until)})")
     event_ids = [""]
     for number, record in enumerate(rows, start=1):
-        row = _row(record)
+        row = row_from_record(record)
         event_ids.append(row.event_id)
         _check_line(report, {}, number, row.fields())
     for chain in report.writers.values():

@@ -3,12 +3,13 @@
 `verify` checks the hash chains of a day's NDJSON file (rounds.audit). The
 PostgreSQL commands (migrate, load, search) join here, each a subparser
 added in `add_audit_parser` with its own `_name(args) -> int` function.
-Exit codes: 0 all well, 1 the trail is not intact, 2 usage.
+Exit codes: 0 all well, 1 the trail is not intact, 2 usage, 3 (erase) something left to erase.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Awaitable, Callable
 from datetime import UTC, date, datetime
@@ -134,6 +135,17 @@ def _add_pg_parsers(audit: argparse._SubParsersAction) -> None:  # type: ignore[
     retention.add_argument("--dir", help="the audit directory (default: {var_dir}/audit)")
     retention.add_argument("--dsn", help=dsn_help + "; without one, only the files")
     retention.set_defaults(func=_retention)
+
+    erase = audit.add_parser("erase", help="pseudonymise a person's identifiers (keyed hash) in the day files "
+                                           "and PostgreSQL; the chains still verify")
+    erase.add_argument("--user", required=True, help="the user id to erase")
+    erase.add_argument("--key-file", default=os.environ.get("ROUNDS_AUDIT_ERASE_KEY_FILE"),
+                       help="the secret key of the pseudonyms, at least 16 bytes "
+                            "(default: $ROUNDS_AUDIT_ERASE_KEY_FILE)")
+    erase.add_argument("--dry-run", action="store_true", help="count what would change, change nothing")
+    erase.add_argument("--dir", help="the audit directory (default: {var_dir}/audit)")
+    erase.add_argument("--dsn", help=dsn_help + " (a role that may UPDATE); without one, only the files")
+    erase.set_defaults(func=_erase)
 
 
 def _positive(text: str) -> int:
@@ -299,3 +311,60 @@ def _retention(args: argparse.Namespace) -> int:
         return 0
 
     return _with_db(args, "retention", work)
+
+
+def _erase(args: argparse.Namespace) -> int:
+    """Exit 0 when every trace is erased, 3 when some is left (a file in use,
+    lines written before identifiers were salted), 2 usage or database."""
+    from rounds.audit import AuditEvent, FileAuditSink
+    from rounds.audit_erase import MIN_KEY_BYTES, Erasure, erase_db, erase_files, pseudonym
+
+    if not args.key_file:
+        print("rounds audit erase: no key (--key-file or ROUNDS_AUDIT_ERASE_KEY_FILE); make one with "
+              "`head -c 32 /dev/urandom > KEYFILE` and keep it secret and safe", file=sys.stderr)
+        return 2
+    try:
+        key = Path(args.key_file).read_bytes().rstrip(b"\n")
+    except OSError as exc:
+        print(f"rounds audit erase: the key file: {exc}", file=sys.stderr)
+        return 2
+    if len(key) < MIN_KEY_BYTES:
+        print(f"rounds audit erase: the key must hold at least {MIN_KEY_BYTES} bytes", file=sys.stderr)
+        return 2
+    directory = audit_dir(args.settings, args.dir)
+    erasure = Erasure(pseudonym(key, "user", args.user))
+    verb = "would rewrite" if args.dry_run else "rewrote"
+    print(f"user {args.user} -> {erasure.user_pseudonym}")
+    if directory.is_dir():
+        erase_files(directory, args.user, key, erasure, args.dry_run)
+    for found in erasure.files:
+        if found.in_use:
+            print(f"  {found.path}: in use by a running gateway, not rewritten (run again once the day is closed)")
+        elif found.lines or found.unsalted:
+            unsalted = f", {found.unsalted} lines written before salting left as they are" if found.unsalted else ""
+            print(f"  {found.path}: {verb} {found.lines} lines{unsalted}")
+    print(f"files: {erasure.lines} lines in {sum(1 for f in erasure.files if f.lines)} files")
+    if _dsn(args):
+        async def work(conn: Any) -> int:
+            await erase_db(conn, args.user, key, erasure, args.dry_run)
+            print(f"postgresql: {erasure.rows} rows" + (" would be" if args.dry_run else "") + " updated"
+                  + (f", {erasure.unsalted_rows} written before salting left" if erasure.unsalted_rows else ""))
+            return 0
+
+        if _with_db(args, "erase", work):
+            return 2
+    else:
+        print("postgresql: no DSN, files only")
+    if not args.dry_run:
+        sink = FileAuditSink(directory, fsync="always", housekeeping=False)
+        sink.emit(AuditEvent("AUDIT_ERASED", "audit-cli", user_id=erasure.user_pseudonym, details={
+            "lines": erasure.lines, "rows": erasure.rows, "filesInUse": len(erasure.in_use),
+            "unsalted": erasure.unsalted}))
+        sink.close()
+    if erasure.complete:
+        print("complete")
+        return 0
+    print("INCOMPLETE: " + "; ".join(
+        part for part in (f"{len(erasure.in_use)} files in use" if erasure.in_use else "",
+                          f"{erasure.unsalted} events written before salting" if erasure.unsalted else "") if part))
+    return 3

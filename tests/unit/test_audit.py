@@ -9,7 +9,7 @@ import os
 import subprocess
 import sys
 import time
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -18,8 +18,8 @@ from rounds.audit import (
     GZIP_GRACE_S,
     AuditEvent,
     FileAuditSink,
-    canonical,
     chain_hash,
+    sealed_body,
     verify_day,
     verify_file,
 )
@@ -83,23 +83,40 @@ def test_each_line_carries_the_schema_and_is_chained_to_its_writers_previous_lin
     assert {r["writer"] for r in records} == {records[0]["writer"]}
     assert records[0]["writer"].startswith("shard-0#")
     assert set(records[0]) == {"eventId", "time", "eventType", "userId", "sessionId", "resourceId", "source",
-                               "outcome", "details", "writer", "seq", "prevHash", "hash"}
+                               "outcome", "details", "writer", "seq", "prevHash", "salt", "hash"}
+    assert set(records[0]["salt"]) == {"userId"}  # one salt per personal field present (no session here)
+    assert all(len(salt) == 32 for salt in records[0]["salt"].values())
+    assert records[0]["salt"]["userId"] != records[1]["salt"]["userId"]
     assert len(records[0]["time"]) == len("2026-11-26T10:00:00.000000Z") and records[0]["time"].endswith("Z")
 
 
-def test_a_third_party_can_check_a_hash_from_the_raw_line_alone(tmp_path, clock):
+def test_a_third_party_can_check_a_hash_with_hashlib_and_json_alone(tmp_path, clock):
+    """The rule of docs/audit.md, written out here without our helpers: drop
+    `hash`, `salt` and `erased`, put the salted commitment in place of each
+    personal field, serialise canonically, sha256 after the previous hash."""
     sink = make_sink(tmp_path, clock)
-    sink.emit(AuditEvent("DOC_UPDATED", "shard-1", details={"name": "Zoë 🩺", "size": 12}))
-    sink.emit(event(1, "shard-1"))
+    sink.emit(AuditEvent("LOCK_DENIED", "shard-1", "denied", user_id="Zoë 🩺", session_id="s1",
+                         details={"lockedBy": "usr_2", "size": 12}))
+    sink.emit(AuditEvent("DOC_UPDATED", "shard-1", details={"size": 3}))  # no personal field: no salt
     sink.close()
-    first, second = (row.encode() for row in lines(tmp_path / f"audit-{DAY}.ndjson"))
-    digest = json.loads(first)["hash"]
-    body = first[: -len(b',"hash":"' + digest.encode() + b'"}')] + b"}"
-    assert hashlib.sha256(body).hexdigest() == digest
-    assert body == canonical({k: v for k, v in json.loads(first).items() if k != "hash"})
-    body2 = canonical({k: v for k, v in json.loads(second).items() if k != "hash"})
-    assert hashlib.sha256(digest.encode() + body2).hexdigest() == json.loads(second)["hash"]
-    assert chain_hash(digest, body2) == json.loads(second)["hash"]
+    first, second = (json.loads(row) for row in lines(tmp_path / f"audit-{DAY}.ndjson"))
+
+    def expected(record: dict, prev: str | None) -> str:
+        body = {k: v for k, v in record.items() if k not in ("hash", "salt", "erased")}
+        body["details"] = dict(body["details"])
+        for name, salt in record.get("salt", {}).items():
+            where, key = (body["details"], name[8:]) if name.startswith("details.") else (body, name)
+            where[key] = "sha256:" + hashlib.sha256(f"{salt}:{where[key]}".encode()).hexdigest()
+        text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+        return hashlib.sha256((prev or "").encode() + text.encode()).hexdigest()
+
+    assert set(first["salt"]) == {"userId", "sessionId", "details.lockedBy"}
+    assert expected(first, None) == first["hash"]
+    assert "salt" not in second
+    assert expected(second, first["hash"]) == second["hash"]
+    raw = lines(tmp_path / f"audit-{DAY}.ndjson")[1].encode()
+    body = raw[: -len(b',"hash":"' + second["hash"].encode() + b'"}')] + b"}"
+    assert chain_hash(first["hash"], body) == second["hash"]  # no personal field: the raw bytes are the body
 
 
 def test_two_writers_interleaved_in_one_file_verify_ok(day_file):
@@ -144,7 +161,7 @@ def test_a_line_whose_hash_was_recomputed_still_breaks_the_link_to_the_next(day_
     record = json.loads(rows[2])
     record["userId"] = "usr_9"
     body = {k: v for k, v in record.items() if k != "hash"}
-    record["hash"] = chain_hash(record["prevHash"], canonical(body))
+    record["hash"] = chain_hash(record["prevHash"], sealed_body(body))
     rows[2] = json.dumps(record)
     write_lines(day_file, rows)
     (broken,) = [w.broken for w in verify_file(day_file).writers.values() if w.broken]
