@@ -148,6 +148,7 @@ class FrontDoor:
                 log.warning("%s: %d connections still closing after %.1fs", self.name, len(self.clients), timeout_s)
         self.links.close()
         await self.sessions.aclose()
+        self.audit.flush()
 
     def stats(self) -> dict[str, Any]:
         rooms = {r for c in self.clients.values() for r in c.rooms}

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from rounds.frontdoor.server import FrontDoor
-from rounds.audit import AuditSink, FileAuditSink, NullAuditSink
+from rounds.audit import AuditSink, FileAuditSink, NullAuditSink, loop_audit
 from rounds.auth import TokenVerifier
 from rounds.backends import factory
 from rounds.config import Settings
@@ -32,10 +32,10 @@ def audit_sink(settings: Settings) -> AuditSink:
 
 def make_shard(index: int, settings: Settings, audit: AuditSink | None = None) -> ShardService:
     return ShardService(ShardId(index), factory.presence_mirror(settings, f"{settings.ray_namespace}/shard-{index}"),
-                        audit or audit_sink(settings), factory.lock_store(settings),
+                        loop_audit(audit or audit_sink(settings)), factory.lock_store(settings),
                         factory.doc_store(settings), settings, factory.doc_history(settings))
 
 
 def make_frontdoor(index: int, settings: Settings, audit: AuditSink | None = None) -> FrontDoor:
     return FrontDoor(FrontDoorId(index), settings, TokenVerifier(settings),
-                     factory.session_store(settings), audit or audit_sink(settings))
+                     factory.session_store(settings), loop_audit(audit or audit_sink(settings)))

@@ -41,7 +41,6 @@ from rounds.backends.docs import DocStore
 from rounds.backends.history import DocHistory
 from rounds.backends.locks import LockStore
 from rounds.config import EDITOR, Settings
-from rounds.ids import ResourceId
 from rounds.routing import HashRing
 from rounds.shard.doc_shell import DocShell
 from rounds.shard.lock_events import AuditLock, LockAcquire, LockRelease, LockRenew, RoomBroadcast
@@ -110,6 +109,7 @@ class ShardService:
             await self._drain_mirror()
             self._mirror_task.cancel()
         await self.mirror.aclose()
+        self.audit.flush()
 
     def stats(self) -> dict[str, Any]:
         rooms = self.presence.rooms()

@@ -350,3 +350,53 @@ def test_a_damaged_gzip_is_reported_after_the_lines_it_still_holds(tmp_path, clo
     assert chain.broken is None and 0 < chain.last_seq < 200 and bad.line > chain.last_seq
     assert not report.intact
     assert run_verify("--file", str(gz)).returncode == 1
+
+
+# -- a service's loop: replies first, then the audit ---------------------------------
+
+
+async def test_a_loops_audit_is_written_after_the_callbacks_already_queued_in_one_write(tmp_path, clock):
+    import asyncio
+
+    from rounds.audit import LoopAuditSink
+
+    sink = make_sink(tmp_path, clock)
+    order: list[str] = []
+    real_emit_many = sink.emit_many
+
+    def emit_many(events):  # one write per pass, after the replies
+        order.append(f"audit written ({len(events)} events)")
+        real_emit_many(events)
+
+    sink.emit_many = emit_many  # type: ignore[method-assign]
+    audit = LoopAuditSink(sink)
+    loop = asyncio.get_running_loop()
+
+    def handle_burst() -> None:
+        for n in range(3):
+            audit.emit(event(n))  # the audit first, as a lock denial's events come
+            if n == 0:
+                loop.call_soon(order.append, "replies flushed")  # the link schedules its flush like this
+
+    loop.call_soon(handle_burst)
+    for _ in range(4):
+        await asyncio.sleep(0)
+    assert order == ["replies flushed", "audit written (3 events)"]
+    assert [json.loads(line)["seq"] for line in lines(tmp_path / f"audit-{DAY}.ndjson")] == [1, 2, 3]
+    audit.emit(event(3))
+    audit.flush()  # a service that stops writes what is queued at once
+    assert len(lines(tmp_path / f"audit-{DAY}.ndjson")) == 4
+    sink.close()
+
+
+def test_outside_a_loop_and_with_fsync_always_the_audit_is_written_at_once(tmp_path, clock):
+    from rounds.audit import LoopAuditSink, loop_audit
+
+    sink = make_sink(tmp_path, clock)
+    LoopAuditSink(sink).emit(event(1))
+    assert len(lines(tmp_path / f"audit-{DAY}.ndjson")) == 1
+    always = make_sink(tmp_path, clock, fsync="always")
+    assert loop_audit(always) is always
+    assert isinstance(loop_audit(sink), LoopAuditSink)
+    sink.close()
+    always.close()
