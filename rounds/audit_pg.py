@@ -21,7 +21,9 @@ time) is as unique as event_id. `event_id` is text, not uuid, so the id
 reads back exactly as the writer hashed it.
 
 The role `rounds_gateway` (made if missing, NOLOGIN; grant it to the login
-the gateway uses) may INSERT and SELECT, never UPDATE or DELETE.
+the gateway uses) may INSERT and SELECT, never UPDATE or DELETE. It makes
+a new month's partition through `audit_ensure_month` (SECURITY DEFINER,
+migration 5): that is the only DDL it can run.
 
 What must not be here: the file format itself (`rounds.audit`), argument
 parsing (`rounds.auditcli`).
@@ -106,6 +108,46 @@ CREATE TABLE audit_ship_positions (
 );
 GRANT SELECT, INSERT, UPDATE, DELETE ON audit_ship_positions TO {GATEWAY_ROLE};
 """),
+    # rounds_gateway may not CREATE a partition (that needs the table's
+    # ownership, which would also let it drop partitions: tamper evidence).
+    # It calls this instead, which runs as the migrating role and can only
+    # make the partition of one month. The search_path is fixed to the
+    # schema the function lives in: a caller's search_path cannot put its
+    # own `audit_events` or functions in front.
+    (5, "audit_ensure_month: rounds_gateway may create a month partition, nothing else", f"""
+CREATE FUNCTION audit_ensure_month(month date) RETURNS text
+LANGUAGE plpgsql SECURITY DEFINER AS $fn$
+DECLARE
+    part text;
+BEGIN
+    -- Months from 2000-01 to a year ahead: a caller cannot fill the
+    -- schema with partitions of any month it likes.
+    IF month IS NULL OR extract(day FROM month) <> 1 OR month < DATE '2000-01-01'
+            OR month > date_trunc('month', now() AT TIME ZONE 'UTC') + interval '1 year' THEN
+        RAISE EXCEPTION 'audit_ensure_month: % is not the first day of a month from 2000-01 to a year ahead',
+            coalesce(month::text, 'NULL') USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    part := 'audit_events_y' || to_char(month, 'YYYY') || 'm' || to_char(month, 'MM');
+    IF EXISTS (SELECT FROM pg_class WHERE relname = part AND relnamespace = current_schema()::regnamespace) THEN
+        RETURN NULL;
+    END IF;
+    EXECUTE format('CREATE TABLE %I.%I PARTITION OF %I.audit_events FOR VALUES FROM (%L) TO (%L)',
+                   current_schema(), part, current_schema(),
+                   to_char(month, 'YYYY-MM-DD') || ' 00:00:00+00',
+                   to_char(month + interval '1 month', 'YYYY-MM-DD') || ' 00:00:00+00');
+    RETURN part;
+EXCEPTION WHEN duplicate_table OR unique_violation THEN
+    RETURN NULL;  -- a concurrent caller made it between our look and our create
+END $fn$;
+DO $$
+BEGIN
+    -- Bound to the schema it was made in (current_schema() inside it is that schema).
+    EXECUTE format('ALTER FUNCTION %I.audit_ensure_month(date) SET search_path = %I, pg_temp',
+                   current_schema(), current_schema());
+    EXECUTE format('REVOKE ALL ON FUNCTION %I.audit_ensure_month(date) FROM PUBLIC', current_schema());
+    EXECUTE format('GRANT EXECUTE ON FUNCTION %I.audit_ensure_month(date) TO {GATEWAY_ROLE}', current_schema());
+END $$;
+"""),
 )
 
 MIGRATIONS_TABLE = """
@@ -176,20 +218,19 @@ _PARTITION = re.compile(r"^audit_events_y(\d{4})m(\d{2})$")
 
 async def ensure_partitions(conn: asyncpg.Connection, months: Iterable[date]) -> list[str]:
     """Create the month partitions that are missing; return their names.
-    The partitioned indexes and grants of `audit_events` apply to them."""
+    The partitioned indexes of `audit_events` apply to them. Each is made
+    by `audit_ensure_month` (migration 5), so `rounds_gateway` can call
+    this too; a month before 2000 or more than a year ahead is refused
+    (`asyncpg.InvalidParameterValueError`): the owner can still create
+    such a partition by hand, after which it is found here."""
     existing = {name for name, _ in await partitions(conn)}
     made = []
     for month in sorted(set(months)):
-        name = partition_name(month)
-        if name in existing:
+        if partition_name(month) in existing:
             continue
-        try:
-            await conn.execute(
-                f"CREATE TABLE IF NOT EXISTS {name} PARTITION OF audit_events "
-                f"FOR VALUES FROM ('{month.isoformat()} 00:00:00+00') TO ('{next_month(month).isoformat()} 00:00:00+00')")
-        except (asyncpg.DuplicateTableError, asyncpg.UniqueViolationError):
-            continue  # a concurrent loader made it between our look and our create
-        made.append(name)
+        name = await conn.fetchval("SELECT audit_ensure_month($1)", month)
+        if name is not None:  # None: it was there (a concurrent loader made it since our look)
+            made.append(name)
     return made
 
 

@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 import asyncpg
@@ -33,6 +33,8 @@ from rounds.audit_pg import (
     load_dir,
     migrate,
     month_start,
+    next_month,
+    partition_name,
     partitions,
     read_file,
     schema_version,
@@ -43,7 +45,6 @@ from rounds.audit_pg import (
 )
 from rounds.audit_tail import AuditTail, follow
 from tests.conftest import POSTGRES_DSN
-
 
 
 @pytest.fixture
@@ -83,9 +84,9 @@ async def test_migrate_creates_the_partitioned_table_and_is_idempotent(schema: s
     conn = await connect(POSTGRES_DSN, schema)
     try:
         assert await schema_version(conn) == 0
-        assert await migrate(conn) == [1, 2, 3, 4]
+        assert await migrate(conn) == [1, 2, 3, 4, 5]
         assert await migrate(conn) == []
-        assert await schema_version(conn) == 4
+        assert await schema_version(conn) == 5
         kind = await conn.fetchval("SELECT relkind FROM pg_class WHERE oid = 'audit_events'::regclass")
         assert kind == b"p" or kind == "p"
         indexes = {r["indexname"] for r in await conn.fetch(
@@ -100,8 +101,8 @@ async def test_two_migrations_at_once_apply_each_step_once(schema: str) -> None:
     a, b = await connect(POSTGRES_DSN, schema), await connect(POSTGRES_DSN, schema)
     try:
         results = await asyncio.gather(migrate(a), migrate(b))
-        assert sorted(results) == [[], [1, 2, 3, 4]]
-        assert await a.fetchval("SELECT count(*) FROM rounds_schema_migrations") == 4
+        assert sorted(results) == [[], [1, 2, 3, 4, 5]]
+        assert await a.fetchval("SELECT count(*) FROM rounds_schema_migrations") == 5
     finally:
         await a.close()
         await b.close()
@@ -136,6 +137,76 @@ async def test_the_gateway_role_can_insert_and_read_but_not_update_or_delete(db:
                 async with db.transaction():
                     await db.execute(statement)
     assert await count(db) == 2
+
+
+async def test_the_gateway_role_makes_the_partition_of_a_new_month_and_can_still_not_change_or_drop_rows(
+        db: asyncpg.Connection) -> None:
+    t = datetime(2026, 12, 3, 8, 0, tzinfo=UTC)
+    async with db.transaction():
+        await db.execute("SET LOCAL ROLE rounds_gateway")
+        assert await partitions(db) == []
+        assert await insert_rows(db, [AuditRow("c" * 32, t, "X", "u", None, None, "shard-0", "ok", {})]) == 1
+        assert [name for name, _ in await partitions(db)] == ["audit_events_y2026m12"]
+        for statement in ("UPDATE audit_events SET outcome = 'denied'", "DELETE FROM audit_events",
+                          "UPDATE audit_events_y2026m12 SET outcome = 'denied'",
+                          "DELETE FROM audit_events_y2026m12", "TRUNCATE audit_events_y2026m12",
+                          "DROP TABLE audit_events_y2026m12",
+                          "ALTER TABLE audit_events DETACH PARTITION audit_events_y2026m12",
+                          "CREATE TABLE audit_events_y2027m01 PARTITION OF audit_events "
+                          "FOR VALUES FROM ('2027-01-01 00:00:00+00') TO ('2027-02-01 00:00:00+00')"):
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                async with db.transaction():
+                    await db.execute(statement)
+    assert await count(db) == 1
+    owner = await db.fetchval("SELECT tableowner FROM pg_tables WHERE tablename = 'audit_events_y2026m12' "
+                              "AND schemaname = current_schema()")
+    assert owner == await db.fetchval("SELECT current_user")  # the migrating role's, not rounds_gateway's
+
+
+async def test_the_partition_function_refuses_a_day_that_is_not_a_month_or_out_of_range(
+        db: asyncpg.Connection) -> None:
+    this_month = month_start(datetime.now(UTC))
+    next_year = this_month.replace(year=this_month.year + 1)  # the last month it makes
+    async with db.transaction():
+        await db.execute("SET LOCAL ROLE rounds_gateway")
+        for day in (date(2026, 12, 2), date(1999, 12, 1), next_month(next_year), None):
+            with pytest.raises(asyncpg.InvalidParameterValueError, match="first day of a month"):
+                async with db.transaction():
+                    await db.execute("SELECT audit_ensure_month($1)", day)
+        assert await db.fetchval("SELECT audit_ensure_month($1)", date(2000, 1, 1)) == "audit_events_y2000m01"
+        assert await db.fetchval("SELECT audit_ensure_month($1)", next_year) == partition_name(next_year)
+        assert await db.fetchval("SELECT audit_ensure_month($1)", date(2000, 1, 1)) is None  # there already
+    assert [name for name, _ in await partitions(db)] == ["audit_events_y2000m01", partition_name(next_year)]
+
+
+async def test_the_partition_function_runs_as_its_owner_bound_to_its_schema_for_rounds_gateway_only(
+        db: asyncpg.Connection, schema: str) -> None:
+    found = await db.fetchrow(
+        "SELECT p.prosecdef, p.proconfig, p.pronamespace::regnamespace::text AS namespace, "
+        "has_function_privilege('public', p.oid, 'EXECUTE') AS public_may, "
+        "has_function_privilege('rounds_gateway', p.oid, 'EXECUTE') AS gateway_may "
+        "FROM pg_proc p WHERE p.proname = 'audit_ensure_month' AND p.pronamespace = $1::regnamespace", schema)
+    assert found is not None and found["namespace"] == schema
+    assert found["prosecdef"] and found["proconfig"] == [f"search_path={schema}, pg_temp"]
+    assert (found["public_may"], found["gateway_may"]) == (False, True)
+
+
+async def test_two_loaders_making_the_same_month_at_once_both_succeed_and_one_names_it(
+        db: asyncpg.Connection, schema: str) -> None:
+    """The first one's partition is not committed yet when the second looks:
+    the second's CREATE waits for it, fails as a duplicate and says none made."""
+    other = await connect(POSTGRES_DSN, schema)
+    try:
+        month = date(2026, 12, 1)
+        async with db.transaction():
+            assert await ensure_partitions(db, [month]) == ["audit_events_y2026m12"]
+            second = asyncio.create_task(ensure_partitions(other, [month]))
+            await asyncio.sleep(0.3)
+            assert not second.done()  # waiting for the first's transaction
+        assert await asyncio.wait_for(second, 5) == []
+        assert [name for name, _ in await partitions(other)] == ["audit_events_y2026m12"]
+    finally:
+        await other.close()
 
 
 # -- loading -------------------------------------------------------------------

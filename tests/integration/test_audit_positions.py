@@ -19,7 +19,7 @@ import asyncpg
 import pytest
 
 from rounds.audit import AuditEvent, FileAuditSink
-from rounds.audit_pg import GATEWAY_ROLE, connect, ensure_partitions, migrate, month_start
+from rounds.audit_pg import GATEWAY_ROLE, connect, migrate, month_start, partition_name, partitions
 from rounds.audit_tail import AuditTail, Shipper, ShipperStats, follow
 from tests.conftest import POSTGRES_DSN
 
@@ -219,10 +219,10 @@ async def test_two_origins_in_one_schema_do_not_see_each_others_positions(
 
 
 async def test_the_gateway_role_may_keep_its_positions(db: asyncpg.Connection, tmp_path: Path) -> None:
-    """As `rounds_gateway` (migrations 2 and 4 grant it what the shipper
-    needs; the month partition is made by the owner, as `migrate` or an
-    earlier load would)."""
-    await ensure_partitions(db, [month_start(T)])
+    """As `rounds_gateway` (migrations 2, 4 and 5 grant it what the shipper
+    needs), from a schema with no partition yet: the month's is made through
+    `audit_ensure_month`."""
+    assert await partitions(db) == []
     path = day(tmp_path)
     append(path, range(4))
     await db.execute(f"SET ROLE {GATEWAY_ROLE}")
@@ -232,6 +232,7 @@ async def test_the_gateway_role_may_keep_its_positions(db: asyncpg.Connection, t
     path.unlink()
     await AuditTail(tmp_path, origin=ORIGIN).step(db)
     assert await positions(db) == {}
+    assert [name for name, _ in await partitions(db)] == [partition_name(month_start(T))]
     await db.execute("RESET ROLE")
 
 
