@@ -148,6 +148,9 @@ BEGIN
     EXECUTE format('GRANT EXECUTE ON FUNCTION %I.audit_ensure_month(date) TO {GATEWAY_ROLE}', current_schema());
 END $$;
 """),
+    (6, "audit_ship_positions.head: a fingerprint that tells a file from another under the same name", """
+ALTER TABLE audit_ship_positions ADD COLUMN head text;
+"""),
 )
 
 MIGRATIONS_TABLE = """

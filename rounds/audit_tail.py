@@ -2,7 +2,7 @@
 is down, events keep going to the files and are loaded when it returns".
 
 The files are the record; `AuditTail` remembers how far it has loaded each
-day file (bytes, lines, inode) and, on each `step`, loads only what was
+day file (bytes, lines, inode, head) and, on each `step`, loads only what was
 appended since: complete lines of a plain file (a writer may be mid-line),
 new members of a gzip (a late writer's lines are added to a gzipped day as
 a member, rounds.audit). When a day is gzipped its .gz is new to the tail
@@ -17,8 +17,10 @@ covers: after a crash at any point the rows and the positions agree, and
 the next start neither re-reads a committed batch nor skips a line. The
 first step (and the first after a failure, whose commit may or may not
 have happened) reads the origin's positions back; a plain file whose inode
-is not the stored one is new and read from 0; the row of a file that is
-gone (gzipped, removed by retention) is deleted.
+or first line is not the stored one is new and read from 0 (a file removed
+and made again can get the old inode number back), and so is a gzip whose
+bytes up to its position changed (rewritten whole by `rounds audit erase`);
+the row of a file that is gone (gzipped, removed by retention) is deleted.
 
 `follow` is the asyncio shell: connect, migrate, step every `interval_s`,
 reconnect with backoff while PostgreSQL is down. `Shipper` runs `follow` on
@@ -26,13 +28,14 @@ a thread of its own (its own event loop) beside the gateway's supervisor,
 and reports what it has done (`ShipperStats`).
 
 What must not be here: the schema (rounds.audit_pg, migration 4 makes the
-positions table) and the file format (rounds.audit).
+positions table, migration 6 its `head`) and the file format (rounds.audit).
 """
 
 from __future__ import annotations
 
 import asyncio
 import gzip
+import hashlib
 import io
 import json
 import logging
@@ -43,6 +46,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import BinaryIO
 
 import asyncpg
 
@@ -51,13 +55,15 @@ from rounds.audit_pg import BATCH, LoadReport, connect, day_files, load_items, m
 log = logging.getLogger(__name__)
 
 MAX_READ_BYTES = 64 * 1024 * 1024  # one step reads at most this much of a file; the next goes on
+HEAD_BYTES = 4096  # a plain file's head is its first line, or this many bytes of a longer one
 
 
-# audit_ship_positions is made by migration 4 (rounds.audit_pg).
-FETCH_POSITIONS = "SELECT file, inode, byte_offset, lines FROM audit_ship_positions WHERE origin = $1"
-STORE_POSITION = ("INSERT INTO audit_ship_positions (origin, file, inode, byte_offset, lines) "
-                  "VALUES ($1, $2, $3, $4, $5) ON CONFLICT (origin, file) DO UPDATE SET inode = EXCLUDED.inode, "
-                  "byte_offset = EXCLUDED.byte_offset, lines = EXCLUDED.lines, updated_at = now()")
+# audit_ship_positions is made by migration 4 (rounds.audit_pg), `head` added by migration 6.
+FETCH_POSITIONS = "SELECT file, inode, byte_offset, lines, head FROM audit_ship_positions WHERE origin = $1"
+STORE_POSITION = ("INSERT INTO audit_ship_positions (origin, file, inode, byte_offset, lines, head) "
+                  "VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (origin, file) DO UPDATE SET inode = EXCLUDED.inode, "
+                  "byte_offset = EXCLUDED.byte_offset, lines = EXCLUDED.lines, head = EXCLUDED.head, "
+                  "updated_at = now()")
 FORGET_POSITIONS = "DELETE FROM audit_ship_positions WHERE origin = $1 AND file = ANY($2::text[])"
 
 
@@ -66,6 +72,9 @@ class _Position:
     offset: int = 0  # bytes of the file loaded; always the end of a line (plain) or of a member (gzip)
     lines: int = 0  # lines of the file loaded (for line numbers of corrupt lines)
     inode: int = 0  # a new inode under the same name is a new plain file
+    # sha256 hex of a plain file's first line (`_line_head`) or of a gzip's first `offset` bytes;
+    # None: not known yet (nothing complete read, or stored before migration 6)
+    head: str | None = None
 
 
 def default_origin(directory: Path) -> str:
@@ -91,7 +100,7 @@ class AuditTail:
         report = report if report is not None else LoadReport()
         try:
             if self._stale:
-                self._loaded = {r["file"]: _Position(r["byte_offset"], r["lines"], r["inode"])
+                self._loaded = {r["file"]: _Position(r["byte_offset"], r["lines"], r["inode"], r["head"])
                                 for r in await conn.fetch(FETCH_POSITIONS, self.origin)}
                 self._stale = False
             if not self.directory.is_dir():
@@ -118,7 +127,9 @@ class AuditTail:
         except FileNotFoundError:
             return  # gzipped between the listing and the open: the next step loads the .gz
         if not lines:
-            if end != stored:  # a new file with no complete line yet, a new inode, a gzip's empty member
+            # a new file with no complete line yet, a new inode or head, a gzip's empty member,
+            # a head filled in for a position stored before migration 6
+            if end != stored:
                 await _store(conn, self.origin, path.name, end)
                 self._loaded[path.name] = end
             return
@@ -150,38 +161,73 @@ class AuditTail:
 
 
 async def _store(conn: asyncpg.Connection, origin: str, name: str, pos: _Position) -> None:
-    await conn.execute(STORE_POSITION, origin, name, pos.inode, pos.offset, pos.lines)
+    await conn.execute(STORE_POSITION, origin, name, pos.inode, pos.offset, pos.lines, pos.head)
 
 
 def _read_new(path: Path, pos: _Position) -> tuple[_Position, list[bytes], _Position]:
     """Where reading `path` starts, the complete lines it gained past `pos`
     (each with its newline), and the position after them.
 
-    A plain file grows by lines; a gzip by members (a late writer's lines are
-    appended to a gzipped day as a new member, rounds.audit), so its new
-    lines are the members from the old compressed size on. A plain file
-    replaced (a new inode), or any file smaller than the position, is read
-    from the start (rows already there are no-ops)."""
+    A plain file grows by lines, and is the file of `pos` only if its inode
+    and its first line are the stored ones: a file removed and made again
+    may get the same inode number (file systems reuse them), and an
+    append-only file's first line never changes. Otherwise, or when it is
+    smaller than the position, it is read from the start (rows already
+    there are no-ops). A gzip: see `_read_new_gzip`."""
     with open(path, "rb") as f:
         stat = os.fstat(f.fileno())
         size, inode = stat.st_size, _signed(stat.st_ino)
-        gz = path.name.endswith(".gz")
-        # A gzip is replaced (renamed over) when a member is added, its old bytes kept as they were.
-        if size < pos.offset or (inode != pos.inode and not gz):
+        if path.name.endswith(".gz"):
+            return _read_new_gzip(f, size, inode, pos)
+        head = _line_head(os.pread(f.fileno(), HEAD_BYTES, 0))
+        if size < pos.offset or inode != pos.inode or (pos.head is not None and head != pos.head):
             pos = _Position(inode=inode)
-        elif inode != pos.inode:
-            pos = replace(pos, inode=inode)
+        # A position stored before migration 6 has no head: the same file by the rules of then, it gets one.
+        pos = replace(pos, head=head)
         if size == pos.offset:
             return pos, [], pos
         f.seek(pos.offset)
-        if gz:
-            with gzip.GzipFile(fileobj=f, mode="rb") as members:
-                lines = io.BytesIO(members.read()).readlines()
-            return pos, lines, _Position(size, pos.lines + len(lines), inode)
         data = f.read(MAX_READ_BYTES)
+        if head is None:  # the first line was completed since we looked
+            head = _line_head(os.pread(f.fileno(), HEAD_BYTES, 0))
     complete = data[:data.rfind(b"\n") + 1]  # a writer may be mid-line
     lines = io.BytesIO(complete).readlines()  # split at b"\n" only, as `read_file` numbers them
-    return pos, lines, _Position(pos.offset + len(complete), pos.lines + len(lines), inode)
+    return pos, lines, _Position(pos.offset + len(complete), pos.lines + len(lines), inode, head)
+
+
+def _read_new_gzip(f: BinaryIO, size: int, inode: int, pos: _Position) -> tuple[_Position, list[bytes], _Position]:
+    """`_read_new` of a gzip, which grows by members: a late writer's lines
+    are appended to a gzipped day as a new member, the old bytes kept and
+    the file renamed over (so its inode says nothing), rounds.audit. Its new
+    lines are the members from the old size on, if the bytes up to there are
+    the ones read (their hash is the position's head); a gzip rewritten
+    whole (`rounds audit erase`) is read from the start. One that has not
+    changed size is not read at all."""
+    if size == pos.offset:
+        pos = replace(pos, inode=inode)
+        return pos, [], pos
+    digest = hashlib.sha256()
+    left = pos.offset if size > pos.offset else 0
+    while left and (chunk := f.read(min(left, 1 << 20))):
+        digest.update(chunk)
+        left -= len(chunk)
+    if size < pos.offset or digest.hexdigest() != pos.head:  # also a head not known (before migration 6)
+        pos, digest = _Position(), hashlib.sha256()
+        f.seek(0)
+    new = f.read()
+    digest.update(new)
+    with gzip.GzipFile(fileobj=io.BytesIO(new), mode="rb") as members:
+        lines = io.BytesIO(members.read()).readlines()
+    start = replace(pos, inode=inode)
+    return start, lines, _Position(pos.offset + len(new), pos.lines + len(lines), inode, digest.hexdigest())
+
+
+def _line_head(first: bytes) -> str | None:
+    """A plain file's head from its first `HEAD_BYTES`: the hash of its
+    first line (with the newline), or of all of them when the line is longer;
+    None while neither is there."""
+    end = first.find(b"\n") + 1 or (HEAD_BYTES if len(first) >= HEAD_BYTES else 0)
+    return hashlib.sha256(first[:end]).hexdigest() if end else None
 
 
 def _batches(start: _Position, lines: list[bytes], end: _Position, batch: int,
@@ -198,7 +244,7 @@ def _batches(start: _Position, lines: list[bytes], end: _Position, batch: int,
             assert gz or offset == end.offset, (offset, end)
             yield chunk, end
         else:
-            yield chunk, None if gz else _Position(offset, start.lines + first + len(chunk), start.inode)
+            yield chunk, None if gz else _Position(offset, start.lines + first + len(chunk), start.inode, end.head)
 
 
 def _signed(inode: int) -> int:

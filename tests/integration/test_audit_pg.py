@@ -84,9 +84,9 @@ async def test_migrate_creates_the_partitioned_table_and_is_idempotent(schema: s
     conn = await connect(POSTGRES_DSN, schema)
     try:
         assert await schema_version(conn) == 0
-        assert await migrate(conn) == [1, 2, 3, 4, 5]
+        assert await migrate(conn) == [1, 2, 3, 4, 5, 6]
         assert await migrate(conn) == []
-        assert await schema_version(conn) == 5
+        assert await schema_version(conn) == 6
         kind = await conn.fetchval("SELECT relkind FROM pg_class WHERE oid = 'audit_events'::regclass")
         assert kind == b"p" or kind == "p"
         indexes = {r["indexname"] for r in await conn.fetch(
@@ -101,8 +101,8 @@ async def test_two_migrations_at_once_apply_each_step_once(schema: str) -> None:
     a, b = await connect(POSTGRES_DSN, schema), await connect(POSTGRES_DSN, schema)
     try:
         results = await asyncio.gather(migrate(a), migrate(b))
-        assert sorted(results) == [[], [1, 2, 3, 4, 5]]
-        assert await a.fetchval("SELECT count(*) FROM rounds_schema_migrations") == 5
+        assert sorted(results) == [[], [1, 2, 3, 4, 5, 6]]
+        assert await a.fetchval("SELECT count(*) FROM rounds_schema_migrations") == 6
     finally:
         await a.close()
         await b.close()

@@ -1,7 +1,8 @@
 """The audit shipper keeps its positions in PostgreSQL (`audit_ship_positions`):
 a restarted tail reads nothing already loaded, a crash between batches
-leaves rows and positions in agreement, a new inode or a gzipped day is
-handled as before, and each origin sees only its own positions. Real
+leaves rows and positions in agreement, a new inode, a file made again
+with the old inode (its head tells) or a gzipped day is handled as before,
+and each origin sees only its own positions. Real
 PostgreSQL (database `test`, a schema of its own per test, dropped after).
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import hashlib
 import json
 import socket
 from collections.abc import AsyncIterator
@@ -59,6 +61,15 @@ async def positions(conn: asyncpg.Connection, origin: str = ORIGIN) -> dict[str,
     found = await conn.fetch("SELECT file, inode, byte_offset, lines FROM audit_ship_positions WHERE origin = $1",
                              origin)
     return {r["file"]: (r["inode"], r["byte_offset"], r["lines"]) for r in found}
+
+
+async def heads(conn: asyncpg.Connection, origin: str = ORIGIN) -> dict[str, str | None]:
+    found = await conn.fetch("SELECT file, head FROM audit_ship_positions WHERE origin = $1", origin)
+    return {r["file"]: r["head"] for r in found}
+
+
+def sha256(data: str | bytes) -> str:
+    return hashlib.sha256(data.encode() if isinstance(data, str) else data).hexdigest()
 
 
 async def event_ids(conn: asyncpg.Connection) -> list[str]:
@@ -168,6 +179,89 @@ async def test_a_file_replaced_under_the_same_name_is_read_from_the_start_after_
 
     assert counts(await AuditTail(tmp_path, origin=ORIGIN).step(db)) == (6, 6, 0)
     assert await positions(db) == {path.name: (path.stat().st_ino, path.stat().st_size, 6)}
+
+
+async def test_a_file_made_again_with_the_same_inode_and_size_is_told_apart_by_its_first_line(
+        db: asyncpg.Connection, tmp_path: Path) -> None:
+    """A plain file removed and made again can get the old inode number back
+    (file systems reuse them); writing a file again in place keeps its inode
+    for sure. Only its first line then tells it is not the file loaded."""
+    path = day(tmp_path)
+    append(path, range(10, 15))
+    running = AuditTail(tmp_path, origin=ORIGIN)
+    assert counts(await running.step(db)) == (5, 5, 0)
+    assert await heads(db) == {path.name: sha256(line(10))}
+    inode, size = path.stat().st_ino, path.stat().st_size
+
+    path.write_text("".join(line(n) for n in range(20, 25)))  # truncated and written: the same inode
+    assert (path.stat().st_ino, path.stat().st_size) == (inode, size)
+    assert counts(await AuditTail(tmp_path, origin=ORIGIN).step(db)) == (5, 5, 0)  # restarted
+    assert await positions(db) == {path.name: (inode, size, 5)}
+    assert await heads(db) == {path.name: sha256(line(20))}
+
+    path.write_text("".join(line(n) for n in range(30, 38)))  # longer: the running tail tells it too
+    assert counts(await running.step(db)) == (8, 8, 0)
+    append(path, range(38, 40))  # a file that grows keeps its head
+    assert counts(await running.step(db)) == (2, 2, 0)
+    assert await heads(db) == {path.name: sha256(line(30))}
+    assert len(await event_ids(db)) == 20
+
+
+async def test_a_first_line_longer_than_the_head_bytes_is_fingerprinted_by_its_start(
+        db: asyncpg.Connection, tmp_path: Path) -> None:
+    path = day(tmp_path)
+    long = json.loads(line(0))
+    long["details"]["note"] = "x" * 5000
+    path.write_text(json.dumps(long) + "\n")
+    tail = AuditTail(tmp_path, origin=ORIGIN)
+    assert counts(await tail.step(db)) == (1, 1, 0)
+    assert await heads(db) == {path.name: sha256(path.read_bytes()[:4096])}
+    append(path, range(1, 3))
+    assert counts(await tail.step(db)) == (2, 2, 0)
+
+
+async def test_a_gzip_rewritten_whole_is_read_again_from_the_start_not_from_its_old_end(
+        db: asyncpg.Connection, tmp_path: Path) -> None:
+    """`rounds audit erase` writes a day's .gz again, one member: its old
+    end is in the middle of the new one's compressed stream. The hash of
+    the bytes read so far (its head) tells; rows already there are no-ops."""
+    packed = day(tmp_path, gz=True)
+    packed.write_bytes(gzip.compress("".join(line(n) for n in range(20)).encode(), mtime=0))
+    assert counts(await AuditTail(tmp_path, origin=ORIGIN).step(db)) == (20, 20, 0)
+    assert await heads(db) == {packed.name: sha256(packed.read_bytes())}
+    loaded = packed.stat().st_size
+
+    rewritten = tmp_path / "erase.tmp"  # a line changed, lines added, the same gzip header
+    rewritten.write_bytes(gzip.compress("".join(line(n) for n in (*range(19), *range(40, 45))).encode(), mtime=0))
+    rewritten.replace(packed)
+    assert packed.stat().st_size > loaded
+    assert counts(await AuditTail(tmp_path, origin=ORIGIN).step(db)) == (24, 5, 19)
+    assert await positions(db) == {packed.name: (packed.stat().st_ino, packed.stat().st_size, 24)}
+    assert await heads(db) == {packed.name: sha256(packed.read_bytes())}
+
+
+async def test_positions_stored_before_the_head_was_kept_get_one_and_a_changed_gzip_of_then_is_read_again(
+        db: asyncpg.Connection, tmp_path: Path) -> None:
+    """A plain file whose position has no head (stored before migration 6)
+    is the same file by the rules of then (inode, size) and gets its head;
+    a gzip's bytes cannot be checked without one, so when it has grown it
+    is read from the start."""
+    plain, packed = day(tmp_path), tmp_path / "audit-2026-11-25.ndjson.gz"
+    append(plain, range(5))
+    packed.write_bytes(gzip.compress("".join(line(n) for n in range(10, 13)).encode()))
+    assert counts(await AuditTail(tmp_path, origin=ORIGIN).step(db)) == (8, 8, 0)
+    await db.execute("UPDATE audit_ship_positions SET head = NULL")
+
+    append(plain, range(5, 7))
+    late = tmp_path / "late.gz"
+    late.write_bytes(packed.read_bytes() + gzip.compress(line(13).encode()))
+    late.replace(packed)
+    assert counts(await AuditTail(tmp_path, origin=ORIGIN).step(db)) == (2 + 4, 2 + 1, 3)
+    assert await heads(db) == {plain.name: sha256(line(0)), packed.name: sha256(packed.read_bytes())}
+
+    await db.execute("UPDATE audit_ship_positions SET head = NULL")
+    assert counts(await AuditTail(tmp_path, origin=ORIGIN).step(db)) == (0, 0, 0)  # nothing grew
+    assert await heads(db) == {plain.name: sha256(line(0)), packed.name: None}
 
 
 async def test_a_gzipped_day_is_loaded_whole_once_and_the_plain_files_row_is_removed(
