@@ -71,6 +71,19 @@ async def schema() -> AsyncIterator[str]:
 
 
 @pytest.fixture
+async def db(schema: str) -> AsyncIterator[asyncpg.Connection]:
+    """A connection to the test's own schema, the audit tables migrated into it."""
+    from rounds.audit_pg import connect, migrate
+
+    conn = await connect(POSTGRES_DSN, schema)
+    await migrate(conn)
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
 def rdb(redis_url: str) -> Iterator[redis.Redis]:
     client = redis.Redis.from_url(redis_url, decode_responses=True)
     yield client

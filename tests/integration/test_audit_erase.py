@@ -6,7 +6,6 @@ changes nothing. Each test works in a schema of its own."""
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
 import asyncpg
@@ -14,21 +13,10 @@ import pytest
 
 from rounds.audit import canonical, chain_hash
 from rounds.audit_erase import Erasure, erase_db, erase_files, pseudonym
-from rounds.audit_pg import AuditQuery, connect, load_dir, migrate, search_db, verify_db
-from tests.conftest import POSTGRES_DSN
+from rounds.audit_pg import AuditQuery, load_dir, search_db, verify_db
 from tests.unit.test_audit_erase import ALICE, BOB, DAY, KEY, records, write_day
 
 SINCE, UNTIL = datetime(2026, 11, 1, tzinfo=UTC), datetime(2026, 12, 1, tzinfo=UTC)
-
-
-@pytest.fixture
-async def db(schema: str) -> AsyncIterator[asyncpg.Connection]:
-    conn = await connect(POSTGRES_DSN, schema)
-    await migrate(conn)
-    try:
-        yield conn
-    finally:
-        await conn.close()
 
 
 async def test_erase_in_postgresql_keeps_every_chain_intact_and_the_person_unfindable(db, tmp_path):

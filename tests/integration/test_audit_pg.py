@@ -14,7 +14,6 @@ import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
@@ -45,16 +44,6 @@ from rounds.audit_pg import (
 )
 from rounds.audit_tail import AuditTail, follow
 from tests.conftest import POSTGRES_DSN
-
-
-@pytest.fixture
-async def db(schema: str) -> AsyncIterator[asyncpg.Connection]:
-    conn = await connect(POSTGRES_DSN, schema)
-    await migrate(conn)
-    try:
-        yield conn
-    finally:
-        await conn.close()
 
 
 def event(n: int, time: datetime, user: str = "dr-a", resource: str = "patient:1/vitals",

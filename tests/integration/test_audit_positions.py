@@ -13,7 +13,6 @@ import gzip
 import hashlib
 import json
 import socket
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -21,23 +20,13 @@ import asyncpg
 import pytest
 
 from rounds.audit import AuditEvent, FileAuditSink
-from rounds.audit_pg import GATEWAY_ROLE, connect, migrate, month_start, partition_name, partitions
+from rounds.audit_pg import GATEWAY_ROLE, month_start, partition_name, partitions
 from rounds.audit_tail import AuditTail, Shipper, ShipperStats, follow
 from tests.conftest import POSTGRES_DSN
 
 ORIGIN = "host-a:/var/rounds/audit"
 DAY = "2026-11-26"
 T = datetime(2026, 11, 26, 10, 0, tzinfo=UTC)
-
-
-@pytest.fixture
-async def db(schema: str) -> AsyncIterator[asyncpg.Connection]:
-    conn = await connect(POSTGRES_DSN, schema)
-    await migrate(conn)
-    try:
-        yield conn
-    finally:
-        await conn.close()
 
 
 def line(n: int) -> str:
