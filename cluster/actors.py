@@ -33,6 +33,12 @@ def _bind_host(settings: Settings) -> str:
     return ray.util.get_node_ip_address() if settings.ray_address else "127.0.0.1"
 
 
+def _on_this_node(settings: Settings) -> Settings:
+    """The settings with this actor's node: the relay sends to front doors
+    of other nodes through RabbitMQ (`rounds.relay`)."""
+    return settings if settings.node_id else settings.replace(node_id=ray.get_runtime_context().get_node_id())
+
+
 def _freeze_heap() -> None:
     """Move everything alive after start-up (Ray, its imports, ours) out of
     the collector's sight: a full collection then walks only what serving
@@ -49,7 +55,7 @@ class ShardActor:
         logs.configure()
         self.index = index
         self._loop = ThreadLoop(f"shard-{index}")
-        self._service = self._loop.call(make_shard, index, settings)
+        self._service = self._loop.call(make_shard, index, _on_this_node(settings))
         self._address = self._loop.run(self._service.start(_bind_host(settings), 0))
         self._metrics = metrics.ShardMetrics(index, self.stats)
         _freeze_heap()
@@ -77,7 +83,7 @@ class FrontDoorActor:
         logs.configure()
         self.index = index
         self._loop = ThreadLoop(f"frontdoor-{index}")
-        self._door = self._loop.call(make_frontdoor, index, settings)
+        self._door = self._loop.call(make_frontdoor, index, _on_this_node(settings))
         self._loop.run(self._door.start())
         self._metrics = metrics.FrontDoorMetrics(index, self.stats)
         _freeze_heap()

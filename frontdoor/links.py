@@ -61,7 +61,7 @@ class _ShardLink:
                 continue
             delay = RECONNECT_MIN_S
             self.protocol = protocol
-            protocol.send(Hello(self.owner.frontdoor, self.owner.epoch))
+            protocol.send(Hello(self.owner.frontdoor, self.owner.epoch, self.owner.node))
             self.resync()
             log.info("linked to shard-%d at %s:%d", self.shard, *self.address)
             await lost
@@ -90,9 +90,10 @@ class ShardLinks:
     def __init__(self, frontdoor: FrontDoorId, epoch: str,
                  on_message: Callable[[LinkMessage], None],
                  members_of: Callable[[ShardId], list[Join]],
-                 on_down: Callable[[ShardId], None] = lambda shard: None) -> None:
+                 on_down: Callable[[ShardId], None] = lambda shard: None, node: str = "local") -> None:
         self.frontdoor = frontdoor
         self.epoch = epoch
+        self.node = node
         self.on_message = on_message
         self.on_down = on_down
         self._members_of = members_of

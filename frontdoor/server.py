@@ -35,13 +35,14 @@ from websockets.http11 import Request, Response
 
 from rounds.frontdoor.fanout import frame as ws_frame, send_frame
 from rounds.frontdoor.links import Address, ShardLinks
+from rounds.frontdoor.relay import FrontDoorRelay
 from rounds.audit import AuditEvent, AuditSink
 from rounds.auth import AuthError, Identity, TokenVerifier
 from rounds.backends.base import SessionStore
 from rounds.clock import now_ms
 from rounds.config import EDITOR, Settings
 from rounds.ids import ConnId, FrontDoorId, ResourceId, SessionId, ShardId, UserId, conn_id
-from rounds.link import LinkMessage
+from rounds.link import LinkMessage, RelayBatch, RelayReset
 from rounds.frontdoor.yjs import YJS, command_for, resource_from_path
 from rounds.wire import (
     SUBPROTOCOLS,
@@ -95,7 +96,11 @@ class FrontDoor:
         self.sessions = sessions
         self.audit = audit
         self.epoch = uuid.uuid4().hex[:12]
-        self.links = ShardLinks(index, self.epoch, self._on_link_message, self._members_of, self._on_shard_down)
+        self.node = settings.node_id or "local"
+        self.links = ShardLinks(index, self.epoch, self._on_link_message, self._members_of, self._on_shard_down,
+                                node=self.node)
+        self.relay = (FrontDoorRelay(index, settings, self._on_link_message, self.links.send, self._on_relay_reset)
+                      if settings.amqp_url and settings.relay != "off" else None)
         self.clients: dict[ConnId, Client] = {}
         self._counter = itertools.count(1)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -130,6 +135,8 @@ class FrontDoor:
             reuse_port=True,
         )
         self._reaper = asyncio.create_task(self._reap_idle(), name=f"{self.name}-reaper")
+        if self.relay is not None:
+            self.relay.start()
         log.info("%s serving ws://%s:%d/ws", self.name, s.host, s.port)
 
     def set_address_book(self, version: int, book: dict[ShardId, Address]) -> None:
@@ -147,6 +154,8 @@ class FrontDoor:
             except TimeoutError:
                 log.warning("%s: %d connections still closing after %.1fs", self.name, len(self.clients), timeout_s)
         self.links.close()
+        if self.relay is not None:
+            await self.relay.stop()
         await self.sessions.aclose()
         self.audit.flush()
 
@@ -162,6 +171,7 @@ class FrontDoor:
             "rejected": self.rejected,
             "overloaded": self.overloaded,
             "draining": self.draining,
+            "relay": self.relay.stats() if self.relay is not None else None,
         }
 
     async def health(self) -> dict[str, Any]:
@@ -174,7 +184,8 @@ class FrontDoor:
             "frontdoor": self.index,
             "connections": len(self.clients),
             "shards": {str(k): ("up" if v else "down") for k, v in shards.items()},
-            "backends": {"sessions": sessions},
+            "backends": {"sessions": sessions, **({"relay": {
+                "ok": self.relay.consumer.up, "error": self.relay.consumer.last_error}} if self.relay else {})},
         }
 
     # --- handshake ----------------------------------------------------------------
@@ -487,8 +498,20 @@ class FrontDoor:
                     self._send_yjs(client, type_, data)
                 else:
                     self._send(client, type_, data, ref)
+            case RelayBatch() | RelayReset():
+                if self.relay is not None:
+                    self.relay.on_link(msg)
             case _:
                 log.error("%s: unexpected link message %s", self.name, type(msg).__name__)
+
+    def _on_relay_reset(self, shard: ShardId) -> None:
+        """Relayed messages of that shard were lost for good: its clients here
+        reconnect (1012, service restart) and so start from its state again."""
+        route = self.links.route
+        for client in list(self.clients.values()):
+            if any(route(rid) == shard for rid in client.rooms):
+                client.close_reason = "relay reset"
+                self._spawn(client.ws.close(1012, "relayed messages lost; reconnect"))
 
     def _deliver(self, conns: Iterable[ConnId], type_: str, data: dict[str, Any]) -> None:
         by_codec: dict[Any, list[ServerConnection]] = {}

@@ -45,7 +45,9 @@ class Settings:
     dashboard_port: int = 8265
     var_dir: str = "var"  # dev keys, snapshots, audit files
     redis_url: str | None = None
-    amqp_url: str | None = None
+    amqp_url: str | None = None  # RabbitMQ of the cross-node relay (rounds.relay); none: every front door direct
+    relay: str = "auto"  # with amqp_url: "auto" relays to front doors on other nodes, "always" to all, "off" to none
+    node_id: str | None = None  # this process's node for the relay; default Ray's node id, "local" without Ray
     postgres_dsn: str | None = None
     audit: str = "files"  # "files": NDJSON day files under var_dir/audit; "off": no audit trail (benchmarks only)
     audit_fsync: str = "interval"  # audit files: "interval" (<= 1 s lost on power cut), "always", "never" (docs/audit.md)

@@ -8,6 +8,7 @@ for integration tests that need a gateway in milliseconds and for profiling.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 from rounds.frontdoor.server import FrontDoor
@@ -19,9 +20,13 @@ from rounds.shard.service import ShardService
 
 
 class InProcessGateway:
-    def __init__(self, settings: Settings, audit: AuditSink | None = None) -> None:
+    def __init__(self, settings: Settings, audit: AuditSink | None = None,
+                 node_of: Callable[[str, int], str] | None = None) -> None:
+        """`node_of(kind, index)` ("shard" or "frontdoor") puts services on
+        pretend nodes, for the cross-node relay; default: all on one."""
         self.settings = settings
         self.audit = audit
+        self._node_of = node_of
         self.shards: list[ShardService] = []
         self.frontdoors: list[FrontDoor] = []
 
@@ -30,9 +35,10 @@ class InProcessGateway:
         return f"ws://{self.settings.host}:{self.settings.port}/ws"
 
     async def start(self, timeout_s: float = 10) -> InProcessGateway:
-        self.shards = [make_shard(i, self.settings, self.audit) for i in range(self.settings.shards)]
+        self.shards = [make_shard(i, self._on("shard", i), self.audit) for i in range(self.settings.shards)]
         book = {ShardId(i): await s.start() for i, s in enumerate(self.shards)}
-        self.frontdoors = [make_frontdoor(i, self.settings, self.audit) for i in range(self.settings.frontdoors)]
+        self.frontdoors = [make_frontdoor(i, self._on("frontdoor", i), self.audit)
+                           for i in range(self.settings.frontdoors)]
         for fd in self.frontdoors:
             await fd.start()
             fd.set_address_book(1, book)
@@ -40,6 +46,9 @@ class InProcessGateway:
             while not all(all(fd.links.status().values()) for fd in self.frontdoors):
                 await asyncio.sleep(0.01)
         return self
+
+    def _on(self, kind: str, index: int) -> Settings:
+        return self.settings if self._node_of is None else self.settings.replace(node_id=self._node_of(kind, index))
 
     async def stop(self) -> None:
         for fd in self.frontdoors:

@@ -39,15 +39,49 @@ class Hello:
 
     frontdoor: FrontDoorId
     epoch: str  # new each time the front door process starts
+    node: str = ""  # the node it runs on: the shard relays to other nodes' front doors (rounds.relay)
+
+
+@dataclass(frozen=True, slots=True)
+class RelayBatch:
+    """Shard → front door on another node, over the link: a numbered batch
+    of frames the relay could not carry, or that the front door asked for."""
+
+    shard: int
+    epoch: str  # the shard's epoch
+    seq: int
+    body: bytes  # length-prefixed frames (`decode_frames`)
+
+
+@dataclass(frozen=True, slots=True)
+class RelayAck:
+    """Front door → shard: every batch up to `through` is delivered;
+    `missing` (0: none) is the number it waits for."""
+
+    frontdoor: FrontDoorId
+    epoch: str  # the shard epoch it acknowledges
+    through: int
+    missing: int
+
+
+@dataclass(frozen=True, slots=True)
+class RelayReset:
+    """Shard → front door: the batches up to `through` are gone (the shard's
+    buffer was full); go on from there."""
+
+    shard: int
+    epoch: str
+    through: int
 
 
 LinkMessage = (Hello | Sync | Join | Leave | Disconnect | LockAcquire | LockRenew | LockRelease
-               | DocUpdate | DocSync | Awareness | Reply | Deliver)
+               | DocUpdate | DocSync | Awareness | Reply | Deliver | RelayBatch | RelayAck | RelayReset)
 
 _TAGS: dict[type, int] = {
     Hello: 1, Sync: 2, Join: 3, Leave: 4, Disconnect: 5,
     LockAcquire: 6, LockRenew: 7, LockRelease: 8,
     Reply: 10, Deliver: 11, DocUpdate: 12, DocSync: 13, Awareness: 14,
+    RelayBatch: 15, RelayAck: 16, RelayReset: 17,
 }
 _CLASSES = {tag: cls for cls, tag in _TAGS.items()}
 _FIELDS = {cls: tuple(f.name for f in dataclasses.fields(cls)) for cls in _TAGS}
@@ -75,6 +109,21 @@ def encode(msg: LinkMessage) -> bytes:
 
 def decode(body: bytes | memoryview) -> LinkMessage:
     return _from_wire(msgpack.unpackb(body, raw=False, use_list=True))
+
+
+def decode_frames(data: bytes) -> list[LinkMessage]:
+    """The messages of complete length-prefixed frames (a relay batch's body).
+    Raises ValueError on a truncated frame."""
+    messages, offset, view = [], 0, memoryview(data)
+    while offset < len(data):
+        if len(data) - offset < 4:
+            raise ValueError("truncated frame header")
+        size = int.from_bytes(view[offset:offset + 4], "big")
+        if len(data) - offset - 4 < size:
+            raise ValueError("truncated frame")
+        messages.append(decode(view[offset + 4:offset + 4 + size]))
+        offset += 4 + size
+    return messages
 
 
 class LinkProtocol(asyncio.Protocol):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections import deque
 from typing import Any
 
@@ -22,7 +23,7 @@ from rounds.audit import AuditEvent, AuditSink
 from rounds.backends.base import MirrorEvent, PresenceMirror
 from rounds.clock import now_ms
 from rounds.ids import ConnId, FrontDoorId, ShardId, UserId, frontdoor_of
-from rounds.link import Hello, LinkMessage, LinkProtocol
+from rounds.link import Hello, LinkMessage, LinkProtocol, RelayAck
 from rounds.shard.events import (
     Awareness,
     Deliver,
@@ -46,6 +47,7 @@ from rounds.shard.doc_shell import DocShell
 from rounds.shard.lock_events import AuditLock, LockAcquire, LockRelease, LockRenew, RoomBroadcast
 from rounds.shard.lock_shell import LockShell
 from rounds.shard.presence import Presence
+from rounds.shard.relay_shell import RelayShell
 from rounds.wire import ErrorCode, MessageType, error_data
 
 log = logging.getLogger(__name__)
@@ -75,6 +77,9 @@ class ShardService:
         self.mirror_dropped = 0
         self.mirror_failures = 0
         self.address: tuple[str, int] | None = None
+        self.epoch = os.urandom(6).hex()
+        self.relay = (RelayShell(index, self.epoch, settings.node_id or "local", settings, self._send_link)
+                      if settings.amqp_url and settings.relay != "off" else None)
 
     @property
     def name(self) -> str:
@@ -92,6 +97,8 @@ class ShardService:
         await self.lock_shell.start()
         await self.docs.start()
         self._server = await loop.create_server(self._new_link, host, port)
+        if self.relay is not None:
+            self.relay.start()
         self._mirror_task = asyncio.create_task(self._mirror_writer(), name=f"{self.name}-mirror")
         sock_host, sock_port = self._server.sockets[0].getsockname()[:2]
         self.address = (host if host not in ("0.0.0.0", "::") else sock_host, sock_port)
@@ -109,6 +116,8 @@ class ShardService:
             await self._drain_mirror()
             self._mirror_task.cancel()
         await self.mirror.aclose()
+        if self.relay is not None:
+            await self.relay.stop()
         self.audit.flush()
 
     def stats(self) -> dict[str, Any]:
@@ -124,12 +133,15 @@ class ShardService:
             "documents": self.docs.stats(),
             "mirror": {"backend": self.mirror.name, "queued": len(self._mirror_queue),
                        "dropped": self.mirror_dropped, "failures": self.mirror_failures},
+            "relay": self.relay.stats() if self.relay is not None else None,
         }
 
     async def health(self) -> dict[str, Any]:
         return {"shard": self.index, "ok": True, "mirror": await self.mirror.health(),
                 "documents": await self.docs.store.health(),
-                "history": await self.docs.history.health() if self.docs.history is not None else None}
+                "history": await self.docs.history.health() if self.docs.history is not None else None,
+                "relay": ({"rabbitmq": "up" if self.relay.publisher.ready else "down", "circuit": self.relay.circuit.state}
+                          if self.relay is not None else None)}
 
     # --- links ------------------------------------------------------------------
 
@@ -156,7 +168,12 @@ class ShardService:
                 if old is not None and old is not link:
                     old.close()
                 self._links[fd] = link
-                log.info("%s: frontdoor-%d linked (epoch %s)", self.name, fd, msg.epoch)
+                if self.relay is not None:
+                    self.relay.linked(fd, msg.epoch, msg.node)
+                log.info("%s: frontdoor-%d linked (epoch %s, node %s)", self.name, fd, msg.epoch, msg.node)
+            case RelayAck():
+                if self.relay is not None:
+                    self.relay.ack(msg)
             case _:
                 self._handle(msg)
 
@@ -263,10 +280,18 @@ class ShardService:
         return None
 
     def _send(self, fd: FrontDoorId, msg: LinkMessage) -> None:
+        if self.relay is not None and self.relay.wants(fd):
+            self.relay.send(fd, msg)  # a front door on another node (rounds.relay)
+            return
+        self._send_link(fd, msg)
+
+    def _send_link(self, fd: FrontDoorId, msg: LinkMessage) -> bool:
         link = self._links.get(fd)
         if link is None or not link.send(msg):
             # The front door is gone or relinking; its Sync will repair state.
             log.debug("%s: no link to frontdoor-%d, dropped %s", self.name, fd, type(msg).__name__)
+            return False
+        return True
 
     def _deliver(self, conns: tuple[ConnId, ...], type_: str, data: dict[str, Any]) -> None:
         by_fd: dict[FrontDoorId, list[ConnId]] = {}

@@ -25,7 +25,7 @@ PACKAGE_DIRS = {
     "rounds": ROOT / "rounds",
 }
 PURE = ["rounds.shard.presence", "rounds.shard.events", "rounds.routing", "rounds.ids", "rounds.wire",
-        "rounds.shard.documents", "rounds.shard.awareness", "rounds.yproto", "rounds.shard.locks"]
+        "rounds.shard.documents", "rounds.shard.awareness", "rounds.yproto", "rounds.shard.locks", "rounds.relay"]
 
 
 def source_of(module: str) -> Path | None:

@@ -1,0 +1,196 @@
+"""Cross-node fan-out through the real RabbitMQ (story BE-001.5, `rounds.relay`).
+
+One process stands in for two nodes: the shards and frontdoor-0 on node
+"a", frontdoor-1 on node "b" (`InProcessGateway(node_of=...)`). A shard
+sends frontdoor-1 everything through the topic exchange, frontdoor-0 over
+the direct link. RabbitMQ is reached through a loopback proxy
+(`tests.proxy`), so a test can make it fail and come back without touching
+the broker itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+from pycrdt import Doc, Text
+
+from rounds.audit import MemoryAuditSink
+from rounds.auth import mint_token, private_key_for_dev
+from rounds.inprocess import InProcessGateway
+from tests.client import Client, eventually
+from tests.conftest import gateway_settings
+from tests.integration.test_inprocess_gateway import frontdoor_of
+from tests.proxy import TcpProxy
+
+AMQP_HOST, AMQP_PORT = "127.0.0.1", 5672
+
+Connect = Callable[[str, int], Awaitable[Client]]
+
+
+async def require_rabbitmq() -> None:
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(AMQP_HOST, AMQP_PORT), 3)
+        writer.close()
+    except OSError as exc:
+        pytest.skip(f"RabbitMQ not reachable at {AMQP_HOST}:{AMQP_PORT}: {exc}")
+
+
+@pytest.fixture
+async def proxy() -> AsyncIterator[TcpProxy]:
+    await require_rabbitmq()
+    proxy = await TcpProxy(AMQP_HOST, AMQP_PORT).start()
+    yield proxy
+    await proxy.close()
+
+
+@pytest.fixture
+async def two_nodes(var_root: Path, uid: str, proxy: TcpProxy) -> AsyncIterator[InProcessGateway]:
+    settings = gateway_settings(var_root, f"relay-{uid}", shards=2, frontdoors=2,
+                                amqp_url=f"amqp://guest:guest@127.0.0.1:{proxy.port}/")
+    gateway = InProcessGateway(settings, MemoryAuditSink(),
+                               node_of=lambda kind, i: "b" if (kind, i) == ("frontdoor", 1) else "a")
+    await gateway.start()
+    # frontdoor-1's queue is bound once its consumer is up: only then can a shard publish to it
+    await eventually(lambda: gateway.frontdoors[1].relay.consumer.up and all(
+        s.relay.publisher.ready for s in gateway.shards), timeout=15, what="relay connected to RabbitMQ")
+    try:
+        yield gateway
+    finally:
+        await gateway.stop()
+
+
+@pytest.fixture
+async def connect(two_nodes: InProcessGateway) -> AsyncIterator[Connect]:
+    key = private_key_for_dev(two_nodes.settings)
+    opened: list[Client] = []
+
+    async def open_client(user: str, frontdoor: int) -> Client:
+        for _ in range(64):  # SO_REUSEPORT spreads connections: retry until the wanted front door has one
+            client = await Client.connect(two_nodes.url, mint_token(key, user_id=user, role="surgeon"))
+            if frontdoor_of(two_nodes, client) == frontdoor:
+                opened.append(client)
+                return client
+            await client.close()
+        raise AssertionError(f"no connection landed on frontdoor-{frontdoor}")
+
+    yield open_client
+    for client in opened:
+        await client.close()
+
+
+def relay_totals(gateway: InProcessGateway) -> dict[str, int]:
+    stats = [s.relay.stats() for s in gateway.shards]
+    return {key: sum(s[key] for s in stats)
+            for key in ("published", "confirmed", "unconfirmed", "over_link", "resent", "circuit_opened")}
+
+
+def edit(doc: Doc, n: int) -> str:
+    before = doc.get_state()
+    doc.get("t", type=Text).insert(len(str(doc.get("t", type=Text))), f"{n},")
+    return base64.b64encode(doc.get_update(before)).decode()
+
+
+async def test_a_front_door_on_another_node_gets_its_room_through_rabbitmq(two_nodes, connect, uid):
+    room = f"page:/ward/relay-{uid}"
+    near, far = await connect("dr-near", 0), await connect("dr-far", 1)
+    assert (await near.join(room)).type == "RESOURCE_STATE"
+    state = await far.join(room)  # the reply itself goes through RabbitMQ
+    assert state.type == "RESOURCE_STATE" and {u["userId"] for u in state.data["users"]} == {"dr-near", "dr-far"}
+    await near.expect("USER_JOINED", resourceId=room)
+
+    granted = await near.request("LOCK_ACQUIRE", {"resourceId": room})
+    assert granted.type == "LOCK_ACQUIRED", granted
+    locked = await far.expect("RESOURCE_LOCKED", resourceId=room)
+    assert locked.data["lockedBy"] == "dr-near" and locked.data["expiresAt"] == granted.data["expiresAt"]
+    denied = await far.request("LOCK_ACQUIRE", {"resourceId": room})
+    assert denied.type == "LOCK_DENIED" and denied.data["lockedBy"] == "dr-near"
+
+    doc = Doc()
+    ack = await far.request("RESOURCE_UPDATE", {"resourceId": room, "update": edit(doc, 1)})
+    assert ack.type == "UPDATE_ACK"
+    relayed = await near.expect("RESOURCE_UPDATE", resourceId=room)
+    assert relayed.data["userId"] == "dr-far" and relayed.data["revision"] == ack.data["revision"]
+
+    # four batches to the far front door (its join's state, the lock's broadcast, the denial, the ack)
+    await eventually(lambda: relay_totals(two_nodes)["confirmed"] >= 4, what="publishes confirmed")
+    totals = relay_totals(two_nodes)
+    assert totals["published"] == totals["confirmed"] >= 4
+    assert totals["over_link"] == 0 and totals["circuit_opened"] == 0
+    far_door, near_door = two_nodes.frontdoors[1].relay.stats(), two_nodes.frontdoors[0].relay.stats()
+    assert far_door["from_rabbitmq"] >= 4 and far_door["over_link"] == 0 and far_door["duplicates"] == 0
+    assert near_door["batches"] == 0  # same node: the direct link only
+
+
+async def test_rabbitmq_failing_and_coming_back_loses_and_doubles_nothing(two_nodes, connect, proxy, uid):
+    """The broker goes away mid-stream: the shards' circuits open, their
+    unconfirmed batches and what follows go over the links, and when it is
+    back the relay returns to it. The far client sees every revision once, in
+    order."""
+    room = f"page:/ward/outage-{uid}"
+    near, far = await connect("dr-near", 0), await connect("dr-far", 1)
+    await near.join(room)
+    await far.join(room)
+    doc, revisions = Doc(), []
+
+    async def send(n: int) -> None:
+        ack = await near.request("RESOURCE_UPDATE", {"resourceId": room, "update": edit(doc, n)}, ref=n)
+        assert ack.type == "UPDATE_ACK", ack
+        revisions.append(ack.data["revision"])
+
+    for n in range(20):
+        await send(n)
+    await proxy.cut()
+    for n in range(20, 60):
+        await send(n)
+        await asyncio.sleep(0.01)
+    await eventually(lambda: relay_totals(two_nodes)["circuit_opened"] >= 1, what="a circuit opened")
+    await proxy.restore()
+    await eventually(lambda: two_nodes.frontdoors[1].relay.consumer.up
+                     and all(s.relay.publisher.ready for s in two_nodes.shards), timeout=20, what="reconnected")
+    published_before = relay_totals(two_nodes)["published"]
+    await asyncio.sleep(1.2)  # the circuit's cool-down
+    for n in range(60, 80):
+        await send(n)
+        await asyncio.sleep(0.02)
+
+    got = []
+    while len(got) < len(revisions):
+        got.append((await far.expect("RESOURCE_UPDATE", resourceId=room, timeout=10)).data["revision"])
+    assert got == revisions  # every one, once, in order
+    assert "RESOURCE_UPDATE" not in [f.type for f in await far.quiet(0.5)]
+    totals = relay_totals(two_nodes)
+    assert totals["over_link"] > 0  # carried over the links meanwhile
+    assert totals["published"] > published_before  # and back on RabbitMQ
+    assert all(s.relay.circuit.state == "closed" for s in two_nodes.shards)
+
+
+async def test_without_rabbitmq_at_start_the_gateway_serves_over_the_links(var_root, uid):
+    settings = gateway_settings(var_root, f"relay-none-{uid}", shards=1, frontdoors=1, relay="always",
+                                amqp_url=f"amqp://guest:guest@127.0.0.1:{_closed_port()}/")
+    async with InProcessGateway(settings, MemoryAuditSink()) as gateway:
+        key = private_key_for_dev(settings)
+        a = await Client.connect(gateway.url, mint_token(key, user_id="a", role="surgeon"))
+        b = await Client.connect(gateway.url, mint_token(key, user_id="b", role="surgeon"))
+        try:
+            room = f"page:/ward/none-{uid}"
+            await a.join(room)
+            await b.join(room)
+            await a.expect("USER_JOINED", resourceId=room)
+            stats = gateway.shards[0].relay.stats()
+            assert stats["rabbitmq"] == "down" and stats["published"] == 0 and stats["over_link"] >= 2
+            health = await gateway.frontdoors[0].health()
+            assert health["backends"]["relay"]["ok"] is False and health["backends"]["relay"]["error"]
+        finally:
+            await a.close()
+            await b.close()
+
+
+def _closed_port() -> int:
+    from tests.conftest import free_port
+
+    return free_port()  # nothing listens there
+
