@@ -19,11 +19,13 @@ import ipaddress
 import json
 import os
 import shlex
+import socket
 import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +42,7 @@ from rounds.config import Settings, load_settings
 
 EXIT_OK, EXIT_FAILURES, EXIT_USAGE, EXIT_GATEWAY, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+AUDIT_SEGMENT_S = 20.0  # `bench audit`: measured seconds of one locks segment
 
 
 def add_parser(subparsers: Any) -> None:
@@ -190,8 +193,11 @@ def _add_audit(kinds: Any) -> None:
             "1. events/s FileAuditSink.emit sustains into a day file, from one process and from N processes "
             "appending to the same file, per fsync policy (chains verified after), then events/s loaded from "
             "those files into PostgreSQL by rounds.audit_pg (a schema of its own, dropped after; skipped if "
-            "unreachable); 2. the locks bench twice, gateway audit 'files' then 'off', and the ratio of "
-            "their p99s. Targets: 20,000 events/s; auditing adds < 10%% to p99. JSON and PNG in --out."
+            "unreachable); 2. two gateways up at once, audit 'files' and audit 'off', and the locks bench "
+            "against them in --rounds interleaved rounds (ABBA: round 1 --first then the other, round 2 the "
+            "other first, ...); each gateway's samples are pooled and the pooled p99s compared, each round's "
+            "own ratio reported too. Targets: 20,000 events/s; auditing adds < 10%% to p99. JSON and PNG "
+            "in --out."
         ),
     )
     sink = parser.add_argument_group("sink throughput")
@@ -209,10 +215,13 @@ def _add_audit(kinds: Any) -> None:
                                                     "files' own file system); removed after")
     lock = parser.add_argument_group("lock round trips (the locks bench, gateway audit files and off)")
     lock.add_argument("--no-locks", action="store_true", help="the sink part only")
+    lock.add_argument("--rounds", type=int, default=defaults.rounds,
+                      help="rounds of one segment against each gateway (default %(default)s)")
     lock.add_argument("--first", choices=audit.AUDIT_MODES, default=defaults.first,
-                      help="the gateway measured first (default %(default)s)")
-    lock.add_argument("--duration", type=float, default=lock_defaults.duration_s, metavar="S",
-                      help="measured seconds per gateway (default %(default)s)")
+                      help="the gateway that opens round 1 (and 3, 5, ...; the other opens the even rounds) "
+                           "(default %(default)s)")
+    lock.add_argument("--duration", type=float, default=AUDIT_SEGMENT_S, metavar="S",
+                      help="measured seconds of one segment (default %(default)s)")
     lock.add_argument("--lockers", type=int, default=lock_defaults.lockers, help="(default %(default)s)")
     lock.add_argument("--contenders", type=int, default=lock_defaults.contenders, help="(default %(default)s)")
     lock.add_argument("--presence-users", type=int, default=lock_defaults.presence_users,
@@ -225,7 +234,7 @@ def _add_audit(kinds: Any) -> None:
                       help="lock store of both gateways (default %(default)s)")
     lock.add_argument("--redis-url", metavar="URL", help=f"with --backend redis (default {locks.DEFAULT_REDIS_URL})")
     lock.add_argument("--seed", type=int, default=lock_defaults.seed, help="(default %(default)s)")
-    _add_gateway_options(lock)
+    _add_gateway_options(lock)  # --port: the first gateway's; the second takes a free loopback port
     _add_output_options(parser)
     parser.set_defaults(func=run_audit_command)
 
@@ -458,7 +467,7 @@ def run_audit_command(args: argparse.Namespace) -> int:
             sink_seconds=args.sink_seconds, sink_max_events=args.sink_events, processes=args.processes,
             fsync_policies=tuple(args.fsync or audit.AuditOptions().fsync_policies),
             dsn=None if args.no_postgres else (args.dsn or settings.postgres_dsn or audit.DEFAULT_DSN),
-            locks=not args.no_locks, first=args.first,
+            locks=not args.no_locks, first=args.first, rounds=args.rounds,
         )
         options.check()
         lock_options = locks.LocksOptions(
@@ -475,16 +484,10 @@ def run_audit_command(args: argparse.Namespace) -> int:
         problem = _redis_problem(lock_options.redis_url)
         if problem is not None:
             return _fail(EXIT_GATEWAY, f"Redis at {lock_options.redis_url} is not usable: {problem}")
-
-    def locks_runner(mode: str, var_dir: Path) -> dict[str, Any]:
-        # Each gateway gets its own var_dir (dev keys, audit files) in the scratch folder, removed after.
-        run_settings = gateway_settings.replace(audit=mode, var_dir=str(var_dir))
-        return locks.run_locks(lock_options, run_settings, _own_gateway, private_key_for_dev(run_settings),
-                               _log, _delete_keys).report
-
     started = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     try:
-        report = audit.run_audit(options, (args.scratch or Path(settings.var_dir)).resolve(), _log, locks_runner)
+        report = audit.run_audit(options, (args.scratch or Path(settings.var_dir)).resolve(), _log,
+                                 partial(_audit_gateways, gateway_settings, lock_options))
     except KeyboardInterrupt:
         return _fail(EXIT_INTERRUPTED, "interrupted")
     report["command"] = shlex.join(["rounds", *sys.argv[1:]])
@@ -497,10 +500,50 @@ def run_audit_command(args: argparse.Namespace) -> int:
     _write_json(json_path, report)
     print(audit.format_table(report))
     print(f"\nreport: {json_path}" + ("" if args.no_plot else f"\nchart:  {png_path}"))
-    lock_runs = ((report["locks"] or {}).get("runs") or {}).values()
-    if any(r.get("error") for r in lock_runs):
+    if (report["locks"] or {}).get("error"):
         return EXIT_GATEWAY
     return EXIT_OK if report["ok"] else EXIT_FAILURES
+
+
+@contextmanager
+def _audit_gateways(settings: Settings, lock_options: locks.LocksOptions,
+                    var_dirs: Mapping[str, Path]) -> Iterator[audit.SegmentRunner]:
+    """Both gateways of `bench audit`'s lock part, up at the same time; yields the
+    function that runs one locks segment against the gateway of a mode.
+
+    They share this process's Ray (the first starts it, the second joins it and
+    must stop first: the first shuts Ray down), so each has a namespace of its
+    own (actor names would collide), a port (the first keeps --port, the second
+    a free loopback port, chosen once the first listens), a var_dir (dev keys,
+    audit files) in the scratch folder, the lock store of `--backend` (as
+    `run_locks` would have given it) and no `postgres_dsn`: a shipper would
+    load the bench's events into the real audit table and add to the CPU.
+    """
+    targets: dict[str, tuple[Settings, _Target]] = {}
+    with ExitStack() as stack:  # stops them in reverse order of start
+        for index, mode in enumerate(audit.AUDIT_MODES):
+            mode_settings = settings.replace(
+                audit=mode, var_dir=str(var_dirs[mode]), postgres_dsn=None,
+                redis_url=lock_options.redis_url if lock_options.backends == "redis" else None,
+                ray_namespace=f"{settings.ray_namespace}-audit-{mode}",
+                port=settings.port if index == 0 else _free_loopback_port(settings.host))
+            _log(f"bench audit: gateway with audit {mode}: namespace {mode_settings.ray_namespace}, "
+                 f"port {mode_settings.port}")
+            targets[mode] = (mode_settings, stack.enter_context(_own_gateway(mode_settings)))
+
+        def segment(mode: str) -> locks.LocksRun:
+            mode_settings, target = targets[mode]
+            return locks.run_locks(lock_options, mode_settings, lambda _settings: nullcontext(target),
+                                   private_key_for_dev(mode_settings), _log, _delete_keys)
+
+        yield segment
+
+
+def _free_loopback_port(host: str) -> int:
+    """A port nothing listens on at `host` now (the OS's choice)."""
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        return int(probe.getsockname()[1])
 
 
 def _finish(args: argparse.Namespace, report: dict[str, Any], stem: str, plot: Callable[[Path], None],

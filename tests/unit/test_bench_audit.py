@@ -1,16 +1,20 @@
-"""`rounds bench audit`: the sink cases, the lock comparison, the report, and the
-gateway's audit switch (no Ray, no PostgreSQL: an unreachable DSN is skipped)."""
+"""`rounds bench audit`: the sink cases, the interleaved lock rounds (two fake
+gateways), pooling and ratios, the report, table and chart, and the gateway's
+audit switch (no Ray, no PostgreSQL: an unreachable DSN is skipped)."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from rounds.audit import AuditEvent, FileAuditSink, NullAuditSink
-from rounds.bench import audit
+from rounds.bench import audit, stats
+from rounds.bench.locks import METRICS, GatewayUnavailable, LocksRun
 from rounds.config import Settings, load_settings
 from rounds.services import audit_sink
 
@@ -35,47 +39,131 @@ def test_sink_case_one_and_several_processes_write_intact_chains(tmp_path: Path)
     assert one["events_per_s"] > 0
 
 
-def test_run_audit_compares_files_with_off_and_cleans_its_scratch(tmp_path: Path) -> None:
-    seen: list[tuple[str, Path]] = []
+def _samples(scale: float, n: int = 200, offset: float = 0.0) -> dict[str, dict[str, list[float]]]:
+    """Lock samples in ms: 1..n scaled (and shifted), the same for every operation."""
+    values = [scale * (i + offset) / 100 for i in range(1, n + 1)]
+    return {phase: {"acquire_ms": list(values), "release_ms": list(values)} for phase in ("uncontended", "contended")}
 
-    def runner(mode: str, var_dir: Path) -> dict[str, Any]:
-        seen.append((mode, var_dir))
-        if mode == "files":  # what the gateway would have written
-            sink = FileAuditSink(var_dir / "audit", housekeeping=False)
-            for i in range(7):
-                sink.emit(AuditEvent("LOCK_ACQUIRED", "shard-0", resource_id=f"r{i}"))
-            sink.close()
-        return _locks_report(4.2 if mode == "files" else 4.0)
 
-    options = audit.AuditOptions(sink_seconds=5, sink_max_events=50, processes=2, fsync_policies=("never",),
-                                 dsn="postgresql://postgres@127.0.0.1:1/none")
-    report = audit.run_audit(options, tmp_path, lambda line: None, runner)
-    assert [m for m, _ in seen] == ["files", "off"]
-    assert not Path(report["scratch_dir"]).exists()
-    assert list(tmp_path.iterdir()) == []
-    assert [c["case"] for c in report["sink"]] == ["1p-never", "2p-never"]
-    assert "unreachable" in report["postgres"]["skipped"]
+def _locks_run(samples: dict[str, dict[str, list[float]]], cpu: float = 50.0) -> LocksRun:
+    """A locks run as `run_locks` returns it, its summaries made from `samples`."""
+    latency = {phase: {op: stats.summarize(samples[phase].get(metric, [])).as_dict()
+                       for op, metric in METRICS[phase]} for phase in ("uncontended", "contended")}
+    report = {"ok": True, "settings": {"duration_s": 20.0}, "runs": [{
+        "backend": "memory", "latency_ms": latency, "failures": {"total": 0}, "aborted": None,
+        "gateway": {"cpu_percent_measured": cpu, "pids": [1, 2]}, "presence": {"users": {"connected": 500}},
+    }]}
+    return LocksRun(report, {"memory": samples})
+
+
+class FakeGateways:
+    """Two gateways that are never started: each segment returns the next run
+    of its mode; the files gateway writes `events` audit lines per segment."""
+
+    def __init__(self, runs: dict[str, list[LocksRun]], events: int = 7) -> None:
+        self.runs = {mode: list(r) for mode, r in runs.items()}
+        self.events = events
+        self.calls: list[str] = []
+        self.started = self.stopped = 0
+
+    @contextmanager
+    def __call__(self, var_dirs: Mapping[str, Path]) -> Iterator[audit.SegmentRunner]:
+        self.started += 1
+
+        def segment(mode: str) -> LocksRun:
+            self.calls.append(mode)
+            if mode == "files":
+                sink = FileAuditSink(var_dirs[mode] / "audit", housekeeping=False)
+                for i in range(self.events):
+                    sink.emit(AuditEvent("LOCK_ACQUIRED", "shard-0", resource_id=f"r{i}"))
+                sink.close()
+            return self.runs[mode].pop(0)
+
+        try:
+            yield segment
+        finally:
+            self.stopped += 1
+
+
+def _options(**changes: Any) -> audit.AuditOptions:
+    return audit.AuditOptions(sink_seconds=1, sink_max_events=10, processes=2, fsync_policies=("never",),
+                              dsn=None, **changes)
+
+
+def test_rounds_alternate_abba_wise() -> None:
+    assert audit.round_order("files", 3) == [(1, "files"), (1, "off"), (2, "off"), (2, "files"),
+                                             (3, "files"), (3, "off")]
+    assert audit.round_order("off", 2) == [(1, "off"), (1, "files"), (2, "files"), (2, "off")]
+    with pytest.raises(ValueError, match="rounds"):
+        audit.AuditOptions(rounds=0).check()
+
+
+def test_pooled_percentiles_are_of_all_samples_not_a_mean_of_segments() -> None:
+    low, high = _samples(1.0), _samples(1.0, offset=200)  # 0.01..2.00 and 2.01..4.00 ms
+    pooled = audit.pooled_latency([low, high])
+    everything = [v / 100 for v in range(1, 401)]
+    assert pooled["uncontended.acquire"]["count"] == 400
+    assert pooled["contended.release"]["p99"] == pytest.approx(stats.summarize(everything).p99, abs=1e-3)
+    assert pooled["uncontended.acquire"]["p50"] == pytest.approx(2.005, abs=1e-3)
+    assert audit.pooled_latency([])["uncontended.acquire"]["p99"] is None
+
+
+def test_run_audit_runs_interleaved_rounds_against_two_gateways_started_once(tmp_path: Path) -> None:
+    runs = {"files": [_locks_run(_samples(s), cpu=c) for s, c in ((1.2, 40.0), (1.0, 60.0), (1.1, 50.0))],
+            "off": [_locks_run(_samples(s), cpu=c) for s, c in ((1.0, 30.0), (1.0, 50.0), (1.0, 35.0))]}
+    gateways = FakeGateways(runs)
+    log: list[str] = []
+    report = audit.run_audit(_options(rounds=3), tmp_path, log.append, gateways)
+    assert gateways.calls == ["files", "off", "off", "files", "files", "off"]
+    assert (gateways.started, gateways.stopped) == (1, 1)
+    assert list(tmp_path.iterdir()) == []  # the scratch folder, audit files included, is gone
     locks = report["locks"]
-    assert locks["runs"]["files"]["audit_events_written"] == 7
-    assert locks["runs"]["off"]["audit_events_written"] == 0
-    assert locks["ratio_p99"]["uncontended.acquire"] == pytest.approx(1.05)
-    assert all(locks["target_met"].values())
-    assert report["ok"]
+    assert report["schema"] == "rounds.bench.audit/2" and report["ok"] and locks["complete"]
+    assert [s["mode"] for s in locks["segments"]] == gateways.calls
+    assert locks["audit_events_written"] == {"files": 21, "off": 0}
+    files, off = locks["pooled"]["files"], locks["pooled"]["off"]
+    assert files["latency_ms"]["uncontended.acquire"]["count"] == 600 and files["segments"] == 3
+    pooled_files = stats.summarize([v for s in (1.2, 1.0, 1.1) for v in _samples(s)["contended"]["acquire_ms"]])
+    assert files["latency_ms"]["contended.acquire"]["p99"] == pytest.approx(pooled_files.p99, abs=1e-3)
+    pooled_off = stats.summarize(_samples(1.0)["contended"]["acquire_ms"] * 3)
+    assert off["latency_ms"]["contended.acquire"]["p99"] == pytest.approx(pooled_off.p99, abs=1e-3)
+    assert locks["ratio_p99"]["contended.acquire"] == pytest.approx(pooled_files.p99 / pooled_off.p99, abs=1e-3)
+    assert not locks["target_met"]["uncontended.acquire"]  # the 1.2 round pulls the pooled p99 over 10 %
+    assert [r["round"] for r in locks["rounds"]] == [1, 2, 3]
+    assert [r["order"] for r in locks["rounds"]] == [["files", "off"], ["off", "files"], ["files", "off"]]
+    assert [r["ratio_p99"]["uncontended.release"] for r in locks["rounds"]] == [1.2, 1.0, 1.1]
+    assert locks["ratio_p99_median_of_rounds"]["uncontended.release"] == 1.1
+    assert files["gateway_cpu_percent"] == [40.0, 60.0, 50.0] and files["gateway_cpu_percent_median"] == 50.0
+    assert off["gateway_cpu_percent_median"] == 35.0
+    assert sum("segment 6/6" in line for line in log) == 2  # its start and its one-line result
     json.dumps(report)
     table = audit.format_table(report)
-    assert "skipped" in table and "1.050 met" in table and "never" in table
+    assert "files, off | off, files | files, off" in table
+    assert "1.200 1.000 1.100" in table and "MISS" in table
+    assert "40, 60, 50 % of a core (median 50 %)" in table and "21 audit events written" in table
 
 
-def test_the_gateway_off_can_go_first(tmp_path: Path) -> None:
-    order: list[str] = []
-    options = audit.AuditOptions(sink_seconds=1, sink_max_events=10, processes=2, fsync_policies=("never",),
-                                 dsn=None, first="off")
-    report = audit.run_audit(options, tmp_path, lambda line: None,
-                             lambda mode, var_dir: order.append(mode) or _locks_report(3.0))
-    assert order == ["off", "files"] and list(report["locks"]["runs"]) == ["off", "files"]
-    assert "off then files" in audit.format_table(report)
+def test_the_gateway_off_can_open_the_rounds_and_a_small_effect_meets_the_target(tmp_path: Path) -> None:
+    gateways = FakeGateways({"files": [_locks_run(_samples(1.05))] * 2, "off": [_locks_run(_samples(1.0))] * 2})
+    report = audit.run_audit(_options(rounds=2, first="off"), tmp_path, lambda line: None, gateways)
+    assert gateways.calls == ["off", "files", "files", "off"]
+    assert all(report["locks"]["target_met"].values())
+    assert "1.050 met" in audit.format_table(report)
     with pytest.raises(ValueError, match="first"):
         audit.AuditOptions(first="none").check()
+
+
+def test_a_gateway_that_does_not_start_ends_the_lock_part(tmp_path: Path) -> None:
+    @contextmanager
+    def broken(var_dirs: Mapping[str, Path]) -> Iterator[audit.SegmentRunner]:
+        raise GatewayUnavailable("no Ray")
+        yield
+
+    report = audit.run_audit(_options(), tmp_path, lambda line: None, broken)
+    locks = report["locks"]
+    assert locks["error"] == "no Ray" and not locks["complete"] and not report["ok"]
+    assert "ratio_p99" not in locks and locks["rounds"] == []
+    assert "NOT COMPLETE: no Ray" in audit.format_table(report)
 
 
 def test_p99_ratio_over_ten_percent_misses() -> None:
@@ -97,8 +185,11 @@ def test_only_a_loopback_postgres(dsn: str) -> None:
 
 
 def test_the_plot_is_written(tmp_path: Path) -> None:
+    segments = [{"round": 1, "mode": m, **audit.lock_summary(_locks_run(_samples(1.0)).report)}
+                for m in audit.AUDIT_MODES]
+    part = audit.compare_segments(segments, {m: [_samples(1.0)] for m in audit.AUDIT_MODES})
     report = {"sink": [{"case": "1p-interval", "events_per_s": 80_000}], "postgres": {"events_per_s": 25_000},
-              "locks": {"runs": {m: audit.lock_summary(_locks_report(4.0)) for m in audit.AUDIT_MODES}}}
+              "locks": {**part, "segments": segments}}
     path = audit.plot_audit(report, tmp_path / "a.png")
     assert path.stat().st_size > 1000
 
