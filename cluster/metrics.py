@@ -75,3 +75,11 @@ class ShardMetrics(_Sampler):
         _gauge("rounds_shard_documents_unwritten", "Document updates applied, not yet stored (acks waiting)",
                tag).set(docs["unwritten"], self._tags)
         _gauge("rounds_shard_locks", "Locks held", tag).set(len(stats["locks"]), self._tags)
+        relay = stats.get("relay")
+        if relay:
+            _gauge("rounds_shard_relay_circuit_open", "Cross-node relay: 1 while RabbitMQ is bypassed", tag).set(
+                0 if relay["circuit"] == "closed" else 1, self._tags)
+            _gauge("rounds_shard_relay_unacked", "Cross-node relay: batches not yet acknowledged by front doors",
+                   tag).set(sum(relay["unacked"].values()), self._tags)
+            _gauge("rounds_shard_relay_over_link", "Cross-node relay: batches sent over the links (total)",
+                   tag).set(relay["over_link"], self._tags)

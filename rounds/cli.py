@@ -257,6 +257,21 @@ def _print_status(state: dict[str, Any], status: dict[str, Any]) -> None:
     print(f"\nheld locks: {len(locks)}")
     for lock in locks:
         print(f"  {lock['resourceId']:<40} by {lock['lockedBy']:<20} until {lock['expiresAt']}")
+    relays = [s for s in status["shards"] if s.get("relay")]
+    if relays:
+        print(f"\n{'relay (RabbitMQ)':<18}{'broker':>7}{'circuit':>11}{'published':>11}{'over link':>11}"
+              f"{'resent':>8}{'unacked':>9}")
+        for s in relays:
+            r = s["relay"]
+            print(f"shard-{s['shard']:<12}{r['rabbitmq']:>7}{r['circuit']:>11}{r['published']:>11}"
+                  f"{r['over_link']:>11}{r['resent']:>8}{sum(r['unacked'].values()):>9}"
+                  + (f"  last error: {r['error']}" if r.get("error") else ""))
+        for f in status["frontdoors"]:
+            r = f.get("relay")
+            if r:
+                print(f"frontdoor-{f['frontdoor']:<8}{r['rabbitmq']:>7}  batches {r['batches']} "
+                      f"(from RabbitMQ {r['from_rabbitmq']}, over link {r['over_link']}), "
+                      f"duplicates {r['duplicates']}, waiting {r['waiting']}, resets {r['resets']}")
     conns = sum(f.get("connections", 0) for f in status["frontdoors"])
     rooms = sum(s.get("rooms", 0) for s in status["shards"])
     print(f"\ntotal: {conns} connections, {rooms} rooms")
