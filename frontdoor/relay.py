@@ -39,7 +39,7 @@ class FrontDoorRelay:
         self.consumer = RelayConsumer(settings.amqp_url, settings.ray_namespace, index, f"frontdoor-{index}",
                                       self.batch)
         self._streams: dict[ShardId, RelayIn] = {}
-        self._acked: dict[ShardId, tuple[str | None, int]] = {}
+        self._acked: dict[ShardId, tuple[str | None, int, bool]] = {}
         self._task: asyncio.Task[None] | None = None
         self.batches = self.over_link = self.resets = self.bad = 0
 
@@ -95,12 +95,14 @@ class FrontDoorRelay:
         while True:
             await asyncio.sleep(ACK_S)
             now = time.monotonic()
+            consuming = self.consumer.up
             for shard, stream in self._streams.items():
                 missing = stream.missing(now) or 0
-                if missing or self._acked.get(shard) != (stream.epoch, stream.delivered):
+                state = (stream.epoch, stream.delivered, consuming)
+                if missing or self._acked.get(shard) != state:
                     if self._send_to_shard(shard, RelayAck(self.index, stream.epoch or "", stream.delivered,
-                                                           missing)):
-                        self._acked[shard] = (stream.epoch, stream.delivered)
+                                                           missing, consuming)):
+                        self._acked[shard] = state
 
     def stats(self) -> dict[str, Any]:
         return {

@@ -56,12 +56,14 @@ class RelayBatch:
 @dataclass(frozen=True, slots=True)
 class RelayAck:
     """Front door → shard: every batch up to `through` is delivered;
-    `missing` (0: none) is the number it waits for."""
+    `missing` (0: none) is the number it waits for; `consuming`: whether it
+    is reading its RabbitMQ queue (if not, the shard sends over the link)."""
 
     frontdoor: FrontDoorId
     epoch: str  # the shard epoch it acknowledges
     through: int
     missing: int
+    consuming: bool = True
 
 
 @dataclass(frozen=True, slots=True)

@@ -41,6 +41,7 @@ class RelayShell:
         self.circuit = Circuit()
         self._send_link = send_link
         self._nodes: dict[FrontDoorId, str] = {}
+        self._not_consuming: set[FrontDoorId] = set()  # front doors whose RabbitMQ queue nobody reads
         self._frontdoor_epochs: dict[FrontDoorId, str] = {}
         self._out: dict[FrontDoorId, RelayOut] = {}
         self._pending: dict[FrontDoorId, list[bytes]] = {}
@@ -88,7 +89,7 @@ class RelayShell:
             if out is None:
                 out = self._out[frontdoor] = RelayOut(self.epoch)
             batch = out.add(frames[0] if len(frames) == 1 else b"".join(frames), now)
-            if self.circuit.allow(now):
+            if frontdoor not in self._not_consuming and self.circuit.allow(now):
                 if self.publisher.ready:
                     self.published += 1
                     self.publisher.publish(frontdoor, {"shard": self.shard, "epoch": self.epoch, "seq": batch.seq},
@@ -124,6 +125,12 @@ class RelayShell:
         if out is None or msg.epoch != self.epoch:
             return
         out.ack(msg.through)
+        if msg.consuming:
+            self._not_consuming.discard(msg.frontdoor)
+        elif msg.frontdoor not in self._not_consuming:
+            self._not_consuming.add(msg.frontdoor)
+            log.warning("shard-%d: frontdoor-%d is not reading its RabbitMQ queue; its batches go over the link",
+                        self.shard, msg.frontdoor)
         if not msg.missing:
             return
         batches = out.resend(msg.missing)
@@ -155,4 +162,5 @@ class RelayShell:
             "published": self.published, "confirmed": self.confirmed, "unconfirmed": self.unconfirmed,
             "over_link": self.over_link, "resent": self.resent, "resets": self.resets,
             "unacked": {int(fd): out.backlog for fd, out in self._out.items()},
+            "not_consuming": sorted(int(fd) for fd in self._not_consuming),
         }

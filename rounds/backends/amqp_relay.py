@@ -116,7 +116,7 @@ class RelayPublisher:
 
     def __init__(self, url: str, namespace: str, name: str) -> None:
         self.namespace = namespace
-        self._conn = _Connection(url, name)
+        self._conn = _Connection(url, f"{namespace}/{name}")
         self._exchange: Any = None
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -171,7 +171,7 @@ class RelayConsumer:
         self.namespace = namespace
         self.frontdoor = frontdoor
         self.on_batch = on_batch
-        self._conn = _Connection(url, name)
+        self._conn = _Connection(url, f"{namespace}/{name}")
         self.received = 0
         self.bad = 0
 

@@ -194,3 +194,37 @@ def _closed_port() -> int:
 
     return free_port()  # nothing listens there
 
+
+
+def close_broker_connection(connection_name: str) -> None:
+    """The broker drops one client's connection (as on a network blip for that process only)."""
+    import subprocess
+
+    listing = subprocess.run(["rabbitmqctl", "-q", "list_connections", "pid", "client_properties"],
+                             capture_output=True, text=True, timeout=30, check=True).stdout
+    pids = [line.split("\t", 1)[0] for line in listing.splitlines() if f'"{connection_name}"' in line]
+    assert pids, f"no broker connection named {connection_name}: {listing}"
+    for pid in pids:
+        subprocess.run(["rabbitmqctl", "-q", "close_connection", pid, "closed by the relay test"],
+                       capture_output=True, text=True, timeout=30, check=True)
+
+
+async def test_a_front_door_that_stops_reading_rabbitmq_gets_its_batches_over_the_link(two_nodes, connect, uid):
+    """Only the far front door's connection to the broker drops: the shards'
+    publishes still succeed (its queue outlives the connection), so they
+    learn it from its acknowledgements and send over the link meanwhile; when
+    it reads again the queued copies are dropped as duplicates."""
+    room = f"page:/ward/consumer-{uid}"
+    near, far = await connect("dr-near", 0), await connect("dr-far", 1)
+    await near.join(room)
+    await far.join(room)
+    doc, revisions = Doc(), []
+    await asyncio.to_thread(close_broker_connection, f"{two_nodes.settings.ray_namespace}/frontdoor-1")
+    for n in range(30):
+        ack = await near.request("RESOURCE_UPDATE", {"resourceId": room, "update": edit(doc, n)}, ref=n)
+        revisions.append(ack.data["revision"])
+        await asyncio.sleep(0.02)
+    got = [(await far.expect("RESOURCE_UPDATE", resourceId=room, timeout=10)).data["revision"] for _ in revisions]
+    assert got == revisions
+    await eventually(lambda: two_nodes.frontdoors[1].relay.consumer.up, timeout=15, what="consumer back")
+    assert "RESOURCE_UPDATE" not in [f.type for f in await far.quiet(1.0)]
