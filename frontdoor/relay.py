@@ -28,11 +28,12 @@ ACK_S = 0.05
 
 
 class FrontDoorRelay:
-    def __init__(self, index: FrontDoorId, settings: Settings, deliver: Callable[[LinkMessage], None],
+    def __init__(self, index: FrontDoorId, epoch: str, settings: Settings, deliver: Callable[[LinkMessage], None],
                  send_to_shard: Callable[[ShardId, LinkMessage], bool],
                  on_reset: Callable[[ShardId], None]) -> None:
         assert settings.amqp_url is not None
         self.index = index
+        self.epoch = epoch
         self._deliver = deliver
         self._send_to_shard = send_to_shard
         self._on_reset = on_reset
@@ -41,7 +42,7 @@ class FrontDoorRelay:
         self._streams: dict[ShardId, RelayIn] = {}
         self._acked: dict[ShardId, tuple[str | None, int, bool]] = {}
         self._task: asyncio.Task[None] | None = None
-        self.batches = self.over_link = self.resets = self.bad = 0
+        self.batches = self.over_link = self.resets = self.bad = self.stale = 0
 
     def start(self) -> None:
         self.consumer.start()
@@ -55,12 +56,16 @@ class FrontDoorRelay:
     def on_link(self, msg: RelayBatch | RelayReset) -> None:
         if isinstance(msg, RelayBatch):
             self.over_link += 1
-            self.batch(msg.shard, msg.epoch, msg.seq, msg.body)
+            self.batch(msg.shard, msg.epoch, msg.to, msg.seq, msg.body)
         else:
             self.reset(msg)
 
-    def batch(self, shard: int, epoch: str, seq: int, body: bytes) -> None:
-        """A batch from either path: deliver what is now in order."""
+    def batch(self, shard: int, epoch: str, to: str, seq: int, body: bytes) -> None:
+        """A batch from either path: deliver what is now in order. One meant
+        for this front door's previous process (left in its queue) is dropped."""
+        if to != self.epoch:
+            self.stale += 1
+            return
         self.batches += 1
         stream = self._streams.get(ShardId(shard))
         if stream is None:
@@ -110,4 +115,5 @@ class FrontDoorRelay:
             "batches": self.batches, "from_rabbitmq": self.consumer.received, "over_link": self.over_link,
             "duplicates": sum(s.duplicates for s in self._streams.values()),
             "waiting": sum(len(s.early) for s in self._streams.values()), "resets": self.resets,
+            "stale": self.stale,
         }

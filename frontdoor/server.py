@@ -99,7 +99,8 @@ class FrontDoor:
         self.node = settings.node_id or "local"
         self.links = ShardLinks(index, self.epoch, self._on_link_message, self._members_of, self._on_shard_down,
                                 node=self.node)
-        self.relay = (FrontDoorRelay(index, settings, self._on_link_message, self.links.send, self._on_relay_reset)
+        self.relay = (FrontDoorRelay(index, self.epoch, settings, self._on_link_message, self.links.send,
+                                     self._on_relay_reset)
                       if settings.amqp_url and settings.relay != "off" else None)
         self.clients: dict[ConnId, Client] = {}
         self._counter = itertools.count(1)

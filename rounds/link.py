@@ -49,6 +49,7 @@ class RelayBatch:
 
     shard: int
     epoch: str  # the shard's epoch
+    to: str  # the front door's epoch the stream is for: a restarted front door ignores the old one's
     seq: int
     body: bytes  # length-prefixed frames (`decode_frames`)
 

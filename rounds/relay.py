@@ -45,6 +45,7 @@ class RelayOut:
     """A shard's stream to one front door on another node."""
 
     epoch: str  # the shard process's epoch: a new stream when it restarts
+    peer: str = ""  # the front door process's epoch: a new stream when it restarts
     next_seq: int = 1
     unacked: deque[Batch] = field(default_factory=deque)
     dropped_through: int = 0  # the highest number dropped unacknowledged (cap reached)

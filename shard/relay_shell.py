@@ -87,25 +87,27 @@ class RelayShell:
         for frontdoor, frames in pending.items():
             out = self._out.get(frontdoor)
             if out is None:
-                out = self._out[frontdoor] = RelayOut(self.epoch)
+                out = self._out[frontdoor] = RelayOut(self.epoch, self._frontdoor_epochs.get(frontdoor, ""))
             batch = out.add(frames[0] if len(frames) == 1 else b"".join(frames), now)
             if frontdoor not in self._not_consuming and self.circuit.allow(now):
                 if self.publisher.ready:
                     self.published += 1
-                    self.publisher.publish(frontdoor, {"shard": self.shard, "epoch": self.epoch, "seq": batch.seq},
-                                           batch.body, lambda ok, f=frontdoor, b=batch: self._confirmed(f, b, ok))
+                    self.publisher.publish(
+                        frontdoor, {"shard": self.shard, "epoch": self.epoch, "to": out.peer, "seq": batch.seq},
+                        batch.body, lambda ok, f=frontdoor, o=out, b=batch: self._confirmed(f, o, b, ok))
                     continue
                 self._failed(now)  # not connected (yet, or any more)
-            self._over_link(frontdoor, batch)
+            self._over_link(frontdoor, out, batch)
 
-    def _confirmed(self, frontdoor: FrontDoorId, batch: Batch, ok: bool) -> None:
+    def _confirmed(self, frontdoor: FrontDoorId, out: RelayOut, batch: Batch, ok: bool) -> None:
         if ok:
             self.confirmed += 1
             self.circuit.success()
             return
         self.unconfirmed += 1
         self._failed(time.monotonic())
-        self._over_link(frontdoor, batch)
+        if self._out.get(frontdoor) is out:  # not a stream the front door has restarted since
+            self._over_link(frontdoor, out, batch)
 
     def _failed(self, now: float) -> None:
         was = self.circuit.state
@@ -114,9 +116,9 @@ class RelayShell:
             log.warning("shard-%d: relay circuit open (%s); batches go over the links for %.0f s",
                         self.shard, self.publisher.last_error or "not connected", self.circuit.current_cooldown_s)
 
-    def _over_link(self, frontdoor: FrontDoorId, batch: Batch) -> None:
+    def _over_link(self, frontdoor: FrontDoorId, out: RelayOut, batch: Batch) -> None:
         self.over_link += 1
-        self._send_link(frontdoor, RelayBatch(self.shard, self.epoch, batch.seq, batch.body))
+        self._send_link(frontdoor, RelayBatch(self.shard, self.epoch, out.peer, batch.seq, batch.body))
 
     # --- the front door's answers ----------------------------------------------------
 
@@ -142,7 +144,7 @@ class RelayShell:
             return
         for batch in batches:
             self.resent += 1
-            self._over_link(msg.frontdoor, batch)
+            self._over_link(msg.frontdoor, out, batch)
 
     async def _tick(self) -> None:
         while True:
@@ -153,7 +155,7 @@ class RelayShell:
             for frontdoor, out in self._out.items():
                 for batch in out.overdue(now):
                     self.resent += 1
-                    self._over_link(frontdoor, batch)
+                    self._over_link(frontdoor, out, batch)
 
     def stats(self) -> dict[str, Any]:
         return {

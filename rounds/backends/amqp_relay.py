@@ -163,11 +163,11 @@ class RelayPublisher:
 
 
 class RelayConsumer:
-    """A front door's side: `on_batch(shard, epoch, seq, body)` for each batch
-    that arrives through RabbitMQ."""
+    """A front door's side: `on_batch(shard, epoch, to, seq, body)` for each
+    batch that arrives through RabbitMQ."""
 
     def __init__(self, url: str, namespace: str, frontdoor: int, name: str,
-                 on_batch: Callable[[int, str, int, bytes], None]) -> None:
+                 on_batch: Callable[[int, str, str, int, bytes], None]) -> None:
         self.namespace = namespace
         self.frontdoor = frontdoor
         self.on_batch = on_batch
@@ -199,12 +199,13 @@ class RelayConsumer:
         headers = message.headers or {}
         try:
             shard, epoch, seq = int(headers["shard"]), str(headers["epoch"]), int(headers["seq"])
+            to = str(headers["to"])
         except (KeyError, TypeError, ValueError):
             self.bad += 1
-            log.error("relay message without shard/epoch/seq headers dropped: %r", headers)
+            log.error("relay message without shard/epoch/to/seq headers dropped: %r", headers)
             return
         self.received += 1
-        self.on_batch(shard, epoch, seq, message.body)
+        self.on_batch(shard, epoch, to, seq, message.body)
 
     async def close(self) -> None:
         await self._conn.close()

@@ -71,7 +71,7 @@ def test_the_circuit_opens_after_failures_cools_down_and_closes_on_a_success():
 
 
 def test_relay_messages_and_batches_of_frames_cross_the_link_codec():
-    for msg in (Hello(1, "ep", "node-b"), RelayBatch(0, "ep", 7, b"\x00\x01"), RelayAck(1, "ep", 6, 7),
+    for msg in (Hello(1, "ep", "node-b"), RelayBatch(0, "ep", "fd-ep", 7, b"\x00\x01"), RelayAck(1, "ep", 6, 7),
                 RelayReset(0, "ep", 5)):
         assert decode(encode(msg)[4:]) == msg
     body = encode(RelayAck(1, "a", 1, 0)) + encode(RelayReset(0, "b", 2))
