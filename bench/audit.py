@@ -32,7 +32,7 @@ per-process events/s, lines found in the file, chain check), `postgres`
 (events loaded, seconds, events/s, or `skipped` with the reason), `locks`:
 `order` ([round, mode] in the order run), `segments` (one per locks run:
 round, mode, latency summaries by `phase.operation`, gateway CPU and pids,
-failures), `pooled` (per mode: summaries of the pooled samples, segment
+CPU of the other processes, failures), `pooled` (per mode: summaries of the pooled samples, segment
 CPUs and their median, failures), `ratio_p99` and `target_met` (pooled
 files / off by operation), `rounds` (each round's own `ratio_p99`),
 `ratio_p99_median_of_rounds`, `audit_events_written` (lines in each
@@ -277,6 +277,9 @@ def lock_summary(locks_report: Mapping[str, Any]) -> dict[str, Any]:
         "failures": entry["failures"]["total"],
         "gateway_cpu_percent": entry["gateway"]["cpu_percent_measured"],
         "gateway_pids": entry["gateway"].get("pids"),
+        # CPU % of a core that neither this gateway nor the load generator used: the
+        # idle gateway, Ray's daemons and whatever else shared the machine
+        "other_cpu_percent": (entry.get("machine") or {}).get("other_cpu_percent_measured"),
         "presence_users": entry["presence"]["users"]["connected"],
         "aborted": entry["aborted"],
     }
@@ -320,6 +323,7 @@ def compare_segments(segments: Sequence[Mapping[str, Any]],
         pooled[mode] = {
             "segments": len(mine), "latency_ms": pooled_latency(samples.get(mode, ())),
             "gateway_cpu_percent": cpu, "gateway_cpu_percent_median": _median(cpu),
+            "other_cpu_percent": [s.get("other_cpu_percent") for s in mine],
             "failures": sum(s["failures"] for s in mine),
             "presence_users": min((s["presence_users"] for s in mine), default=None),
         }
@@ -378,6 +382,7 @@ def segment_line(segment: Mapping[str, Any]) -> str:
     """One segment in a line: p99 by operation, gateway CPU, failures."""
     p99 = ", ".join(f"{key} {_fmt(figures['p99'])}" for key, figures in segment["latency_ms"].items())
     return (f"p99 ms {p99}; gateway CPU {_fmt(segment['gateway_cpu_percent'], '.0f')}%, "
+            f"other processes {_fmt(segment.get('other_cpu_percent'), '.0f')}%, "
             f"failures {segment['failures']}" + (f", ABORTED: {segment['aborted']}" if segment["aborted"] else ""))
 
 
@@ -508,9 +513,11 @@ def _lock_lines(part: Mapping[str, Any], settings: Mapping[str, Any]) -> list[st
     for mode in AUDIT_MODES:
         m = part["pooled"][mode]
         cpu = ", ".join(_fmt(c, ".0f") for c in m["gateway_cpu_percent"]) or "n/a"
+        other = ", ".join(_fmt(c, ".0f") for c in m.get("other_cpu_percent", ())) or "n/a"
         lines.append(f"[audit {mode}] {m['segments']} segment(s), {m['presence_users']} presence users, gateway CPU "
-                     f"{cpu} % of a core (median {_fmt(m['gateway_cpu_percent_median'], '.0f')} %), "
-                     f"{part['audit_events_written'][mode]} audit events written, failures {m['failures']}")
+                     f"{cpu} % of a core (median {_fmt(m['gateway_cpu_percent_median'], '.0f')} %), other "
+                     f"processes {other} %, {part['audit_events_written'][mode]} audit events written, "
+                     f"failures {m['failures']}")
     return lines
 
 

@@ -52,6 +52,7 @@ def _locks_run(samples: dict[str, dict[str, list[float]]], cpu: float = 50.0) ->
     report = {"ok": True, "settings": {"duration_s": 20.0}, "runs": [{
         "backend": "memory", "latency_ms": latency, "failures": {"total": 0}, "aborted": None,
         "gateway": {"cpu_percent_measured": cpu, "pids": [1, 2]}, "presence": {"users": {"connected": 500}},
+        "machine": {"other_cpu_percent_measured": 12.0},
     }]}
     return LocksRun(report, {"memory": samples})
 
@@ -140,7 +141,7 @@ def test_run_audit_runs_interleaved_rounds_against_two_gateways_started_once(tmp
     table = audit.format_table(report)
     assert "files, off | off, files | files, off" in table
     assert "1.200 1.000 1.100" in table and "MISS" in table
-    assert "40, 60, 50 % of a core (median 50 %)" in table and "21 audit events written" in table
+    assert "40, 60, 50 % of a core (median 50 %), other processes 12, 12, 12 %" in table and "21 audit events written" in table
 
 
 def test_the_gateway_off_can_open_the_rounds_and_a_small_effect_meets_the_target(tmp_path: Path) -> None:
