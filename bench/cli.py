@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from rounds.auth import private_key_for_dev
 from rounds.bench import audit, crdt, locks
@@ -42,6 +43,7 @@ from rounds.config import Settings, load_settings
 
 EXIT_OK, EXIT_FAILURES, EXIT_USAGE, EXIT_GATEWAY, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"  # `bench crdt --compare-relay`
 AUDIT_SEGMENT_S = 20.0  # `bench audit`: measured seconds of one locks segment
 
 
@@ -169,6 +171,11 @@ def _add_crdt(kinds: Any) -> None:
     parser.add_argument("--compare-ref", action="store_true",
                         help="after the first server, measure the reference Node.js y-websocket server "
                              "(tests/interop/refserver.mjs, always in yjs mode) and report ratios")
+    parser.add_argument("--compare-relay", action="store_true",
+                        help="after our gateway, measure it again with every shard-to-front-door message through "
+                             "the cross-node relay (RabbitMQ, relay = always) and report ratios")
+    parser.add_argument("--amqp-url", default=None,
+                        help=f"with --compare-relay: loopback RabbitMQ (default amqp_url, else {DEFAULT_AMQP_URL})")
     parser.add_argument("--processes", type=int, default=defaults.processes,
                         help="load generator worker processes, each owning whole rooms (default %(default)s)")
     parser.add_argument("--connect-concurrency", type=int, default=defaults.connect_concurrency, metavar="N",
@@ -443,7 +450,16 @@ def run_crdt_command(args: argparse.Namespace) -> int:
     except (ValueError, _UsageError) as error:
         return _fail(EXIT_USAGE, str(error))
     settings = getattr(args, "settings", None) or load_settings(getattr(args, "config", None), env=os.environ)
-    servers = [_crdt_server(args, options, _gateway_settings(args, settings))]
+    gateway_settings = _gateway_settings(args, settings)
+    servers = [_crdt_server(args, options, gateway_settings)]
+    if args.compare_relay:
+        if args.url is not None:
+            return _fail(EXIT_USAGE, "--compare-relay measures our own gateway twice: not with --url")
+        amqp_url = args.amqp_url or settings.amqp_url or DEFAULT_AMQP_URL
+        if not _is_loopback_host(urlsplit(amqp_url).hostname or ""):
+            return _fail(EXIT_USAGE, f"--amqp-url must be on this machine (loopback): {amqp_url}")
+        servers.append(_crdt_server(args, options, gateway_settings.replace(amqp_url=amqp_url, relay="always"),
+                                    name="rounds+relay"))
     if options.compare_ref:
         from rounds.bench.refserver import NAME, reference_server
 
@@ -566,8 +582,9 @@ def _finish(args: argparse.Namespace, report: dict[str, Any], stem: str, plot: C
     return EXIT_OK if report["ok"] else EXIT_FAILURES
 
 
-def _crdt_server(args: argparse.Namespace, options: crdt.CrdtOptions, gateway_settings: Settings) -> crdt.Server:
-    """The first server of a crdt run: the one at --url, else our gateway, started here."""
+def _crdt_server(args: argparse.Namespace, options: crdt.CrdtOptions, gateway_settings: Settings,
+                 name: str = "rounds") -> crdt.Server:
+    """A server of a crdt run: the one at --url, else our gateway, started here."""
     codec = options.codec if options.mode == WS else None
     if args.url is not None:
         given = _Target(args.url, args.pid, {"url": args.url, "own_gateway": False, "pids": args.pid})
@@ -580,7 +597,7 @@ def _crdt_server(args: argparse.Namespace, options: crdt.CrdtOptions, gateway_se
                 target = _Target(yjs_base_url(target.url), target.pids, target.info)
             yield target
 
-    return crdt.Server("rounds", options.mode, codec, own)
+    return crdt.Server(name, options.mode, codec, own)
 
 
 def _redis_problem(url: str) -> str | None:

@@ -320,3 +320,17 @@ def test_server_processes_are_named_by_their_ray_actor_or_program() -> None:
     assert crdt._title("ray::ShardActor.serve") == "ray::ShardActor"
     assert crdt._title("ray::FrontDoorActor") == "ray::FrontDoorActor"
     assert crdt._title("/usr/bin/node /work/tests/interop/refserver.mjs --port 0") == "node"
+
+
+def test_compare_relay_is_refused_with_a_given_url_or_a_broker_beyond_this_machine(tmp_path):
+    import subprocess
+    import sys
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "rounds.cli", "bench", "crdt", "--compare-relay", *args,
+                               "--out", str(tmp_path)], capture_output=True, text=True, timeout=60)
+
+    given = run("--url", "ws://127.0.0.1:1/ws")
+    assert given.returncode == 2 and "not with --url" in given.stderr
+    remote = run("--amqp-url", "amqp://guest:guest@10.1.2.3:5672/")
+    assert remote.returncode == 2 and "loopback" in remote.stderr
