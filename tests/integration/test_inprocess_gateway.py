@@ -40,26 +40,34 @@ async def inproc(var_root: Path, uid: str) -> AsyncIterator[InProcessGateway]:
         await gateway.stop()
 
 
-@pytest.fixture
-async def connect(inproc: InProcessGateway) -> AsyncIterator[Connect]:
+@contextlib.asynccontextmanager
+async def clients_of(gateway: InProcessGateway) -> AsyncIterator[Connect]:
     """Open clients, on a chosen front door if asked; all closed at the end."""
-    key = private_key_for_dev(inproc.settings)
+    key = private_key_for_dev(gateway.settings)
     opened: list[Client] = []
 
     async def open_client(user: str, frontdoor: int | None = None) -> Client:
         # The kernel spreads connections over the two listening sockets
         # (SO_REUSEPORT): reconnect until the wanted front door takes one.
         for _ in range(64):
-            client = await Client.connect(inproc.url, mint_token(key, user_id=user, role="surgeon"))
-            if frontdoor is None or frontdoor_of(inproc, client) == frontdoor:
+            client = await Client.connect(gateway.url, mint_token(key, user_id=user, role="surgeon"))
+            if frontdoor is None or frontdoor_of(gateway, client) == frontdoor:
                 opened.append(client)
                 return client
             await client.close()
         raise AssertionError(f"no connection landed on frontdoor-{frontdoor}")
 
-    yield open_client
-    for client in opened:
-        await client.close()
+    try:
+        yield open_client
+    finally:
+        for client in opened:
+            await client.close()
+
+
+@pytest.fixture
+async def connect(inproc: InProcessGateway) -> AsyncIterator[Connect]:
+    async with clients_of(inproc) as open_client:
+        yield open_client
 
 
 def frontdoor_of(gateway: InProcessGateway, client: Client) -> int:

@@ -23,7 +23,7 @@ from rounds.auth import mint_token, private_key_for_dev
 from rounds.inprocess import InProcessGateway
 from tests.client import Client, eventually
 from tests.conftest import gateway_settings
-from tests.integration.test_inprocess_gateway import frontdoor_of
+from tests.integration.test_inprocess_gateway import clients_of
 from tests.proxy import TcpProxy
 
 AMQP_HOST, AMQP_PORT = "127.0.0.1", 5672
@@ -65,21 +65,8 @@ async def two_nodes(var_root: Path, uid: str, proxy: TcpProxy) -> AsyncIterator[
 
 @pytest.fixture
 async def connect(two_nodes: InProcessGateway) -> AsyncIterator[Connect]:
-    key = private_key_for_dev(two_nodes.settings)
-    opened: list[Client] = []
-
-    async def open_client(user: str, frontdoor: int) -> Client:
-        for _ in range(64):  # SO_REUSEPORT spreads connections: retry until the wanted front door has one
-            client = await Client.connect(two_nodes.url, mint_token(key, user_id=user, role="surgeon"))
-            if frontdoor_of(two_nodes, client) == frontdoor:
-                opened.append(client)
-                return client
-            await client.close()
-        raise AssertionError(f"no connection landed on frontdoor-{frontdoor}")
-
-    yield open_client
-    for client in opened:
-        await client.close()
+    async with clients_of(two_nodes) as open_client:
+        yield open_client
 
 
 def relay_totals(gateway: InProcessGateway) -> dict[str, int]:
