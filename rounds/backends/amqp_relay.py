@@ -24,6 +24,7 @@ from collections.abc import Callable
 from typing import Any
 
 import aio_pika
+from aio_pika.connection import make_url
 from yarl import URL
 from aio_pika.abc import AbstractIncomingMessage
 
@@ -67,9 +68,12 @@ class _Connection:
         delay = RETRY_MIN_S
         while True:
             try:
-                self.connection = await aio_pika.connect_robust(
-                    self.url, timeout=CONNECT_TIMEOUT_S, reconnect_interval=RECONNECT_S,
+                # Made here rather than by `aio_pika.connect_robust`, so that a first
+                # connection that fails is closed by us, not left to the collector.
+                self.connection = aio_pika.RobustConnection(
+                    make_url(self.url, reconnect_interval=RECONNECT_S), reconnect_interval=RECONNECT_S,
                     client_properties={"connection_name": self.name})
+                await self.connection.connect(timeout=CONNECT_TIMEOUT_S)
                 self.channel = await self.connection.channel(publisher_confirms=True, on_return_raises=True)
                 await setup(self.channel)
                 self.last_error = None
