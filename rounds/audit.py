@@ -465,19 +465,23 @@ class LoopAuditSink:
     the replies of the moment it was emitted in.
 
     `emit` queues the event (its time and id are already set) and, at the
-    first of a pass, schedules the write two `call_soon` hops later: after
-    every callback already queued, which includes the link's flush of the
-    replies those same messages produced. A burst of contended lock requests
-    is answered first and audited just after, with one `write`, instead of
-    each answer waiting for the audit of the ones before it. On a crash of
-    the process the events of that one pass are lost; that is within what
-    `interval` already allows (about a second on a power cut), so `always`
-    (nothing acknowledged lost) writes at once instead (`loop_audit`).
-    Outside a running loop it writes at once.
+    first after a write, schedules the next: `gather_s` later (the gateway's
+    `audit_gather_ms`, 20 ms by default), or with 0 two `call_soon` hops
+    later. Either way it runs after every callback already queued, which
+    includes the link's flush of the replies those same messages produced:
+    a burst of contended lock requests is answered first and audited after,
+    and the events of many passes share one `write` and one warm run of the
+    serialiser, which costs far less per event than one event at a time
+    (docs/benchmarks.md, "Audit"). On a crash of the process the events of
+    that window are lost; that is within what `interval` already allows
+    (about a second on a power cut), so `always` (nothing acknowledged lost)
+    writes at once instead (`loop_audit`). Outside a running loop it writes
+    at once.
     """
 
-    def __init__(self, sink: FileAuditSink) -> None:
+    def __init__(self, sink: FileAuditSink, gather_s: float = 0.0) -> None:
         self.sink = sink
+        self.gather_s = gather_s
         self._pending: list[AuditEvent] = []
 
     def emit(self, event: AuditEvent) -> None:
@@ -489,7 +493,10 @@ class LoopAuditSink:
         except RuntimeError:
             self.flush()
             return
-        loop.call_soon(loop.call_soon, self.flush)
+        if self.gather_s > 0:
+            loop.call_later(self.gather_s, self.flush)
+        else:
+            loop.call_soon(loop.call_soon, self.flush)
 
     def flush(self) -> None:
         pending, self._pending = self._pending, []
@@ -497,11 +504,11 @@ class LoopAuditSink:
             self.sink.emit_many(pending)
 
 
-def loop_audit(sink: AuditSink) -> AuditSink:
+def loop_audit(sink: AuditSink, gather_s: float = 0.0) -> AuditSink:
     """The sink one event loop's service should use: its own `LoopAuditSink`
     over shared files, unless every line must be on disk before the reply."""
     if isinstance(sink, FileAuditSink) and sink.fsync != "always":
-        return LoopAuditSink(sink)
+        return LoopAuditSink(sink, gather_s)
     return sink
 
 

@@ -51,6 +51,7 @@ class Settings:
     postgres_dsn: str | None = None
     audit: str = "files"  # "files": NDJSON day files under var_dir/audit; "off": no audit trail (benchmarks only)
     audit_fsync: str = "interval"  # audit files: "interval" (<= 1 s lost on power cut), "always", "never" (docs/audit.md)
+    audit_gather_ms: int = 20  # a shard's or front door's audit events are written together this often (docs/audit.md)
     heartbeat_interval_ms: int = 25_000  # WebSocket ping interval, also told to clients
     ping_timeout_ms: int = 20_000
     idle_timeout_ms: int = 300_000  # no frame from the client for this long: closed

@@ -32,10 +32,12 @@ def audit_sink(settings: Settings) -> AuditSink:
 
 def make_shard(index: int, settings: Settings, audit: AuditSink | None = None) -> ShardService:
     return ShardService(ShardId(index), factory.presence_mirror(settings, f"{settings.ray_namespace}/shard-{index}"),
-                        loop_audit(audit or audit_sink(settings)), factory.lock_store(settings),
+                        loop_audit(audit or audit_sink(settings), settings.audit_gather_ms / 1000),
+                        factory.lock_store(settings),
                         factory.doc_store(settings), settings, factory.doc_history(settings))
 
 
 def make_frontdoor(index: int, settings: Settings, audit: AuditSink | None = None) -> FrontDoor:
     return FrontDoor(FrontDoorId(index), settings, TokenVerifier(settings),
-                     factory.session_store(settings), loop_audit(audit or audit_sink(settings)))
+                     factory.session_store(settings),
+                     loop_audit(audit or audit_sink(settings), settings.audit_gather_ms / 1000))

@@ -400,3 +400,23 @@ def test_outside_a_loop_and_with_fsync_always_the_audit_is_written_at_once(tmp_p
     assert isinstance(loop_audit(sink), LoopAuditSink)
     sink.close()
     always.close()
+
+
+async def test_with_a_gather_window_the_events_of_many_passes_share_one_write(tmp_path, clock):
+    import asyncio
+
+    from rounds.audit import LoopAuditSink
+
+    sink = make_sink(tmp_path, clock)
+    writes: list[int] = []
+    real_emit_many = sink.emit_many
+    sink.emit_many = lambda events: (writes.append(len(events)), real_emit_many(events))  # type: ignore[method-assign]
+    audit = LoopAuditSink(sink, gather_s=0.05)
+    for n in range(3):  # three loop passes
+        audit.emit(event(n))
+        await asyncio.sleep(0)
+    assert writes == []  # still gathering
+    await asyncio.sleep(0.1)
+    assert writes == [3]
+    assert [json.loads(line)["seq"] for line in lines(tmp_path / f"audit-{DAY}.ndjson")] == [1, 2, 3]
+    sink.close()
