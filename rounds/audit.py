@@ -516,18 +516,24 @@ _SINKS: weakref.WeakSet[FileAuditSink] = weakref.WeakSet()
 os.register_at_fork(after_in_child=lambda: [sink._reseed() for sink in list(_SINKS)])
 
 
+def lock_exclusive(file: Any, wait: bool = False) -> bool:
+    """Take an exclusive `flock` on an open file: a rewriter's side of the
+    handshake with the writers, who hold their open day file shared. False,
+    holding nothing, when `wait` is False and someone else holds it."""
+    try:
+        fcntl.flock(file, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except BlockingIOError:
+        return False
+    return True
+
+
 @contextmanager
 def rewrite_lock(directory: Path, wait: bool = True) -> Iterator[bool]:
     """Hold the directory's rewrite lock (`flock` on `.rewrite.lock`): one
     rewriter of its files at a time, gzip or erase. Yields False, holding
     nothing, when `wait` is False and another process holds it."""
     with open(Path(directory) / ".rewrite.lock", "a") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except BlockingIOError:
-            yield False
-            return
-        yield True
+        yield lock_exclusive(lock, wait)
 
 
 def compress_closed_days(directory: Path, now: float, grace_s: float = GZIP_GRACE_S) -> list[Path]:
@@ -566,9 +572,7 @@ def _compress_day(path: Path) -> bool:
     except FileNotFoundError:
         return False
     with held:
-        try:
-            fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not lock_exclusive(held):
             return False
         target = path.with_name(path.name + ".gz")
         tmp = path.with_name(f".{path.name}.gz.{os.getpid()}.tmp")

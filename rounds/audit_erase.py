@@ -30,7 +30,6 @@ definition (`rounds.audit`).
 
 from __future__ import annotations
 
-import fcntl
 import gzip
 import hashlib
 import hmac
@@ -48,6 +47,7 @@ from rounds.audit import (
     commitment,
     fsync_dir,
     hashed_line,
+    lock_exclusive,
     open_day_file,
     personal_value,
     rewrite_lock,
@@ -122,9 +122,7 @@ def erase_file(path: Path, user_id: str, key: bytes, dry_run: bool = False) -> F
         if not any(needle in line for line in lines):
             return result
     with open(path, "rb") as held:
-        try:
-            fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not lock_exclusive(held):
             result.in_use = True
             return result
         with closing(open_day_file(path)) as lines:

@@ -22,7 +22,7 @@ from rounds.audit import MemoryAuditSink
 from rounds.auth import mint_token, private_key_for_dev
 from rounds.inprocess import InProcessGateway
 from tests.client import Client, eventually
-from tests.conftest import gateway_settings
+from tests.conftest import free_port, gateway_settings
 from tests.integration.test_inprocess_gateway import clients_of
 from tests.proxy import TcpProxy
 
@@ -157,7 +157,7 @@ async def test_rabbitmq_failing_and_coming_back_loses_and_doubles_nothing(two_no
 
 async def test_without_rabbitmq_at_start_the_gateway_serves_over_the_links(var_root, uid):
     settings = gateway_settings(var_root, f"relay-none-{uid}", shards=1, frontdoors=1, relay="always",
-                                amqp_url=f"amqp://guest:guest@127.0.0.1:{_closed_port()}/")
+                                amqp_url=f"amqp://guest:guest@127.0.0.1:{free_port()}/")  # nothing listens there
     async with InProcessGateway(settings, MemoryAuditSink()) as gateway:
         key = private_key_for_dev(settings)
         a = await Client.connect(gateway.url, mint_token(key, user_id="a", role="surgeon"))
@@ -175,11 +175,6 @@ async def test_without_rabbitmq_at_start_the_gateway_serves_over_the_links(var_r
             await a.close()
             await b.close()
 
-
-def _closed_port() -> int:
-    from tests.conftest import free_port
-
-    return free_port()  # nothing listens there
 
 
 
