@@ -420,3 +420,67 @@ async def test_with_a_gather_window_the_events_of_many_passes_share_one_write(tm
     assert writes == [3]
     assert [json.loads(line)["seq"] for line in lines(tmp_path / f"audit-{DAY}.ndjson")] == [1, 2, 3]
     sink.close()
+
+
+async def test_a_large_gather_is_written_a_slice_per_loop_pass_so_requests_wait_for_one_slice(tmp_path, clock):
+    import asyncio
+
+    from rounds.audit import LoopAuditSink
+
+    sink = make_sink(tmp_path, clock)
+    order: list[str] = []
+    real_emit_many = sink.emit_many
+    loop = asyncio.get_running_loop()
+
+    def emit_many(events):
+        if not order:  # a request comes in while the first slice is written
+            loop.call_soon(order.append, "request served")
+        order.append(f"write {len(events)}")
+        real_emit_many(events)
+
+    sink.emit_many = emit_many  # type: ignore[method-assign]
+    audit = LoopAuditSink(sink, gather_s=0.01, slice_events=8)
+    for n in range(20):
+        audit.emit(event(n))
+    await asyncio.sleep(0.05)
+    assert order == ["write 8", "request served", "write 8", "write 4"]
+    assert [json.loads(line)["seq"] for line in lines(tmp_path / f"audit-{DAY}.ndjson")] == list(range(1, 21))
+    audit.emit(event(20))  # the queue was empty: a new gather starts
+    audit.flush()  # a service that stops writes it at once
+    assert order[-1] == "write 1"
+    sink.close()
+
+
+def test_any_event_is_written_as_its_canonical_object_and_verifies(tmp_path_factory):
+    """The writer composes a line member by member; whatever the values (any
+    text, missing, not text), the line reads back as the event and its hash is
+    the verifier's rule over it."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    text = st.text(max_size=12)
+    maybe = st.one_of(st.none(), text, st.integers())
+    details = st.dictionaries(st.sampled_from(["lockedBy", "remote", "size", "reason", "ü"]),
+                              st.one_of(st.none(), text, st.integers(), st.lists(text, max_size=2)), max_size=4)
+
+    @settings(max_examples=150, deadline=None)
+    @given(st.lists(st.tuples(text, maybe, maybe, maybe, details), min_size=1, max_size=4))
+    def check(events):
+        directory = tmp_path_factory.mktemp("audit")
+        sink = make_sink(directory, FakeClock(f"{DAY}T10:00:00+00:00"))
+        for kind, user, session, resource, extra in events:
+            sink.emit(AuditEvent(kind, "shard-0", user_id=user, session_id=session, resource_id=resource,
+                                 details=extra))
+        sink.close()
+        prev = None
+        for (kind, user, session, resource, extra), row in zip(events, lines(directory / f"audit-{DAY}.ndjson"),
+                                                               strict=True):
+            record = json.loads(row)
+            assert (record["eventType"], record["userId"], record["sessionId"], record["resourceId"],
+                    record["details"]) == (kind, user, session, resource, extra)
+            digest = record.pop("hash")
+            assert chain_hash(prev, sealed_body(record)) == digest
+            prev = digest
+        assert verify_file(directory / f"audit-{DAY}.ndjson").intact
+
+    check()
