@@ -34,7 +34,9 @@ per-process events/s, lines found in the file, chain check), `postgres`
 round, mode, latency summaries by `phase.operation`, gateway CPU and pids,
 CPU of the other processes, failures), `pooled` (per mode: summaries of the pooled samples, segment
 CPUs and their median, failures), `ratio_p99` and `target_met` (pooled
-files / off by operation), `rounds` (each round's own `ratio_p99`),
+files / off by operation), `ratio_p99_interval` (a 90 % bootstrap
+interval of each pooled ratio, `stats.ratio_interval`: whether the samples
+resolve its distance from the target), `rounds` (each round's own `ratio_p99`),
 `ratio_p99_median_of_rounds`, `audit_events_written` (lines in each
 gateway's audit folder at the end), `lock_settings`, `error` (a gateway
 that did not start); and `ok`.
@@ -282,18 +284,34 @@ def lock_summary(locks_report: Mapping[str, Any]) -> dict[str, Any]:
         "other_cpu_percent": (entry.get("machine") or {}).get("other_cpu_percent_measured"),
         "presence_users": entry["presence"]["users"]["connected"],
         "aborted": entry["aborted"],
+        # how late the lock client's own loop ran (p99 by phase): what the load
+        # generator, sharing the machine, adds to the round trips it times
+        "client_loop_lag_p99_ms": {phase: (lag or {}).get("p99")
+                                   for phase, lag in (entry.get("lock_client_loop_lag_ms") or {}).items()},
+        "loadgen_cpu_percent": (entry.get("loadgen") or {}).get("cpu_percent_measured"),
+        # the gateway's garbage collections during the segment (our own gateway only)
+        "gateway_gc": locks_report.get("gateway_gc"),
     }
 
 
 def pooled_latency(segment_samples: Sequence[Mapping[str, Mapping[str, Sequence[float]]]]) -> dict[str, Any]:
     """Summaries by `phase.operation` of the raw samples of all segments pooled
     (each segment's samples: phase -> lockgen metric -> values in ms)."""
-    out: dict[str, Any] = {}
-    for phase, op in LOCK_OPS:
-        metric = dict(METRICS[phase])[op]
-        values = [v for samples in segment_samples for v in samples.get(phase, {}).get(metric, ())]
-        out[f"{phase}.{op}"] = stats.summarize(values).as_dict()
-    return out
+    return {f"{phase}.{op}": stats.summarize(pooled_values(segment_samples, phase, op)).as_dict()
+            for phase, op in LOCK_OPS}
+
+
+def pooled_lag(segment_samples: Sequence[Mapping[str, Mapping[str, Sequence[float]]]], phase: str) -> float | None:
+    """p99 of the lock client's loop lag in a phase, all segments pooled."""
+    p99 = stats.summarize([v for samples in segment_samples for v in samples.get(phase, {}).get("loop_lag_ms", ())]).p99
+    return None if p99 is None else round(p99, 3)
+
+
+def pooled_values(segment_samples: Sequence[Mapping[str, Mapping[str, Sequence[float]]]], phase: str,
+                  op: str) -> list[float]:
+    """One operation's raw samples of all segments, in ms."""
+    metric = dict(METRICS[phase])[op]
+    return [v for samples in segment_samples for v in samples.get(phase, {}).get(metric, ())]
 
 
 def p99_ratios(on: Mapping[str, Any], off: Mapping[str, Any]) -> dict[str, float | None]:
@@ -304,6 +322,11 @@ def p99_ratios(on: Mapping[str, Any], off: Mapping[str, Any]) -> dict[str, float
         b = off.get("latency_ms", {}).get(key, {}).get("p99")
         out[key] = round(a / b, 3) if a is not None and b else None
     return out
+
+
+def _sum_gc(parts: Sequence[Mapping[str, float] | None]) -> dict[str, float] | None:
+    known = [p for p in parts if p]
+    return {key: round(sum(p[key] for p in known), 1) for key in known[0]} if known else None
 
 
 def _median(values: Sequence[float | None]) -> float | None:
@@ -325,6 +348,9 @@ def compare_segments(segments: Sequence[Mapping[str, Any]],
             "gateway_cpu_percent": cpu, "gateway_cpu_percent_median": _median(cpu),
             "other_cpu_percent": [s.get("other_cpu_percent") for s in mine],
             "failures": sum(s["failures"] for s in mine),
+            "gateway_gc": _sum_gc([s.get("gateway_gc") for s in mine]),
+            "client_loop_lag_p99_ms": {phase: pooled_lag(samples.get(mode, ()), phase)
+                                       for phase in ("uncontended", "contended")},
             "presence_users": min((s["presence_users"] for s in mine), default=None),
         }
     out: dict[str, Any] = {"pooled": pooled}
@@ -332,6 +358,12 @@ def compare_segments(segments: Sequence[Mapping[str, Any]],
         ratios = p99_ratios(pooled["files"], pooled["off"])
         out["ratio_p99"] = ratios
         out["target_met"] = {k: v is not None and v < 1 + TARGET_P99_ADDED for k, v in ratios.items()}
+        out["ratio_p99_interval"] = {}  # 90 % bootstrap interval of each pooled ratio (stats.ratio_interval)
+        for phase, op in LOCK_OPS:
+            interval = stats.ratio_interval(pooled_values(samples.get("files", ()), phase, op),
+                                            pooled_values(samples.get("off", ()), phase, op))
+            out["ratio_p99_interval"][f"{phase}.{op}"] = None if interval is None else [
+                round(interval[0], 3), round(interval[1], 3)]
     rounds = []
     for number in sorted({s["round"] for s in segments}):
         run = [s for s in segments if s["round"] == number and not s.get("error")]
@@ -383,7 +415,16 @@ def segment_line(segment: Mapping[str, Any]) -> str:
     p99 = ", ".join(f"{key} {_fmt(figures['p99'])}" for key, figures in segment["latency_ms"].items())
     return (f"p99 ms {p99}; gateway CPU {_fmt(segment['gateway_cpu_percent'], '.0f')}%, "
             f"other processes {_fmt(segment.get('other_cpu_percent'), '.0f')}%, "
+            f"client loop lag p99 contended {_fmt((segment.get('client_loop_lag_p99_ms') or {}).get('contended'))} ms, "
+            f"{_gc_text(segment.get('gateway_gc'))}"
             f"failures {segment['failures']}" + (f", ABORTED: {segment['aborted']}" if segment["aborted"] else ""))
+
+
+def _gc_text(gc: Mapping[str, float] | None) -> str:
+    if not gc:
+        return ""
+    return (f"GC {gc['collections']:.0f} collections paused {gc['pausedMs']:.0f} ms "
+            f"({gc['over10ms']:.0f} over 10 ms; {gc.get('full', 0):.0f} full, {gc.get('fullPausedMs', 0):.0f} ms), ")
 
 
 def count_lines(directory: Path) -> int:
@@ -492,9 +533,10 @@ def _lock_lines(part: Mapping[str, Any], settings: Mapping[str, Any]) -> list[st
     duration = (part.get("lock_settings") or {}).get("duration_s")
     lines = [f"lock round trips: both gateways up at once, {settings['rounds']} round(s) of one "
              f"{_fmt(duration, 'g')} s segment each, {settings['first']} first; order {rounds_run}",
-             "pooled = percentiles of all of a gateway's segments' samples; rounds = each round's own p99 ratio",
+             "pooled = percentiles of all of a gateway's segments' samples, [90 % bootstrap interval of the "
+             "ratio]; rounds = each round's own p99 ratio",
              f"{'lock round trip (ms)':<24}{'audit':>6}{'count':>8}{'p50':>8}{'p95':>8}{'p99':>8}"
-             f"{'pooled p99 files/off':>22}  {'rounds p99 files/off':<24}{'median':>7}"]
+             f"{'pooled p99 files/off':>32}  {'rounds p99 files/off':<24}{'median':>7}"]
     if part.get("error"):
         lines.insert(1, f"NOT COMPLETE: {part['error']}")
     for phase, op in LOCK_OPS:
@@ -506,8 +548,11 @@ def _lock_lines(part: Mapping[str, Any], settings: Mapping[str, Any]) -> list[st
                 ratio = (part.get("ratio_p99") or {}).get(key)
                 met = (part.get("target_met") or {}).get(key)
                 per_round = " ".join(_fmt(r["ratio_p99"][key], ".3f") for r in part["rounds"])
+                interval = (part.get("ratio_p99_interval") or {}).get(key)
                 cell = "" if ratio is None else f"{ratio:.3f} {'met' if met else 'MISS'}"
-                tail = f"{cell:>22}  {per_round:<24}{_fmt(part['ratio_p99_median_of_rounds'][key], '.3f'):>7}"
+                if interval:
+                    cell += f" [{interval[0]:.2f}-{interval[1]:.2f}]"
+                tail = f"{cell:>32}  {per_round:<24}{_fmt(part['ratio_p99_median_of_rounds'][key], '.3f'):>7}"
             lines.append(f"{key:<24}{mode:>6}{f['count']:>8}{_fmt(f['p50']):>8}{_fmt(f['p95']):>8}"
                          f"{_fmt(f['p99']):>8}{tail}")
     for mode in AUDIT_MODES:
@@ -516,7 +561,10 @@ def _lock_lines(part: Mapping[str, Any], settings: Mapping[str, Any]) -> list[st
         other = ", ".join(_fmt(c, ".0f") for c in m.get("other_cpu_percent", ())) or "n/a"
         lines.append(f"[audit {mode}] {m['segments']} segment(s), {m['presence_users']} presence users, gateway CPU "
                      f"{cpu} % of a core (median {_fmt(m['gateway_cpu_percent_median'], '.0f')} %), other "
-                     f"processes {other} %, {part['audit_events_written'][mode]} audit events written, "
+                     f"processes {other} %, client loop lag p99 uncontended / contended "
+                     f"{_fmt(m['client_loop_lag_p99_ms']['uncontended'])} / "
+                     f"{_fmt(m['client_loop_lag_p99_ms']['contended'])} ms, {_gc_text(m.get('gateway_gc'))}"
+                     f"{part['audit_events_written'][mode]} audit events written, "
                      f"failures {m['failures']}")
     return lines
 

@@ -277,6 +277,8 @@ class _Target:
     url: str
     pids: list[int] | None
     info: dict[str, Any]
+    # our own gateway's garbage-collector totals, summed over its processes (`gcwatch.stats`)
+    gc: Callable[[], dict[str, float]] | None = None
 
 
 class _UsageError(Exception):
@@ -376,6 +378,7 @@ def _own_gateway(gateway_settings: Settings) -> Iterator[_Target]:
                 "port": gateway_settings.port,
                 "redis_url": gateway_settings.redis_url,
             },
+            partial(_gc_totals, gateway),
         )
     finally:
         _log("bench: stopping the gateway")
@@ -549,10 +552,25 @@ def _audit_gateways(settings: Settings, lock_options: locks.LocksOptions,
 
         def segment(mode: str) -> locks.LocksRun:
             mode_settings, target = targets[mode]
-            return locks.run_locks(lock_options, mode_settings, lambda _settings: nullcontext(target),
-                                   private_key_for_dev(mode_settings), _log, _delete_keys)
+            before = target.gc() if target.gc else None
+            run = locks.run_locks(lock_options, mode_settings, lambda _settings: nullcontext(target),
+                                  private_key_for_dev(mode_settings), _log, _delete_keys)
+            if before is not None and target.gc is not None:
+                after = target.gc()
+                run.report["gateway_gc"] = {key: round(after[key] - before[key], 1) for key in after}
+            return run
 
         yield segment
+
+
+def _gc_totals(gateway: Any) -> dict[str, float]:
+    """Collections, ms paused and pauses over 10 ms, summed over the gateway's processes."""
+    status = gateway.status()
+    totals = {"collections": 0.0, "pausedMs": 0.0, "over10ms": 0.0, "full": 0.0, "fullPausedMs": 0.0}
+    for stats in [*status["shards"], *status["frontdoors"]]:
+        for key in totals:
+            totals[key] += ((stats or {}).get("gc") or {}).get(key, 0)
+    return totals
 
 
 def _free_loopback_port(host: str) -> int:

@@ -35,8 +35,8 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 from rounds.auth import mint_token
 from rounds.wire import MessageType
 from rounds.bench.plan import (
-    DRAIN, MEASURED, RAMP, Go, Progress, Ready, Recorder, Stop, WorkerPlan, WorkerResult, bench_user_id,
-    url_with_token,
+    DRAIN, MEASURED, RAMP, Go, Progress, Ready, Recorder, Stop, WorkerMessage, WorkerPlan, WorkerResult,
+    bench_user_id, url_with_token,
 )
 
 PROGRESS_EVERY_S = 1.0

@@ -29,7 +29,6 @@ and `targets` (goal / seed / miss) keyed `phase.operation`, `contention`
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field

@@ -15,7 +15,8 @@ log = logging.getLogger(__name__)
 WARN_MS = 50.0
 
 _started = 0.0
-_totals = {"collections": 0, "pausedMs": 0.0, "maxPauseMs": 0.0, "over10ms": 0}
+# full collections (generation 2) walk every object not frozen: the long pauses
+_totals = {"collections": 0, "pausedMs": 0.0, "maxPauseMs": 0.0, "over10ms": 0, "full": 0, "fullPausedMs": 0.0}
 
 
 def _callback(phase: str, info: dict[str, Any]) -> None:
@@ -26,6 +27,9 @@ def _callback(phase: str, info: dict[str, Any]) -> None:
     paused_ms = (time.perf_counter() - _started) * 1000
     _totals["collections"] += 1
     _totals["pausedMs"] += paused_ms
+    if info.get("generation") == 2:
+        _totals["full"] += 1
+        _totals["fullPausedMs"] += paused_ms
     if paused_ms > _totals["maxPauseMs"]:
         _totals["maxPauseMs"] = paused_ms
     if paused_ms > 10:
@@ -41,4 +45,5 @@ def install() -> None:
 
 
 def stats() -> dict[str, Any]:
-    return {**_totals, "pausedMs": round(_totals["pausedMs"], 1), "maxPauseMs": round(_totals["maxPauseMs"], 2)}
+    return {**_totals, "pausedMs": round(_totals["pausedMs"], 1), "maxPauseMs": round(_totals["maxPauseMs"], 2),
+            "fullPausedMs": round(_totals["fullPausedMs"], 1)}

@@ -47,7 +47,6 @@ from rounds.backends.redis import _lua, _ping
 from rounds.clock import iso_ms, now_ms
 from rounds.ids import ConnId, ResourceId, UserId
 from rounds.shard.lock_events import (
-    EXCLUSIVE,
     GrantFailed,
     GrantRefused,
     GrantStored,

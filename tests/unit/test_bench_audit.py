@@ -205,3 +205,21 @@ def test_gateway_audit_setting_files_or_off(tmp_path: Path) -> None:
     assert not (tmp_path / "v" / "audit").exists()
     with pytest.raises(ValueError, match="audit must be one of"):
         audit_sink(Settings(audit="none"))
+
+
+def test_the_report_gives_each_ratio_an_interval_and_the_gateways_collections() -> None:
+    files, off = _locks_run(_samples(1.3, n=2000)), _locks_run(_samples(1.0, n=2000))
+    files.report["gateway_gc"] = {"collections": 40.0, "pausedMs": 12.5, "over10ms": 0.0}
+    segments = [{"round": 1, "mode": "files", **audit.lock_summary(files.report)},
+                {"round": 1, "mode": "off", **audit.lock_summary(off.report)}]
+    part = audit.compare_segments(segments, {"files": [files.samples["memory"]], "off": [off.samples["memory"]]})
+    low, high = part["ratio_p99_interval"]["uncontended.acquire"]
+    assert low < 1.3 < high and low > 1.1  # a 30 % slower p99 over 2,000 samples: resolved
+    assert part["pooled"]["files"]["gateway_gc"] == {"collections": 40.0, "pausedMs": 12.5, "over10ms": 0.0}
+    assert part["pooled"]["off"]["gateway_gc"] is None
+    line = audit.segment_line(segments[0])
+    assert "GC 40 collections paused 12 ms (0 over 10 ms; 0 full, 0 ms)" in line
+    table = audit.format_table({"settings": {"sink_seconds": 1, "sink_max_events": 1, "rounds": 1, "first": "files"},
+                                "sink": [], "ok": True,
+                                "locks": {**part, "segments": segments, "audit_events_written": {"files": 1, "off": 0}}})
+    assert f"1.300 MISS [{low:.2f}-{high:.2f}]" in table

@@ -231,3 +231,20 @@ def test_a_user_joined_matches_the_join_its_receiver_was_expected_for() -> None:
     second = room.expect_join(a, sent_at=2.0, phase="measured")  # type: ignore[arg-type]
     assert first.expected == set()
     assert room.match("a", "b") is second
+
+
+def test_ratio_interval_brackets_the_ratio_and_narrows_with_more_samples() -> None:
+    rng = random.Random(7)
+    base = [rng.lognormvariate(0, 0.5) for _ in range(20_000)]
+    slower = [v * 1.2 for v in base[:10_000]]
+    low, high = stats.ratio_interval(slower, base[10_000:])
+    assert low < 1.2 < high and low > 1.0  # a 20 % slower p99 is resolved by 10,000 samples each
+    few_low, few_high = stats.ratio_interval(slower[:900], base[10_000:10_900])
+    assert few_high - few_low > high - low  # 900 samples: a p99 is their 9th largest
+    assert stats.ratio_interval(slower, base[10_000:]) == (low, high)  # seeded: reproducible
+
+
+def test_ratio_interval_of_no_samples_is_none() -> None:
+    assert stats.ratio_interval([], [1.0]) is None
+    assert stats.ratio_interval([1.0], []) is None
+    assert stats.ratio_interval([1.0], [0.0, 0.0]) is None
