@@ -571,13 +571,14 @@ def _lock_lines(part: Mapping[str, Any], settings: Mapping[str, Any]) -> list[st
 
 def plot_audit(report: Mapping[str, Any], path: Path) -> Path:
     """Sink and load throughput against the 20,000/s target; lock p50/p95/p99 with
-    audit files and off (pooled), each round's p99 as a dot."""
+    audit files and off (pooled), each round's p99 as a dot; the pooled p99
+    ratios with their 90 % intervals and each round's ratio, against the target."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(13, 5), layout="constrained")
+    figure = Figure(figsize=(18, 5), layout="constrained")
     FigureCanvasAgg(figure)
-    left, right = figure.subplots(1, 2)
+    left, right, ratios = figure.subplots(1, 3, width_ratios=(1, 1.3, 0.9))
     labels = [c["case"] for c in report["sink"]]
     values = [c["events_per_s"] or 0 for c in report["sink"]]
     pg = report.get("postgres") or {}
@@ -593,8 +594,30 @@ def plot_audit(report: Mapping[str, Any], path: Path) -> Path:
     left.tick_params(axis="x", labelrotation=30, labelsize=8)
     part = report.get("locks") or {}
     _lock_bars(right, part)
+    _ratio_panel(ratios, part)
     figure.savefig(path, dpi=110)
     return path
+
+
+def _ratio_panel(axes: Any, part: Mapping[str, Any]) -> None:
+    keys = [f"{phase}.{op}" for phase, op in LOCK_OPS]
+    pooled, intervals = part.get("ratio_p99") or {}, part.get("ratio_p99_interval") or {}
+    for i, key in enumerate(keys):
+        rounds = [r["ratio_p99"][key] for r in part.get("rounds") or () if r["ratio_p99"].get(key) is not None]
+        axes.scatter([i + 0.15] * len(rounds), rounds, s=10, color="grey", zorder=2,
+                     label="one round's ratio" if i == 0 else None)
+        if pooled.get(key) is None:
+            continue
+        low, high = intervals.get(key) or (pooled[key], pooled[key])
+        axes.errorbar([i], [pooled[key]], yerr=[[pooled[key] - low], [high - pooled[key]]], fmt="o", color="C0",
+                      capsize=4, zorder=3, label="pooled, 90 % interval" if i == 0 else None)
+    axes.axhline(1 + TARGET_P99_ADDED, color="tab:red", linestyle="--", linewidth=1,
+                 label=f"target < {1 + TARGET_P99_ADDED:.2f}")
+    axes.axhline(1.0, color="black", linewidth=0.5)
+    axes.set_xticks(range(len(keys)), keys, fontsize=8, rotation=15)
+    axes.set_ylabel("p99 with audit files / p99 off")
+    axes.set_title("what the audit trail adds to a lock round trip's p99", fontsize=10)
+    axes.legend(fontsize=7, loc="upper left")
 
 
 def _lock_bars(axes: Any, part: Mapping[str, Any]) -> None:
