@@ -509,6 +509,7 @@ class LoopAuditSink:
         self.gather_s = gather_s
         self.slice_events = max(1, slice_events)
         self._pending: list[AuditEvent] = []
+        self._head = 0  # events before it are written
         self._scheduled = False
 
     def emit(self, event: AuditEvent) -> None:
@@ -527,22 +528,33 @@ class LoopAuditSink:
             loop.call_soon(loop.call_soon, self._write_slice)
 
     def _write_slice(self) -> None:
-        n = self.slice_events
-        pending = self._pending
-        if len(pending) > n:
-            self._pending = pending[n:]
+        """Write the next slice; schedule the one after, or end the chain.
+
+        A slice is `slice_events` or a quarter of what is queued, whichever
+        is more: a loop that queues faster than eight events a pass drains
+        its backlog in a few passes instead of falling behind. A callback
+        left over from before a `flush` finds the queue empty, or writes
+        the head of it in order: either is harmless."""
+        pending, head = self._pending, self._head
+        left = len(pending) - head
+        n = max(self.slice_events, left // 4)
+        if left > n:
+            self._head = head + n
             loop = asyncio.get_running_loop()
             loop.call_soon(loop.call_soon, self._write_slice)  # after the next pass's requests
-            self.sink.emit_many(pending[:n])
+            self.sink.emit_many(pending[head:head + n])
             return
-        self._pending, self._scheduled = [], False
-        if pending:
-            self.sink.emit_many(pending)
+        self._pending, self._head, self._scheduled = [], 0, False
+        if left:
+            self.sink.emit_many(pending[head:] if head else pending)
 
     def flush(self) -> None:
-        pending, self._pending = self._pending, []
-        if pending:
-            self.sink.emit_many(pending)
+        """Write everything queued, now; the next `emit` starts a new gather
+        (the write scheduled before may never run: the loop may have stopped)."""
+        pending, head = self._pending, self._head
+        self._pending, self._head, self._scheduled = [], 0, False
+        if len(pending) > head:
+            self.sink.emit_many(pending[head:] if head else pending)
 
 
 def loop_audit(sink: AuditSink, gather_s: float = 0.0) -> AuditSink:

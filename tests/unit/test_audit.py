@@ -484,3 +484,35 @@ def test_any_event_is_written_as_its_canonical_object_and_verifies(tmp_path_fact
         assert verify_file(directory / f"audit-{DAY}.ndjson").intact
 
     check()
+
+
+def test_a_loops_audit_keeps_up_with_a_busy_loop_and_survives_a_stopped_loop(tmp_path, clock):
+    import asyncio
+
+    from rounds.audit import LoopAuditSink
+
+    sink = make_sink(tmp_path, clock)
+    audit = LoopAuditSink(sink, gather_s=0.001, slice_events=8)
+
+    async def busy() -> None:  # 20 events a pass for 200 passes: more than 8 a slice
+        for n in range(200):
+            for k in range(20):
+                audit.emit(event(n * 20 + k))
+            await asyncio.sleep(0)
+        await asyncio.sleep(0.05)
+
+    asyncio.run(busy())
+    assert len(lines(tmp_path / f"audit-{DAY}.ndjson")) == 4000  # caught up, nothing left queued
+
+    async def one(n: int) -> None:
+        audit.emit(event(n))  # its write is scheduled, and the loop ends first
+
+    asyncio.run(one(4000))
+    audit.flush()  # the service stops: written at once
+    audit.emit(event(4001))  # outside a loop: written at once
+    assert len(lines(tmp_path / f"audit-{DAY}.ndjson")) == 4002
+    asyncio.run(one(4002))
+    audit.flush()
+    seqs = [json.loads(row)["seq"] for row in lines(tmp_path / f"audit-{DAY}.ndjson")]
+    assert seqs == list(range(1, 4004))
+    sink.close()
