@@ -609,7 +609,9 @@ def _ratio_panel(axes: Any, part: Mapping[str, Any]) -> None:
         if pooled.get(key) is None:
             continue
         low, high = intervals.get(key) or (pooled[key], pooled[key])
-        axes.errorbar([i], [pooled[key]], yerr=[[pooled[key] - low], [high - pooled[key]]], fmt="o", color="C0",
+        # the point is a ratio of rounded p99s: it may sit a hair outside its interval
+        axes.errorbar([i], [pooled[key]], yerr=[[max(0.0, pooled[key] - low)], [max(0.0, high - pooled[key])]],
+                      fmt="o", color="C0",
                       capsize=4, zorder=3, label="pooled, 90 % interval" if i == 0 else None)
     axes.axhline(1 + TARGET_P99_ADDED, color="tab:red", linestyle="--", linewidth=1,
                  label=f"target < {1 + TARGET_P99_ADDED:.2f}")

@@ -278,7 +278,7 @@ class _Target:
     pids: list[int] | None
     info: dict[str, Any]
     # our own gateway's garbage-collector totals, summed over its processes (`gcwatch.stats`)
-    gc: Callable[[], dict[str, float]] | None = None
+    gc: Callable[[], dict[str, float] | None] | None = None
 
 
 class _UsageError(Exception):
@@ -515,10 +515,14 @@ def run_audit_command(args: argparse.Namespace) -> int:
     json_path, png_path = out / f"audit-{started}.json", out / f"audit-{started}.png"
     report["files"] = {"json": json_path.name, "png": None if args.no_plot else png_path.name}
     if not args.no_plot:
-        audit.plot_audit(report, png_path)
+        try:
+            audit.plot_audit(report, png_path)
+        except Exception as error:  # the measurements matter more than their chart: keep the JSON
+            _log(f"bench audit: the chart failed: {type(error).__name__}: {error}")
+            report["files"]["png"] = None
     _write_json(json_path, report)
     print(audit.format_table(report))
-    print(f"\nreport: {json_path}" + ("" if args.no_plot else f"\nchart:  {png_path}"))
+    print(f"\nreport: {json_path}" + (f"\nchart:  {png_path}" if report["files"]["png"] else ""))
     if (report["locks"] or {}).get("error"):
         return EXIT_GATEWAY
     return EXIT_OK if report["ok"] else EXIT_FAILURES
@@ -555,21 +559,27 @@ def _audit_gateways(settings: Settings, lock_options: locks.LocksOptions,
             before = target.gc() if target.gc else None
             run = locks.run_locks(lock_options, mode_settings, lambda _settings: nullcontext(target),
                                   private_key_for_dev(mode_settings), _log, _delete_keys)
-            if before is not None and target.gc is not None:
-                after = target.gc()
-                run.report["gateway_gc"] = {key: round(after[key] - before[key], 1) for key in after}
+            after = target.gc() if before is not None and target.gc else None
+            if before is not None and after is not None:
+                delta = {key: round(after[key] - before[key], 1) for key in after}
+                if min(delta.values()) >= 0:  # a restarted process starts its counts again
+                    run.report["gateway_gc"] = delta
             return run
 
         yield segment
 
 
-def _gc_totals(gateway: Any) -> dict[str, float]:
-    """Collections, ms paused and pauses over 10 ms, summed over the gateway's processes."""
+def _gc_totals(gateway: Any) -> dict[str, float] | None:
+    """Collections, ms paused, pauses over 10 ms and full collections, summed
+    over the gateway's processes; None when one of them did not answer."""
     status = gateway.status()
     totals = {"collections": 0.0, "pausedMs": 0.0, "over10ms": 0.0, "full": 0.0, "fullPausedMs": 0.0}
     for stats in [*status["shards"], *status["frontdoors"]]:
+        gc = (stats or {}).get("gc")
+        if not gc:
+            return None
         for key in totals:
-            totals[key] += ((stats or {}).get("gc") or {}).get(key, 0)
+            totals[key] += gc.get(key, 0)
     return totals
 
 

@@ -125,7 +125,7 @@ def ratio_interval(on: Sequence[float], off: Sequence[float], q: float = 0.99, l
     """
     import numpy as np  # a bootstrap of 20,000 samples 2,000 times is 40 M draws
 
-    if not on or not off or not 0.0 < level < 1.0:
+    if not on or not off or resamples < 1 or not 0.0 < level < 1.0:
         return None
     rng = np.random.default_rng(seed)
     a, b = np.asarray(on, dtype=float), np.asarray(off, dtype=float)

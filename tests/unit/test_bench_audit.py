@@ -223,3 +223,13 @@ def test_the_report_gives_each_ratio_an_interval_and_the_gateways_collections() 
                                 "sink": [], "ok": True,
                                 "locks": {**part, "segments": segments, "audit_events_written": {"files": 1, "off": 0}}})
     assert f"1.300 MISS [{low:.2f}-{high:.2f}]" in table
+
+
+def test_the_chart_draws_a_ratio_that_rounding_put_just_outside_its_interval(tmp_path: Path) -> None:
+    segments = [{"round": 1, "mode": m, **audit.lock_summary(_locks_run(_samples(1.0)).report)}
+                for m in audit.AUDIT_MODES]
+    part = audit.compare_segments(segments, {m: [_samples(1.0)] for m in audit.AUDIT_MODES})
+    part["ratio_p99_interval"] = {key: [0.9, 0.9995] for key in part["ratio_p99"]}  # the point, 1.0, above it
+    report = {"sink": [], "postgres": {}, "locks": {**part, "segments": segments}}
+    assert audit.plot_audit(report, tmp_path / "a.png").stat().st_size > 1000
+    assert stats.ratio_interval([1.0], [1.0], resamples=0) is None
