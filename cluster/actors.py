@@ -57,7 +57,7 @@ class ShardActor:
         self._loop = ThreadLoop(f"shard-{index}")
         self._service = self._loop.call(make_shard, index, _on_this_node(settings))
         self._address = self._loop.run(self._service.start(_bind_host(settings), 0))
-        self._metrics = metrics.ShardMetrics(index, self.stats)
+        self._metrics = metrics.ShardMetrics(index, self.stats, settings.ray_namespace)
         _freeze_heap()
 
     def address(self) -> tuple[str, int]:
@@ -85,7 +85,7 @@ class FrontDoorActor:
         self._loop = ThreadLoop(f"frontdoor-{index}")
         self._door = self._loop.call(make_frontdoor, index, _on_this_node(settings))
         self._loop.run(self._door.start())
-        self._metrics = metrics.FrontDoorMetrics(index, self.stats)
+        self._metrics = metrics.FrontDoorMetrics(index, self.stats, settings.ray_namespace)
         _freeze_heap()
 
     def set_address_book(self, version: int, book: dict[int, tuple[str, int]]) -> int:

@@ -21,8 +21,11 @@ PERIOD_S = 5.0
 
 @functools.cache
 def _gauge(name: str, description: str, tag: str) -> Gauge:
-    # Created on first use, inside the actor process, after Ray is up.
-    return Gauge(name, description, tag_keys=(tag,))
+    # Created on first use, inside the actor process, after Ray is up. Every
+    # gauge also carries `gateway` (the Ray namespace): two gateways in one
+    # Ray cluster (staging beside production, the audit bench's pair) report
+    # separate series instead of overwriting each other's.
+    return Gauge(name, description, tag_keys=(tag, "gateway"))
 
 
 
@@ -48,8 +51,8 @@ class _Sampler:
 
 
 class FrontDoorMetrics(_Sampler):
-    def __init__(self, index: int, stats: Callable[[], dict[str, Any]]) -> None:
-        self._tags = {"frontdoor": str(index)}
+    def __init__(self, index: int, stats: Callable[[], dict[str, Any]], gateway: str) -> None:
+        self._tags = {"frontdoor": str(index), "gateway": gateway}
         super().__init__(f"frontdoor-{index}", stats)
 
     def record(self, stats: dict[str, Any]) -> None:
@@ -60,8 +63,8 @@ class FrontDoorMetrics(_Sampler):
 
 
 class ShardMetrics(_Sampler):
-    def __init__(self, index: int, stats: Callable[[], dict[str, Any]]) -> None:
-        self._tags = {"shard": str(index)}
+    def __init__(self, index: int, stats: Callable[[], dict[str, Any]], gateway: str) -> None:
+        self._tags = {"shard": str(index), "gateway": gateway}
         super().__init__(f"shard-{index}", stats)
 
     def record(self, stats: dict[str, Any]) -> None:
