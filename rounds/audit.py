@@ -563,9 +563,7 @@ class LoopAuditSink:
             loop.call_soon(loop.call_soon, self._write_slice)  # after the next pass's requests
             self.sink.emit_many(pending[head:head + n])
             return
-        self._pending, self._head, self._scheduled = [], 0, False
-        if left:
-            self.sink.emit_many(pending[head:] if head else pending)
+        self.flush()  # the last slice: written, and the chain ends
 
     def flush(self) -> None:
         """Write everything queued, now; the next `emit` starts a new gather

@@ -32,12 +32,15 @@ def audit_sink(settings: Settings) -> AuditSink:
 
 def make_shard(index: int, settings: Settings, audit: AuditSink | None = None) -> ShardService:
     return ShardService(ShardId(index), factory.presence_mirror(settings, f"{settings.ray_namespace}/shard-{index}"),
-                        loop_audit(audit or audit_sink(settings), settings.audit_gather_ms / 1000),
-                        factory.lock_store(settings),
+                        _loop_audit(settings, audit), factory.lock_store(settings),
                         factory.doc_store(settings), settings, factory.doc_history(settings))
 
 
 def make_frontdoor(index: int, settings: Settings, audit: AuditSink | None = None) -> FrontDoor:
     return FrontDoor(FrontDoorId(index), settings, TokenVerifier(settings),
-                     factory.session_store(settings),
-                     loop_audit(audit or audit_sink(settings), settings.audit_gather_ms / 1000))
+                     factory.session_store(settings), _loop_audit(settings, audit))
+
+
+def _loop_audit(settings: Settings, audit: AuditSink | None) -> AuditSink:
+    """One service's audit: its own queue over `audit` (or the configured sink), written every `audit_gather_ms`."""
+    return loop_audit(audit or audit_sink(settings), settings.audit_gather_ms / 1000)
