@@ -297,20 +297,21 @@ def lock_summary(locks_report: Mapping[str, Any]) -> dict[str, Any]:
 def pooled_latency(segment_samples: Sequence[Mapping[str, Mapping[str, Sequence[float]]]]) -> dict[str, Any]:
     """Summaries by `phase.operation` of the raw samples of all segments pooled
     (each segment's samples: phase -> lockgen metric -> values in ms)."""
-    return {f"{phase}.{op}": stats.summarize(pooled_values(segment_samples, phase, op)).as_dict()
-            for phase, op in LOCK_OPS}
+    return _summaries(_pooled_ops(segment_samples))
 
 
-def pooled_lag(segment_samples: Sequence[Mapping[str, Mapping[str, Sequence[float]]]], phase: str) -> float | None:
-    """p99 of the lock client's loop lag in a phase, all segments pooled."""
-    p99 = stats.summarize([v for samples in segment_samples for v in samples.get(phase, {}).get("loop_lag_ms", ())]).p99
-    return None if p99 is None else round(p99, 3)
+def _summaries(values: Mapping[str, Sequence[float]]) -> dict[str, Any]:
+    return {key: stats.summarize(v).as_dict() for key, v in values.items()}
 
 
-def pooled_values(segment_samples: Sequence[Mapping[str, Mapping[str, Sequence[float]]]], phase: str,
-                  op: str) -> list[float]:
-    """One operation's raw samples of all segments, in ms."""
-    metric = dict(METRICS[phase])[op]
+def _pooled_ops(segment_samples: Sequence[Mapping[str, Mapping[str, Sequence[float]]]]) -> dict[str, list[float]]:
+    """Each lock operation's raw samples of all segments, by `phase.operation`, in ms."""
+    return {f"{phase}.{op}": pooled(segment_samples, phase, dict(METRICS[phase])[op]) for phase, op in LOCK_OPS}
+
+
+def pooled(segment_samples: Sequence[Mapping[str, Mapping[str, Sequence[float]]]], phase: str,
+           metric: str) -> list[float]:
+    """One lockgen metric's raw samples in a phase, all segments pooled."""
     return [v for samples in segment_samples for v in samples.get(phase, {}).get(metric, ())]
 
 
@@ -339,30 +340,31 @@ def compare_segments(segments: Sequence[Mapping[str, Any]],
     """The comparison of the segments run: per mode the pooled summaries (from
     `samples`, mode -> one mapping per segment) and CPU; the pooled p99 ratios
     and their verdict; each complete round's own ratios and their median."""
-    pooled: dict[str, Any] = {}
+    per_mode: dict[str, Any] = {}
+    values = {mode: _pooled_ops(samples.get(mode, ())) for mode in AUDIT_MODES}
     for mode in AUDIT_MODES:
         mine = [s for s in segments if s["mode"] == mode and not s.get("error")]
         cpu = [s["gateway_cpu_percent"] for s in mine]
-        pooled[mode] = {
-            "segments": len(mine), "latency_ms": pooled_latency(samples.get(mode, ())),
+        lag = {phase: stats.summarize(pooled(samples.get(mode, ()), phase, "loop_lag_ms")).p99
+               for phase in ("uncontended", "contended")}
+        per_mode[mode] = {
+            "segments": len(mine), "latency_ms": _summaries(values[mode]),
             "gateway_cpu_percent": cpu, "gateway_cpu_percent_median": _median(cpu),
             "other_cpu_percent": [s.get("other_cpu_percent") for s in mine],
             "failures": sum(s["failures"] for s in mine),
             "gateway_gc": _sum_gc([s.get("gateway_gc") for s in mine]),
-            "client_loop_lag_p99_ms": {phase: pooled_lag(samples.get(mode, ()), phase)
-                                       for phase in ("uncontended", "contended")},
+            "client_loop_lag_p99_ms": {phase: None if p99 is None else round(p99, 3) for phase, p99 in lag.items()},
             "presence_users": min((s["presence_users"] for s in mine), default=None),
         }
-    out: dict[str, Any] = {"pooled": pooled}
-    if all(pooled[mode]["segments"] for mode in AUDIT_MODES):
-        ratios = p99_ratios(pooled["files"], pooled["off"])
+    out: dict[str, Any] = {"pooled": per_mode}
+    if all(per_mode[mode]["segments"] for mode in AUDIT_MODES):
+        ratios = p99_ratios(per_mode["files"], per_mode["off"])
         out["ratio_p99"] = ratios
         out["target_met"] = {k: v is not None and v < 1 + TARGET_P99_ADDED for k, v in ratios.items()}
         out["ratio_p99_interval"] = {}  # 90 % bootstrap interval of each pooled ratio (stats.ratio_interval)
-        for phase, op in LOCK_OPS:
-            interval = stats.ratio_interval(pooled_values(samples.get("files", ()), phase, op),
-                                            pooled_values(samples.get("off", ()), phase, op))
-            out["ratio_p99_interval"][f"{phase}.{op}"] = None if interval is None else [
+        for key in ratios:
+            interval = stats.ratio_interval(values["files"][key], values["off"][key])
+            out["ratio_p99_interval"][key] = None if interval is None else [
                 round(interval[0], 3), round(interval[1], 3)]
     rounds = []
     for number in sorted({s["round"] for s in segments}):

@@ -108,7 +108,6 @@ def cpu_percent(cpu_seconds: float, wall_seconds: float) -> float | None:
     return 100.0 * cpu_seconds / wall_seconds
 
 
-
 def ratio_interval(on: Sequence[float], off: Sequence[float], q: float = 0.99, level: float = 0.90,
                    resamples: int = 2000, seed: int = 1) -> tuple[float, float] | None:
     """A bootstrap interval for `percentile(on, q) / percentile(off, q)`.
