@@ -15,6 +15,7 @@ import json
 import struct
 import time
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ import redis
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from rounds.audit import format_time
 from tests.client import Client, raw_upgrade, refusal
 from tests.conftest import GatewayHandle, gateway_settings
 
@@ -129,6 +131,9 @@ def _foreign_key_token(user: str) -> str:
 async def test_connection_rejected_with_invalid_jwt(gateway: GatewayHandle, rdb: redis.Redis, uid: str) -> None:
     user = f"usr_12345-{uid}"
     token = _foreign_key_token(user)
+    # The remote address alone is not ours: an earlier test's refused upgrade may have
+    # used the same ephemeral port. Ours is the one recorded after this moment.
+    started = format_time(datetime.now(UTC))
 
     raw = await raw_upgrade(gateway.url, token)
     try:
@@ -144,7 +149,7 @@ async def test_connection_rejected_with_invalid_jwt(gateway: GatewayHandle, rdb:
 
     def ours() -> list[dict[str, Any]]:
         return [r for r in gateway.audit_events("CONNECTION_REJECTED", outcome="denied")
-                if r["details"].get("remote") == raw.local_address]
+                if r["details"].get("remote") == raw.local_address and r["time"] >= started]
 
     assert await poll(ours)
     record = ours()[0]
