@@ -241,6 +241,8 @@ class _Writer:
         user, user_sealed = _personal(event.user_id, "userId", salts)
         session, session_sealed = _personal(event.session_id, "sessionId", salts)
         details = event.details
+        if details and not _str_keyed(details):
+            details = _with_str_keys(details)
         if details and any(name in details for name in _DETAIL_FIELDS):
             sealed_details = dict(details)
             values = []  # (the commitment as encoded, the value as encoded)
@@ -269,6 +271,41 @@ class _Writer:
             body = ('{"details":' + shown + middle + session + tail + user + writer
                     + ',"salt":{' + ",".join(salts) + "}}").encode()
         return body[:-1] + b',"hash":"' + digest.encode() + b'"}\n'
+
+
+_CONTAINERS = (dict, list, tuple)
+
+
+def _str_keyed(value: Any) -> bool:
+    """Whether every dict in `value`, at any depth, has only str keys (0.3 µs
+    for a usual `details`). Only then do the sorted keys written stay sorted
+    once read back, where every key is a str: {2: .., 10: ..} sorts 2 before
+    10, "10" before "2"; mixed int and str keys do not sort at all."""
+    kind = type(value)
+    if kind is dict:
+        for key, member in value.items():
+            if type(key) is not str or (type(member) in _CONTAINERS and not _str_keyed(member)):
+                return False
+        return True
+    return all(_str_keyed(member) for member in value if type(member) in _CONTAINERS)
+
+
+def _with_str_keys(value: Any) -> Any:
+    """A copy of `value` whose dicts have the keys JSON would write for them
+    (1 → "1", True → "true", None → "null"; any other key its `str`): the
+    object as a reader of the line will see it. Keys that collide keep the
+    last member, as JSON's reader does."""
+    kind = type(value)
+    if kind is dict:
+        return {(key if type(key) is str else _json_key(key)): _with_str_keys(member)
+                for key, member in value.items()}
+    if kind is list or kind is tuple:
+        return [_with_str_keys(member) for member in value]
+    return value
+
+
+def _json_key(key: Any) -> str:
+    return json.dumps(key) if key is None or isinstance(key, (int, float)) else str(key)
 
 
 def _member(value: Any) -> str:

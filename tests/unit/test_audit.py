@@ -460,8 +460,11 @@ def test_any_event_is_written_as_its_canonical_object_and_verifies(tmp_path_fact
 
     text = st.text(max_size=12)
     maybe = st.one_of(st.none(), text, st.integers())
-    details = st.dictionaries(st.sampled_from(["lockedBy", "remote", "size", "reason", "ü"]),
-                              st.one_of(st.none(), text, st.integers(), st.lists(text, max_size=2)), max_size=4)
+    keys = st.one_of(st.sampled_from(["lockedBy", "remote", "size", "reason", "ü", "10", "2"]),
+                     st.integers(-20, 20), st.booleans(), st.none())
+    scalar = st.one_of(st.none(), text, st.integers())
+    details = st.dictionaries(keys, st.one_of(scalar, st.lists(text, max_size=2),
+                                              st.dictionaries(keys, scalar, max_size=3)), max_size=4)
 
     @settings(max_examples=150, deadline=None)
     @given(st.lists(st.tuples(text, maybe, maybe, maybe, details), min_size=1, max_size=4))
@@ -477,13 +480,27 @@ def test_any_event_is_written_as_its_canonical_object_and_verifies(tmp_path_fact
                                                                strict=True):
             record = json.loads(row)
             assert (record["eventType"], record["userId"], record["sessionId"], record["resourceId"],
-                    record["details"]) == (kind, user, session, resource, extra)
+                    record["details"]) == (kind, user, session, resource, json.loads(json.dumps(extra)))
             digest = record.pop("hash")
             assert chain_hash(prev, sealed_body(record)) == digest
             prev = digest
         assert verify_file(directory / f"audit-{DAY}.ndjson").intact
 
     check()
+
+
+def test_details_with_keys_that_are_not_text_are_written_as_they_will_be_read_and_verify(tmp_path, clock):
+    """JSON writes every key as text: {2: .., 10: ..} sorted as numbers is not
+    sorted once read back, and mixed int and str keys cannot be sorted at all.
+    Such an event is written with the keys a reader sees, never skipped."""
+    sink = make_sink(tmp_path, clock)
+    sink.emit(AuditEvent("DOCUMENT_UPDATED", "shard-0", details={2: "b", 10: "a", "lockedBy": "u1"}))
+    sink.emit(AuditEvent("DOCUMENT_UPDATED", "shard-0", details={"size": 3, 1: {None: True, 7: [1]}}))
+    sink.close()
+    rows = [json.loads(row) for row in lines(tmp_path / f"audit-{DAY}.ndjson")]
+    assert [row["details"] for row in rows] == [{"10": "a", "2": "b", "lockedBy": "u1"},
+                                                {"1": {"null": True, "7": [1]}, "size": 3}]
+    assert verify_file(tmp_path / f"audit-{DAY}.ndjson").intact
 
 
 def test_a_loops_audit_keeps_up_with_a_busy_loop_and_survives_a_stopped_loop(tmp_path, clock):
