@@ -44,10 +44,10 @@ from rounds.bench import wsclient
 from rounds.bench.crdtplan import (
     DELIVERED, DUPLICATE, ECHO, EXTRA, MSGPACK, TEXT_NAME, WS, CrdtPlan, Ledger, find_markers, marker, room_url,
 )
-from rounds.bench.loadgen import close_clients, serve_worker
 from rounds.bench.plan import (
     DRAIN, MEASURED, RAMP, Go, Progress, Ready, Recorder, Stop, WorkerResult, bench_user_id, url_with_token,
 )
+from rounds.bench.worker import close_clients, serve_worker
 from rounds.wire import JSON, MSGPACK as MSGPACK_CODEC, SUBPROTOCOL_MSGPACK, MessageType, ProtocolError
 from rounds.yproto import (
     AwarenessMessage, SyncStep1, SyncStep2, SyncUpdate, YProtocolError, decode_message, sync_step1, sync_step2,
@@ -575,5 +575,5 @@ class CrdtWorker:
 
 
 def crdt_worker_main(plan: CrdtPlan, control: Any, results: Any) -> None:
-    """Entry of a spawned document worker; same pipe and queue as `loadgen.worker_main`."""
+    """Entry of a spawned document worker; see `worker.serve_worker`."""
     serve_worker(lambda send: CrdtWorker(plan, send), control, results)

@@ -48,8 +48,8 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from rounds.auth import mint_token
-from rounds.bench.loadgen import close_clients, serve_worker
 from rounds.bench.plan import Go, Ready, Recorder, Stop, WorkerResult, url_with_token
+from rounds.bench.worker import close_clients, serve_worker
 from rounds.wire import MessageType
 
 SETTLE, FLOOR, UNCONTENDED, CONTENDED = "settle", "floor", "uncontended", "contended"
@@ -546,5 +546,5 @@ def _log(line: str) -> None:
 
 
 def lock_worker_main(plan: LockPlan, control: Any, results: Any) -> None:
-    """Entry of the spawned lock worker; same pipe and queue as `loadgen.worker_main`."""
+    """Entry of the spawned lock worker; see `worker.serve_worker`."""
     serve_worker(lambda send: LockWorker(plan, send), control, results)
