@@ -39,24 +39,18 @@ from typing import Any
 
 from pycrdt import Doc, Text
 
-from rounds.auth import mint_token
 from rounds.bench import wsclient
 from rounds.bench.crdtplan import (
     DELIVERED, DUPLICATE, ECHO, EXTRA, MSGPACK, TEXT_NAME, WS, CrdtPlan, Ledger, find_markers, marker, room_url,
 )
-from rounds.bench.plan import (
-    DRAIN, MEASURED, RAMP, Go, Progress, Ready, Recorder, Stop, WorkerResult, bench_user_id, url_with_token,
-)
-from rounds.bench.worker import close_clients, serve_worker
+from rounds.bench.plan import DRAIN, MEASURED, RAMP, Recorder, WorkerResult, bench_user_id, url_with_token
+from rounds.bench.worker import RoomsWorker, data_of, serve_worker
 from rounds.wire import JSON, MSGPACK as MSGPACK_CODEC, SUBPROTOCOL_MSGPACK, MessageType, ProtocolError
 from rounds.yproto import (
     AwarenessMessage, SyncStep1, SyncStep2, SyncUpdate, YProtocolError, decode_message, sync_step1, sync_step2,
     sync_update,
 )
 
-PROGRESS_EVERY_S = 1.0
-SWEEP_EVERY_S = 0.5
-CLOSE_TIMEOUT_S = 5.0
 _SYNC_UPDATE_HEAD = b"\x00\x02"  # y-websocket: message sync, sub-type update
 SLOW_MS = (5.0, 50.0)  # the goal and the seed's bar at 500 users: slow deliveries are counted by second
 
@@ -97,111 +91,33 @@ class _Room:
         self.members: list[_Client] = []
 
 
-class CrdtWorker:
-    """Runs one `CrdtPlan` on the running event loop; see `crdt_worker_main`."""
+class CrdtWorker(RoomsWorker):
+    """Runs one `CrdtPlan` on the running event loop (`run`); see `crdt_worker_main`."""
+
+    NOT_JOINED_AFTER_RAMP = "not_synced_after_ramp"
+    clients: list[_Client]
 
     def __init__(self, plan: CrdtPlan, send: Callable[[Any], None]) -> None:
-        self.plan = plan
-        self.send = send
-        self.ws_mode = plan.mode == WS
-        self.codec = MSGPACK_CODEC if plan.codec == MSGPACK else JSON
-        self.rec = Recorder(plan.max_samples, phases=(RAMP, MEASURED))
-        self.ledger = Ledger()
-        self.phase = RAMP
-        self.clients: list[_Client] = []
+        clients: list[_Client] = []
         for room_plan in plan.rooms:
             room = _Room(room_plan.resource_id)
             for index in room_plan.members:
                 client = _Client(index, room)
                 room.members.append(client)
-                self.clients.append(client)
-        self.connected = 0
-        self.connected_at_end = 0
+                clients.append(client)
+        super().__init__(plan, send, Recorder(plan.max_samples, phases=(RAMP, MEASURED)), clients)
+        self.ws_mode = plan.mode == WS
+        self.codec = MSGPACK_CODEC if plan.codec == MSGPACK else JSON
+        self.ledger = Ledger()
         self.updates_sent = 0
         self.until = 0.0  # end of the measured phase (monotonic)
         self.measured_from_ns = 0  # its start, as this worker saw Go
         self.loop = asyncio.get_running_loop()
-        self.stopping = asyncio.Event()
-        self.go: asyncio.Future[float] = self.loop.create_future()
 
-    def on_control(self, message: Go | Stop | None) -> None:
-        """A control message arrived (None: the parent went away)."""
-        if isinstance(message, Go) and not self.go.done():
-            self.go.set_result(message.until)
-        elif not isinstance(message, Go):
-            self.stopping.set()
+    def _joined(self, client: _Client) -> bool:
+        return client.synced
 
-    # --- the phases ------------------------------------------------------------------
-
-    async def run(self) -> WorkerResult:
-        deadline_hit = False
-        background = [asyncio.create_task(self._report_progress()), asyncio.create_task(self._sweep())]
-        try:
-            give_up_at = self.loop.time() + (self.plan.hard_deadline - CLOSE_TIMEOUT_S - 1 - time.monotonic())
-            async with asyncio.timeout_at(give_up_at):
-                await self._ramp()
-                self.send(self._progress())
-                self.send(Ready(self.plan.index))
-                until = await self._wait_for_go()
-                if until is not None:
-                    await self._measure(until)
-                await self._drain()
-        except TimeoutError:
-            deadline_hit = True
-            self.rec.error("worker hit its hard deadline")
-        except Exception:  # a bug in the load generator: report it with the partial result
-            self.rec.count("loadgen_errors")
-            self.rec.error(traceback.format_exc())
-        finally:
-            for task in background:
-                task.cancel()
-            self._stop_timers()
-            await self._close_all()
-        self.rec.count("deliveries_expected", n=self.ledger.expected)
-        self.rec.count("deliveries", n=self.ledger.delivered)
-        self.rec.count("deliveries_missing", n=self.ledger.missing)
-        self.rec.count("deliveries_in_flight_at_end", n=len(self.ledger.pending))
-        return WorkerResult(
-            worker=self.plan.index,
-            users=len(self.clients),
-            connected_at_end=self.connected_at_end,
-            samples=self.rec.samples,
-            counts=self.rec.counts_dict(),
-            errors=self.rec.errors,
-            deadline_hit=deadline_hit,
-        )
-
-    async def _ramp(self) -> None:
-        # `mint_token` parses the PEM once per process (cached), then ~1.5 ms a token.
-        for client in self.clients:
-            client.token = mint_token(self.plan.private_key_pem, user_id=client.user_id, role=self.plan.role,
-                                      username=f"Bench User {client.index}")
-        slots = asyncio.Semaphore(max(1, self.plan.connect_concurrency))
-        tasks = [asyncio.create_task(self._connect_and_sync(client, slots)) for client in self.clients]
-        everyone = asyncio.gather(*tasks, return_exceptions=True)
-        stop = asyncio.create_task(self.stopping.wait())
-        remaining = max(0.0, self.plan.ramp_deadline - time.monotonic())
-        await asyncio.wait([everyone, stop], timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
-        stop.cancel()
-        everyone.cancel()  # the ramp deadline passed or the parent said stop
-        everyone.add_done_callback(lambda f: f.cancelled() or f.exception())  # outcomes are read below
-        for outcome in await asyncio.gather(*tasks, return_exceptions=True):
-            if isinstance(outcome, Exception):
-                self.rec.count("loadgen_errors")
-                self.rec.error("".join(traceback.format_exception(outcome)))
-        for client in self.clients:
-            if client.ws is None and not client.closing:
-                self.rec.count("connect_errors")
-                self.rec.count("connect_error_reasons", "ramp_timeout")
-                client.closing = True  # never retried
-            elif client.ws is not None and not client.synced:
-                self.rec.count("not_synced_after_ramp")
-
-    async def _wait_for_go(self) -> float | None:
-        stop = asyncio.create_task(self.stopping.wait())
-        await asyncio.wait([self.go, stop], return_when=asyncio.FIRST_COMPLETED)
-        stop.cancel()
-        return self.go.result() if self.go.done() and not self.stopping.is_set() else None
+    # --- the phases (ramp: `RoomsWorker._ramp`) ----------------------------------------
 
     async def _measure(self, until: float) -> None:
         """Each synced client sends every `interval_s` from a random offset on, by
@@ -217,9 +133,7 @@ class CrdtWorker:
                 offset = rng.uniform(0, self.plan.interval_s)
                 client.next_at = now + offset
                 client.timer = self.loop.call_later(offset, self._tick, client)
-        stop = asyncio.create_task(self.stopping.wait())
-        await asyncio.wait([stop], timeout=max(0.0, until - time.monotonic()))
-        stop.cancel()
+        await self._wait_or_stop(timeout=max(0.0, until - time.monotonic()))
         self._stop_timers()
         self.connected_at_end = self.connected
         self.phase = DRAIN  # deliveries still due are timed all the same
@@ -232,22 +146,30 @@ class CrdtWorker:
 
     async def _drain(self) -> None:
         """Give the last updates' deliveries and acks their timeout to arrive."""
-        deadline = time.monotonic() + max(self.plan.delivery_timeout_s, self.plan.reply_timeout_s)
-        while time.monotonic() < deadline and not self.stopping.is_set():
-            if self.ledger.settled() and not any(c.acks for c in self.clients):
-                break
-            await asyncio.sleep(0.05)
+        await self._settle(max(self.plan.delivery_timeout_s, self.plan.reply_timeout_s), self._settled)
         self.ledger.expire(None)
         for client in self.clients:
             self.rec.count("ack_timeouts", n=len(client.acks))
             client.acks.clear()
 
+    def _settled(self) -> bool:
+        return self.ledger.settled() and not any(c.acks for c in self.clients)
+
     async def _close_all(self) -> None:
-        await close_clients(self.clients, CLOSE_TIMEOUT_S)
+        self._stop_timers()
+        await super()._close_all()
+
+    def _result(self, deadline_hit: bool) -> WorkerResult:
+        self.rec.count("deliveries_expected", n=self.ledger.expected)
+        self.rec.count("deliveries", n=self.ledger.delivered)
+        self.rec.count("deliveries_missing", n=self.ledger.missing)
+        self.rec.count("deliveries_in_flight_at_end", n=len(self.ledger.pending))
+        return super()._result(deadline_hit)
 
     # --- one client: connect and sync -------------------------------------------------
 
-    async def _connect_and_sync(self, client: _Client, slots: asyncio.Semaphore) -> None:
+    async def _connect_and_join(self, client: _Client, slots: asyncio.Semaphore) -> None:
+        """Connect, then join the room (ws) or sync with the server (yjs)."""
         async with slots:
             if await self._connect(client):
                 await (self._join(client) if self.ws_mode else self._sync(client))
@@ -285,12 +207,6 @@ class CrdtWorker:
             client.futures.pop("connected", None)
         self.rec.sample(RAMP, "connect_ms", started, time.perf_counter())
         return True
-
-    def _connect_failed(self, client: _Client, reason: str) -> bool:
-        client.closing = True  # a failed client is not retried
-        self.rec.count("connect_errors")
-        self.rec.count("connect_error_reasons", reason)
-        return False
 
     async def _join(self, client: _Client) -> None:
         ref = client.next_ref()
@@ -353,8 +269,7 @@ class CrdtWorker:
         try:
             self._send_update(client)
         except Exception:  # our bug: keep the text, stop this client, keep the others going
-            self.rec.count("loadgen_errors")
-            self.rec.error(traceback.format_exc())
+            self._bug(traceback.format_exc())
             return
         client.next_at = max(client.next_at + self.plan.interval_s, now)
         client.timer = self.loop.call_later(client.next_at - now, self._tick, client)
@@ -398,8 +313,7 @@ class CrdtWorker:
                 if reply is not None:
                     self._send(client, reply)
         except Exception:  # our bug: keep the text, drop this client, keep the others going
-            self.rec.error(traceback.format_exc())
-            self.rec.count("loadgen_errors")
+            self._bug(traceback.format_exc())
             client.closing = True
             self.loop.create_task(ws.close())
 
@@ -438,7 +352,7 @@ class CrdtWorker:
             self.rec.count("protocol_errors", "undecodable_frame")
             return None
         kind, ref = message.get("type"), message.get("ref")
-        data = message.get("data") if isinstance(message.get("data"), dict) else {}
+        data = data_of(message)
         self.rec.count("frames_received_by_type", str(kind))
         connected = client.futures.get("connected")
         if connected is not None and not connected.done():  # the first frame
@@ -470,21 +384,13 @@ class CrdtWorker:
             else:
                 self.rec.add(MEASURED, "ack_ms", (now_ns - sent_ns) / 1e6)
         elif kind in (MessageType.ERROR, MessageType.PERMISSION_DENIED):
-            code = str(data.get("code", kind))
-            self.rec.count("error_frames", code)
-            if self.rec.by_key["error_frames"][code] == 1:  # the first of each code, for the report
-                self.rec.error(f"{kind} {code}: {str(data.get('message'))[:200]}")
+            self._error_frame(kind, data)
             if isinstance(ref, int) and client.acks.pop(ref, None) is not None:
                 self.rec.count("updates_refused")
             self._resolve(client, ref, now_ns, message)
         elif kind == MessageType.RESOURCE_STATE:
             self._resolve(client, ref, now_ns, message)
         return None
-
-    def _resolve(self, client: _Client, ref: Any, now_ns: int, message: dict[str, Any]) -> None:
-        future = client.futures.get(ref) if isinstance(ref, int) else None
-        if future is not None and not future.done():
-            future.set_result((now_ns, message))
 
     def _deliveries(self, client: _Client, data: bytes, now_ns: int, expect_marker: bool = True) -> None:
         """Time every marked update in `data` at `client`."""
@@ -530,45 +436,23 @@ class CrdtWorker:
             client.timer.cancel()
             client.timer = None
         self.ledger.release(client.index)
-        for future in client.futures.values():
-            if not future.done():
-                future.set_exception(ConnectionError(f"closed with {code}"))
-        if not client.closing:
-            self.rec.count("unexpected_closes")
-            self.rec.count("close_codes", str(code))
-            client.closing = True
+        self._closed(client, lambda: ConnectionError(f"closed with {code}"), code)
 
     # --- background ------------------------------------------------------------------------
 
-    async def _sweep(self) -> None:
+    def _sweep_late(self) -> None:
         """Settle updates past their delivery timeout; count acks that did not come."""
-        while True:
-            await asyncio.sleep(SWEEP_EVERY_S)
-            now_ns = time.monotonic_ns()
-            self.ledger.expire(now_ns - int(self.plan.delivery_timeout_s * 1e9))
-            limit = now_ns - int(self.plan.reply_timeout_s * 1e9)
-            for client in self.clients:
-                late = [ref for ref, sent in client.acks.items() if sent < limit]
-                for ref in late:
-                    del client.acks[ref]
-                self.rec.count("ack_timeouts", n=len(late))
+        now_ns = time.monotonic_ns()
+        self.ledger.expire(now_ns - int(self.plan.delivery_timeout_s * 1e9))
+        limit = now_ns - int(self.plan.reply_timeout_s * 1e9)
+        for client in self.clients:
+            late = [ref for ref, sent in client.acks.items() if sent < limit]
+            for ref in late:
+                del client.acks[ref]
+            self.rec.count("ack_timeouts", n=len(late))
 
-    async def _report_progress(self) -> None:
-        while True:
-            self.send(self._progress())
-            await asyncio.sleep(PROGRESS_EVERY_S)
-
-    def _progress(self) -> Progress:
-        return Progress(
-            worker=self.plan.index,
-            phase=self.phase,
-            connected=self.connected,
-            connect_failures=self.rec.counts["connect_errors"],
-            joined=sum(1 for c in self.clients if c.synced),
-            frames_received=self.rec.counts["frames_received"],
-            extra={"updates": self.updates_sent, "delivered": self.ledger.delivered,
-                   "missing": self.ledger.missing},
-        )
+    def _progress_extra(self) -> dict[str, int]:
+        return {"updates": self.updates_sent, "delivered": self.ledger.delivered, "missing": self.ledger.missing}
 
 
 # --- process entry ----------------------------------------------------------------

@@ -30,17 +30,11 @@ from typing import Any
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
-from rounds.auth import mint_token
 from rounds.wire import MessageType
 from rounds.bench.plan import (
-    DRAIN, MEASURED, RAMP, Go, Progress, Ready, Recorder, Stop, WorkerMessage, WorkerPlan, WorkerResult,
-    bench_user_id, url_with_token,
+    DRAIN, MEASURED, RAMP, Recorder, WorkerMessage, WorkerPlan, bench_user_id, url_with_token,
 )
-from rounds.bench.worker import close_clients, serve_worker
-
-PROGRESS_EVERY_S = 1.0
-SWEEP_EVERY_S = 0.5
-CLOSE_TIMEOUT_S = 5.0
+from rounds.bench.worker import RoomsWorker, data_of, decode_json, serve_worker
 
 
 # --- the worker's state ---------------------------------------------------------
@@ -138,112 +132,36 @@ class Room:
 # --- the worker -----------------------------------------------------------------
 
 
-class Worker:
-    """Runs one `WorkerPlan` on the running event loop; see `worker_main`."""
+class Worker(RoomsWorker):
+    """Runs one `WorkerPlan` on the running event loop (`run`); see `worker_main`."""
+
+    clients: list[_User]
 
     def __init__(self, plan: WorkerPlan, send: Callable[[WorkerMessage], None]) -> None:
-        self.plan = plan
-        self.send = send
-        self.rec = Recorder(phases=(RAMP, MEASURED))
-        self.phase = RAMP
         self.rooms: dict[str, Room] = {}
-        self.users: list[_User] = []
+        users: list[_User] = []
         for room_plan in plan.rooms:
             room = self.rooms[room_plan.resource_id] = Room(room_plan.resource_id)
             for index in room_plan.members:
                 user = _User(index, room)
                 room.users.append(user)
-                self.users.append(user)
-        self.connected = 0
-        self.connected_at_end = 0  # open connections when the measured phase ended
+                users.append(user)
+        super().__init__(plan, send, Recorder(phases=(RAMP, MEASURED)), users)
         self.readers: set[asyncio.Task[None]] = set()
-        self.stopping = asyncio.Event()
-        self.go: asyncio.Future[float] = asyncio.get_running_loop().create_future()
 
-    # control from the parent
+    def _joined(self, client: _User) -> bool:
+        return client.joined
 
-    def on_control(self, message: Go | Stop | None) -> None:
-        """A control message arrived (None: the parent went away)."""
-        if isinstance(message, Go) and not self.go.done():
-            self.go.set_result(message.until)
-        elif not isinstance(message, Go):
-            self.stopping.set()
+    def _bug(self, text: str) -> None:
+        # Only a bug that dropped a connection counts as `loadgen_errors` here (`_read`).
+        self.rec.error(text)
 
-    # the phases
-
-    async def run(self) -> WorkerResult:
-        loop = asyncio.get_running_loop()
-        deadline_hit = False
-        background = [asyncio.create_task(self._report_progress()), asyncio.create_task(self._sweep())]
-        try:
-            async with asyncio.timeout_at(_loop_time(loop, self.plan.hard_deadline - CLOSE_TIMEOUT_S - 1)):
-                await self._ramp()
-                self.send(self._progress())
-                self.send(Ready(self.plan.index))
-                until = await self._wait_for_go()
-                if until is not None:
-                    await self._measure(until)
-                await self._drain()
-        except TimeoutError:
-            deadline_hit = True
-            self.rec.error("worker hit its hard deadline")
-        except Exception:  # a bug in the load generator: report it with the partial result
-            self.rec.error(traceback.format_exc())
-        finally:
-            for task in background:
-                task.cancel()
-            await self._close_all()
-        return WorkerResult(
-            worker=self.plan.index,
-            users=len(self.users),
-            connected_at_end=self.connected_at_end,
-            samples=self.rec.samples,
-            counts=self.rec.counts_dict(),
-            errors=self.rec.errors,
-            deadline_hit=deadline_hit,
-        )
-
-    async def _ramp(self) -> None:
-        # `mint_token` parses the PEM (~80 ms) once per process and caches the
-        # key; each token then costs ~1.5 ms to sign.
-        for user in self.users:
-            user.token = mint_token(
-                self.plan.private_key_pem,
-                user_id=user.user_id,
-                role=self.plan.role,
-                username=f"Bench User {user.index}",
-            )
-        slots = asyncio.Semaphore(max(1, self.plan.connect_concurrency))
-        tasks = [asyncio.create_task(self._connect_and_join(user, slots)) for user in self.users]
-        everyone = asyncio.gather(*tasks, return_exceptions=True)
-        stop = asyncio.create_task(self.stopping.wait())
-        remaining = max(0.0, self.plan.ramp_deadline - time.monotonic())
-        await asyncio.wait([everyone, stop], timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
-        stop.cancel()
-        everyone.cancel()  # the ramp deadline passed or the parent said stop
-        for outcome in await asyncio.gather(*tasks, return_exceptions=True):
-            if isinstance(outcome, Exception):
-                self.rec.error("".join(traceback.format_exception(outcome)))
-        for user in self.users:
-            if user.ws is None and not user.closing:
-                self.rec.count("connect_errors")
-                self.rec.count("connect_error_reasons", "ramp_timeout")
-                user.closing = True  # never retried
-            elif user.ws is not None and not user.joined:
-                self.rec.count("not_joined_after_ramp")
-
-    async def _wait_for_go(self) -> float | None:
-        stop = asyncio.create_task(self.stopping.wait())
-        await asyncio.wait([self.go, stop], return_when=asyncio.FIRST_COMPLETED)
-        stop.cancel()
-        return self.go.result() if self.go.done() and not self.stopping.is_set() else None
+    # the phases (ramp: `RoomsWorker._ramp`)
 
     async def _measure(self, until: float) -> None:
         self.phase = MEASURED
-        drivers = [asyncio.create_task(self._drive(user)) for user in self.users if user.ws is not None]
-        stop = asyncio.create_task(self.stopping.wait())
-        await asyncio.wait([stop], timeout=max(0.0, until - time.monotonic()))
-        stop.cancel()
+        drivers = [asyncio.create_task(self._drive(user)) for user in self.clients if user.ws is not None]
+        await self._wait_or_stop(timeout=max(0.0, until - time.monotonic()))
         self.connected_at_end = self.connected
         self.phase = DRAIN  # replies still due are filed under the phase they were sent in
         for task in drivers:
@@ -252,21 +170,15 @@ class Worker:
 
     async def _drain(self) -> None:
         """Give replies and fan-outs of the last requests their timeout to arrive."""
-        deadline = time.perf_counter() + self.plan.fanout_timeout_s
-        while time.perf_counter() < deadline and not self.stopping.is_set():
-            if all(room.settled() for room in self.rooms.values()) and not any(
-                user.heartbeats for user in self.users
-            ):
-                break
-            await asyncio.sleep(0.05)
+        await self._settle(self.plan.fanout_timeout_s, self._settled)
         for room in self.rooms.values():
             self.rec.count("missing_user_joined", n=room.expire(None))
-        for user in self.users:
+        for user in self.clients:
             self.rec.count("heartbeat_timeouts", n=len(user.heartbeats))
             user.heartbeats.clear()
 
-    async def _close_all(self) -> None:
-        await close_clients(self.users, CLOSE_TIMEOUT_S)
+    def _settled(self) -> bool:
+        return all(room.settled() for room in self.rooms.values()) and not any(u.heartbeats for u in self.clients)
 
     # one user
 
@@ -300,7 +212,7 @@ class Worker:
         except (OSError, TimeoutError, InvalidHandshake, ConnectionClosed) as error:
             return self._connect_failed(user, type(error).__name__)
         ended = time.perf_counter()
-        message = _decode(first)
+        message = decode_json(first)
         if message is None or message.get("type") != MessageType.CONNECTED:
             user.closing = True
             await ws.close()
@@ -310,12 +222,6 @@ class Worker:
         self.connected += 1
         self.rec.sample(RAMP, "connect_ms", started, ended)
         return True
-
-    def _connect_failed(self, user: _User, reason: str) -> bool:
-        user.closing = True  # a failed user is not retried
-        self.rec.count("connect_errors")
-        self.rec.count("connect_error_reasons", reason)
-        return False
 
     async def _join(self, user: _User) -> bool:
         room, phase = user.room, self.phase
@@ -425,7 +331,7 @@ class Worker:
         try:
             async for frame in ws:
                 now = time.perf_counter()
-                message = _decode(frame)
+                message = decode_json(frame)
                 if message is None:
                     self.rec.count("protocol_errors", "undecodable_frame")
                     continue
@@ -447,7 +353,7 @@ class Worker:
 
     def _on_message(self, user: _User, message: dict[str, Any], now: float) -> None:
         type_, ref = message.get("type"), message.get("ref")
-        data = message.get("data") if isinstance(message.get("data"), dict) else {}
+        data = data_of(message)
         match type_:
             case MessageType.RESOURCE_STATE | MessageType.RESOURCE_LEFT:
                 self._resolve(user, ref, now, message)
@@ -458,18 +364,10 @@ class Worker:
             case MessageType.USER_JOINED:
                 self._on_user_joined(user, data, now)
             case MessageType.ERROR | MessageType.PERMISSION_DENIED:
-                code = str(data.get("code", type_))
-                self.rec.count("error_frames", code)
-                if self.rec.by_key["error_frames"][code] == 1:  # the first of each code, for the report
-                    self.rec.error(f"{type_} {code}: {str(data.get('message'))[:200]}")
+                self._error_frame(type_, data)
                 if isinstance(ref, int):
                     user.heartbeats.pop(ref, None)
                 self._resolve(user, ref, now, message)
-
-    def _resolve(self, user: _User, ref: Any, now: float, message: dict[str, Any]) -> None:
-        future = user.futures.get(ref) if isinstance(ref, int) else None
-        if future is not None and not future.done():
-            future.set_result((now, message))
 
     def _on_user_joined(self, user: _User, data: dict[str, Any], now: float) -> None:
         room = self.rooms.get(data.get("resourceId", ""))
@@ -486,64 +384,29 @@ class Worker:
         self.connected -= 1
         user.joined = False
         user.room.release(user.user_id)
-        for future in user.futures.values():
-            if not future.done():
-                future.set_exception(ConnectionClosed(ws.protocol.close_rcvd, ws.protocol.close_sent))
-        if not user.closing:
-            self.rec.count("unexpected_closes")
-            self.rec.count("close_codes", str(ws.close_code))
-            user.closing = True
+        self._closed(user, lambda: ConnectionClosed(ws.protocol.close_rcvd, ws.protocol.close_sent), ws.close_code)
         user.ws = None
 
     # background
 
-    async def _sweep(self) -> None:
+    def _sweep_late(self) -> None:
         """Count fan-outs and heartbeat replies that did not come in time."""
-        while True:
-            await asyncio.sleep(SWEEP_EVERY_S)
-            now = time.perf_counter()
-            for room in self.rooms.values():
-                self.rec.count("missing_user_joined", n=room.expire(now - self.plan.fanout_timeout_s))
-            for user in self.users:
-                late = [ref for ref, (sent, _) in user.heartbeats.items() if now - sent > self.plan.reply_timeout_s]
-                for ref in late:
-                    del user.heartbeats[ref]
-                self.rec.count("heartbeat_timeouts", n=len(late))
-
-    async def _report_progress(self) -> None:
-        while True:
-            self.send(self._progress())
-            await asyncio.sleep(PROGRESS_EVERY_S)
-
-    def _progress(self) -> Progress:
-        return Progress(
-            worker=self.plan.index,
-            phase=self.phase,
-            connected=self.connected,
-            connect_failures=self.rec.counts["connect_errors"],
-            joined=sum(1 for user in self.users if user.joined),
-            frames_received=self.rec.counts["frames_received"],
-        )
-
-
-def _decode(frame: str | bytes) -> dict[str, Any] | None:
-    try:
-        message = json.loads(frame)
-    except ValueError:
-        return None
-    return message if isinstance(message, dict) else None
+        now = time.perf_counter()
+        for room in self.rooms.values():
+            self.rec.count("missing_user_joined", n=room.expire(now - self.plan.fanout_timeout_s))
+        for user in self.clients:
+            late = [ref for ref, (sent, _) in user.heartbeats.items() if now - sent > self.plan.reply_timeout_s]
+            for ref in late:
+                del user.heartbeats[ref]
+            self.rec.count("heartbeat_timeouts", n=len(late))
 
 
 def _unauthorized(error: InvalidStatus) -> str:
     """`:reason` from a 401 body `{"type":"UNAUTHORIZED","data":{"reason":...}}`, if any."""
-    body = _decode(error.response.body or b"")
+    body = decode_json(error.response.body or b"")
     data = body.get("data") if body else None
     reason = data.get("reason") if isinstance(data, dict) else None
     return f":{reason}" if isinstance(reason, str) else ""
-
-
-def _loop_time(loop: asyncio.AbstractEventLoop, monotonic_deadline: float) -> float:
-    return loop.time() + (monotonic_deadline - time.monotonic())
 
 
 # --- process entry ----------------------------------------------------------------
@@ -552,4 +415,3 @@ def _loop_time(loop: asyncio.AbstractEventLoop, monotonic_deadline: float) -> fl
 def worker_main(plan: WorkerPlan, control: Any, results: Any) -> None:
     """Entry of a spawned presence worker; see `worker.serve_worker`."""
     serve_worker(lambda send: Worker(plan, send), control, results)
-

@@ -37,7 +37,6 @@ import json
 import random
 import sys
 import time
-import traceback
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
@@ -48,8 +47,8 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from rounds.auth import mint_token
-from rounds.bench.plan import Go, Ready, Recorder, Stop, WorkerResult, url_with_token
-from rounds.bench.worker import close_clients, serve_worker
+from rounds.bench.plan import RAMP, Recorder, WorkerResult, url_with_token
+from rounds.bench.worker import PROGRESS_EVERY_S, BenchWorker, close_clients, data_of, decode_json, serve_worker
 from rounds.wire import MessageType
 
 SETTLE, FLOOR, UNCONTENDED, CONTENDED = "settle", "floor", "uncontended", "contended"
@@ -61,9 +60,7 @@ SETTLE, FLOOR, UNCONTENDED, CONTENDED = "settle", "floor", "uncontended", "conte
 # and the two lock phases split it.
 SETTLE_S, SETTLE_SHARE_MAX = 1.0, 0.1
 PHASE_SHARES = ((FLOOR, 0.2), (UNCONTENDED, 0.4), (CONTENDED, 0.4))
-CLOSE_TIMEOUT_S = 3.0
 LAG_PROBE_S = 0.005
-PROGRESS_EVERY_S = 1.0
 FLOOR_VALUE = "bench"
 
 
@@ -133,69 +130,36 @@ class _Client:
         self.joined = False
 
 
-class LockWorker:
-    """Runs one `LockPlan` on the running event loop; see `lock_worker_main`."""
+class LockWorker(BenchWorker):
+    """Runs one `LockPlan` on the running event loop (`run`, no drain phase); see `lock_worker_main`."""
+
+    CLOSE_TIMEOUT_S = 3.0
+    DEADLINE_ERROR = "lock worker hit its hard deadline"
+    clients: list[_Client]
 
     def __init__(self, plan: LockPlan, send: Callable[[Any], None]) -> None:
-        self.plan = plan
-        self.send = send
-        self.rec = Recorder(plan.max_samples)
-        self.phase = "ramp"
-        self.pause_s = plan.pause_ms / 1000.0
-        self.lockers = [_Client(f"{plan.prefix}-u{i}", locker_room(plan.prefix, i)) for i in range(plan.lockers)]
+        lockers = [_Client(f"{plan.prefix}-u{i}", locker_room(plan.prefix, i)) for i in range(plan.lockers)]
         room = contended_room(plan.prefix)
-        self.contenders = [_Client(f"{plan.prefix}-c{i}", room) for i in range(plan.contenders)]
+        contenders = [_Client(f"{plan.prefix}-c{i}", room) for i in range(plan.contenders)]
+        super().__init__(plan, send, Recorder(plan.max_samples), [*lockers, *contenders])
+        self.lockers, self.contenders = lockers, contenders
+        self.pause_s = plan.pause_ms / 1000.0
         self.redis: aioredis.Redis | None = None
         self.fences: dict[str, int] = {}  # last fencing token seen per resource
         self._readers: set[asyncio.Task[None]] = set()
-        self.stopping = asyncio.Event()
-        self.go: asyncio.Future[float] = asyncio.get_running_loop().create_future()
 
-    def on_control(self, message: Go | Stop | None) -> None:
-        """A control message arrived (None: the parent went away)."""
-        if isinstance(message, Go) and not self.go.done():
-            self.go.set_result(message.until)
-        elif not isinstance(message, Go):
-            self.stopping.set()
+    def _background(self) -> list[Coroutine[Any, Any, None]]:
+        return [self._log_progress()]
+
+    def _result(self, deadline_hit: bool) -> WorkerResult:
+        self.connected_at_end = sum(1 for c in self.clients if c.ws is not None)
+        return super()._result(deadline_hit)
 
     # --- the phases ----------------------------------------------------------
 
-    async def run(self) -> WorkerResult:
-        loop = asyncio.get_running_loop()
-        deadline_hit = False
-        progress = asyncio.create_task(self._progress())
-        try:
-            # Give up early enough to close the connections and send the result in time.
-            give_up_in = self.plan.hard_deadline - CLOSE_TIMEOUT_S - 1 - time.monotonic()
-            async with asyncio.timeout_at(loop.time() + give_up_in):
-                await self._ramp()
-                self.send(Ready(self.plan.index))
-                until = await self._wait_for_go()
-                if until is not None:
-                    await self._measure(until)
-        except TimeoutError:
-            deadline_hit = True
-            self.rec.error("lock worker hit its hard deadline")
-        except Exception:  # a bug here: report it with the partial result
-            self.rec.count("loadgen_errors")
-            self.rec.error(traceback.format_exc())
-        finally:
-            progress.cancel()
-            await self._close_all()
-        return WorkerResult(
-            worker=self.plan.index,
-            users=len(self.lockers) + len(self.contenders),
-            connected_at_end=sum(1 for c in [*self.lockers, *self.contenders] if c.ws is not None),
-            samples=self.rec.samples,
-            counts=self.rec.counts_dict(),
-            errors=self.rec.errors,
-            deadline_hit=deadline_hit,
-        )
-
     async def _ramp(self) -> None:
         # `mint_token` parses the PEM once per process (cached), then ~1.5 ms a token.
-        clients = [*self.lockers, *self.contenders]
-        for client in clients:
+        for client in self.clients:
             client.token = mint_token(self.plan.private_key_pem, user_id=client.user_id, role=self.plan.role,
                                       username=client.user_id)
         if self.plan.redis_url is not None:
@@ -209,24 +173,13 @@ class LockWorker:
                 self.rec.count("redis_errors")
                 self.rec.error(f"floor: Redis at {self.plan.redis_url} not reachable: {error}")
         remaining = max(0.1, self.plan.ramp_deadline - time.monotonic())
-        joins = asyncio.gather(*(self._connect_and_join(c) for c in clients), return_exceptions=True)
-        stop = asyncio.create_task(self.stopping.wait())
-        await asyncio.wait([joins, stop], timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
-        stop.cancel()
+        joins = asyncio.gather(*(self._connect_and_join(c) for c in self.clients), return_exceptions=True)
+        await self._wait_or_stop(joins, timeout=remaining)
         joins.cancel()
         for outcome in await asyncio.gather(joins, return_exceptions=True):
             if isinstance(outcome, list):
-                for result in outcome:
-                    if isinstance(result, Exception):
-                        self.rec.count("loadgen_errors")
-                        self.rec.error("".join(traceback.format_exception(result)))
-        self.rec.count("not_joined_after_ramp", n=sum(1 for c in clients if not c.joined))
-
-    async def _wait_for_go(self) -> float | None:
-        stop = asyncio.create_task(self.stopping.wait())
-        await asyncio.wait([self.go, stop], return_when=asyncio.FIRST_COMPLETED)
-        stop.cancel()
-        return self.go.result() if self.go.done() and not self.stopping.is_set() else None
+                self._bugs(outcome)
+        self.rec.count("not_joined_after_ramp", n=sum(1 for c in self.clients if not c.joined))
 
     async def _measure(self, until: float) -> None:
         rng = random.Random(self.plan.seed)
@@ -237,9 +190,7 @@ class LockWorker:
             _log(f"bench locks [{name}] for {max(0.0, end - time.monotonic()):.1f} s")
             if name == SETTLE:
                 await self._run_drivers([self._warm_up()], end)
-                stop = asyncio.create_task(self.stopping.wait())
-                await asyncio.wait([stop], timeout=max(0.0, end - time.monotonic()))
-                stop.cancel()
+                await self._wait_or_stop(timeout=max(0.0, end - time.monotonic()))
                 continue
             if name == FLOOR:
                 drivers = [self._floor_client(i, end, random.Random(rng.random())) for i in range(self.plan.lockers)]
@@ -257,17 +208,11 @@ class LockWorker:
         if not tasks:
             return
         everyone = asyncio.gather(*tasks, return_exceptions=True)
-        stop = asyncio.create_task(self.stopping.wait())
         grace = 2 * self.plan.reply_timeout_s + 3 * 1.5 * self.pause_s + 1.0
-        await asyncio.wait([everyone, stop], timeout=max(0.0, end - time.monotonic()) + grace,
-                           return_when=asyncio.FIRST_COMPLETED)
-        stop.cancel()
+        await self._wait_or_stop(everyone, timeout=max(0.0, end - time.monotonic()) + grace)
         for task in tasks:
             task.cancel()
-        for outcome in await asyncio.gather(*tasks, return_exceptions=True):
-            if isinstance(outcome, Exception):
-                self.rec.count("loadgen_errors")
-                self.rec.error("".join(traceback.format_exception(outcome)))
+        self._bugs(await asyncio.gather(*tasks, return_exceptions=True))
 
     async def _warm_up(self) -> None:
         """One untimed round of each operation (samples filed under `settle`)."""
@@ -373,7 +318,7 @@ class LockWorker:
         if answer is None:
             return "failed", None
         sent_at, received_at, message = answer
-        kind, reply = message.get("type"), _data(message)
+        kind, reply = message.get("type"), data_of(message)
         if kind == MessageType.LOCK_ACQUIRED:
             self.rec.sample(phase, "acquire_ms", sent_at, received_at)
             self.rec.sample(phase, "acquire_granted_ms", sent_at, received_at)
@@ -415,18 +360,15 @@ class LockWorker:
                     url_with_token(self.plan.url, client.token), proxy=None, open_timeout=None,
                     ping_interval=None, close_timeout=2, max_size=2**22, max_queue=None,
                 )
-                first = _decode(await ws.recv())
+                first = decode_json(await ws.recv())
         except InvalidStatus as error:
-            self.rec.count("connect_errors")
-            self.rec.count("connect_error_reasons", f"http_{error.response.status_code}")
+            self._connect_failed(client, f"http_{error.response.status_code}")
             return
         except (OSError, TimeoutError, InvalidHandshake, ConnectionClosed) as error:
-            self.rec.count("connect_errors")
-            self.rec.count("connect_error_reasons", type(error).__name__)
+            self._connect_failed(client, type(error).__name__)
             return
         if first is None or first.get("type") != MessageType.CONNECTED:
-            self.rec.count("connect_errors")
-            self.rec.count("connect_error_reasons", "first_frame_not_CONNECTED")
+            self._connect_failed(client, "first_frame_not_CONNECTED")
             await ws.close()
             return
         client.ws = ws
@@ -437,7 +379,7 @@ class LockWorker:
         answer = await self._request(client, MessageType.JOIN_RESOURCE, data)
         if answer is not None and answer[2].get("type") == MessageType.RESOURCE_STATE:
             client.joined = True
-            self.rec.sample("ramp", "join_state_ms", answer[0], answer[1])
+            self.rec.sample(RAMP, "join_state_ms", answer[0], answer[1])
 
     async def _request(
         self, client: _Client, kind: MessageType, data: dict[str, Any]
@@ -473,7 +415,7 @@ class LockWorker:
         try:
             async for frame in ws:
                 now = time.perf_counter()
-                message = _decode(frame)
+                message = decode_json(frame)
                 if message is None:
                     self.rec.count("protocol_errors", "undecodable_frame")
                     continue
@@ -481,31 +423,22 @@ class LockWorker:
                 self.rec.count("frames_received")
                 self.rec.count("frames_received_by_type", str(kind))
                 if kind in (MessageType.ERROR, MessageType.PERMISSION_DENIED):
-                    code = str(_data(message).get("code", kind))
-                    self.rec.count("error_frames", code)
-                    if self.rec.by_key["error_frames"][code] == 1:
-                        self.rec.error(f"{kind} {code}: {str(_data(message).get('message'))[:200]}")
-                future = client.futures.get(ref) if isinstance(ref, int) else None
-                if future is not None and not future.done():
-                    future.set_result((now, message))
+                    self._error_frame(kind, data_of(message))
+                self._resolve(client, ref, now, message)
         except ConnectionClosed:
             pass
         finally:
             client.ws = None
             client.joined = False
-            for future in client.futures.values():
-                if not future.done():
-                    future.set_exception(ConnectionClosed(ws.protocol.close_rcvd, ws.protocol.close_sent))
-            if not client.closing:
-                self.rec.count("unexpected_closes")
-                self.rec.count("close_codes", str(ws.close_code))
+            self._closed(client, lambda: ConnectionClosed(ws.protocol.close_rcvd, ws.protocol.close_sent),
+                         ws.close_code)
 
     async def _close_all(self) -> None:
         also = []
         if self.redis is not None:
             keys = [floor_key(self.plan.prefix, i) for i in range(self.plan.lockers)]
             also.append(self._close_redis(self.redis, keys))
-        await close_clients([*self.lockers, *self.contenders], CLOSE_TIMEOUT_S, *also)
+        await close_clients(self.clients, self.CLOSE_TIMEOUT_S, *also)
 
     async def _close_redis(self, client: aioredis.Redis, keys: list[str]) -> None:
         try:
@@ -515,7 +448,7 @@ class LockWorker:
         finally:
             await client.aclose()
 
-    async def _progress(self) -> None:
+    async def _log_progress(self) -> None:
         while True:
             await asyncio.sleep(PROGRESS_EVERY_S)
             if self.phase in (FLOOR, UNCONTENDED, CONTENDED):
@@ -523,19 +456,6 @@ class LockWorker:
                 _log(f"bench locks [{self.phase}] requests {counts['frames_sent']} | "
                      f"rounds {counts['contended_rounds']} | timeouts "
                      f"{sum(self.rec.by_key.get('reply_timeouts', {}).values())}")
-
-
-def _data(message: dict[str, Any]) -> dict[str, Any]:
-    data = message.get("data")
-    return data if isinstance(data, dict) else {}
-
-
-def _decode(frame: str | bytes) -> dict[str, Any] | None:
-    try:
-        message = json.loads(frame)
-    except ValueError:
-        return None
-    return message if isinstance(message, dict) else None
 
 
 def _log(line: str) -> None:
