@@ -25,6 +25,7 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
@@ -217,7 +218,7 @@ class Worker(RoomsWorker):
             user.closing = True
             await ws.close()
             return self._connect_failed(user, "first_frame_not_CONNECTED")
-        self._on_frame_counted(message)
+        self._count_received(message)
         user.ws = ws
         self.connected += 1
         self.rec.sample(RAMP, "connect_ms", started, ended)
@@ -329,14 +330,7 @@ class Worker(RoomsWorker):
         ws = user.ws
         assert ws is not None
         try:
-            async for frame in ws:
-                now = time.perf_counter()
-                message = decode_json(frame)
-                if message is None:
-                    self.rec.count("protocol_errors", "undecodable_frame")
-                    continue
-                self._on_frame_counted(message)
-                self._on_message(user, message, now)
+            await self._read_json(ws, partial(self._on_message, user))
         except ConnectionClosed:
             pass
         except Exception:  # our bug: keep the text, drop this user, keep the others going
@@ -346,10 +340,6 @@ class Worker(RoomsWorker):
             await ws.close()
         finally:
             self._on_closed(user, ws)
-
-    def _on_frame_counted(self, message: dict[str, Any]) -> None:
-        self.rec.count("frames_received")
-        self.rec.count("frames_received_by_type", str(message.get("type")))
 
     def _on_message(self, user: _User, message: dict[str, Any], now: float) -> None:
         type_, ref = message.get("type"), message.get("ref")

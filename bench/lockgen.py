@@ -39,6 +39,7 @@ import sys
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -413,18 +414,7 @@ class LockWorker(BenchWorker):
 
     async def _read(self, client: _Client, ws: ClientConnection) -> None:
         try:
-            async for frame in ws:
-                now = time.perf_counter()
-                message = decode_json(frame)
-                if message is None:
-                    self.rec.count("protocol_errors", "undecodable_frame")
-                    continue
-                kind, ref = message.get("type"), message.get("ref")
-                self.rec.count("frames_received")
-                self.rec.count("frames_received_by_type", str(kind))
-                if kind in (MessageType.ERROR, MessageType.PERMISSION_DENIED):
-                    self._error_frame(kind, data_of(message))
-                self._resolve(client, ref, now, message)
+            await self._read_json(ws, partial(self._on_message, client))
         except ConnectionClosed:
             pass
         finally:
@@ -432,6 +422,12 @@ class LockWorker(BenchWorker):
             client.joined = False
             self._closed(client, lambda: ConnectionClosed(ws.protocol.close_rcvd, ws.protocol.close_sent),
                          ws.close_code)
+
+    def _on_message(self, client: _Client, message: dict[str, Any], now: float) -> None:
+        kind = message.get("type")
+        if kind in (MessageType.ERROR, MessageType.PERMISSION_DENIED):
+            self._error_frame(kind, data_of(message))
+        self._resolve(client, message.get("ref"), now, message)
 
     async def _close_all(self) -> None:
         also = []

@@ -5,10 +5,11 @@ and document (`crdtgen.py`) workers share: take `Go`/`Stop` from the parent,
 go ramp -> Ready -> Go -> measured -> drain within the hard deadline, close
 every connection and hand the parent a `WorkerResult`; the bookkeeping their
 WebSocket clients share (failed connects, awaited replies, ERROR frames,
-closes); `Progress` and the bounded-wave ramp of the workers that own whole
-rooms (`RoomsWorker`); the process entry (`serve_worker`). Must not be here:
-what a worker's clients send, receive or time (each worker's own file), the
-parent's side (`runner.py`).
+closes, JSON frames read off a `websockets` connection); `Progress` and the
+bounded-wave ramp of the workers that own whole rooms (`RoomsWorker`); the
+process entry (`serve_worker`). Must not be here: what a worker's clients
+send, receive or time (each worker's own file), the parent's side
+(`runner.py`).
 
 A worker's clients are objects with at least `ws` (None when not open),
 `closing` (we are closing it: a close is then expected) and `futures` (the
@@ -130,6 +131,23 @@ class BenchWorker:
         )
 
     # what is counted the same way for every client
+
+    async def _read_json(self, ws: Any, on_message: Callable[[dict[str, Any], float], None]) -> None:
+        """Count each JSON frame of a `websockets` connection and hand it to
+        `on_message` with its arrival (`time.perf_counter()`), until the
+        connection closes: `ConnectionClosed` is the caller's."""
+        async for frame in ws:
+            now = time.perf_counter()
+            message = decode_json(frame)
+            if message is None:
+                self.rec.count("protocol_errors", "undecodable_frame")
+                continue
+            self._count_received(message)
+            on_message(message, now)
+
+    def _count_received(self, message: dict[str, Any]) -> None:
+        self.rec.count("frames_received")
+        self.rec.count("frames_received_by_type", str(message.get("type")))
 
     def _bug(self, text: str) -> None:
         """A bug of ours (its traceback in `text`): kept for the report, and
