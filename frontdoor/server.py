@@ -26,12 +26,14 @@ import uuid
 import weakref
 from collections.abc import Coroutine, Iterable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
+from websockets.server import ServerProtocol
 
 from rounds.frontdoor.fanout import frame as ws_frame, send_frame
 from rounds.frontdoor.links import Address, ShardLinks
@@ -220,6 +222,7 @@ class FrontDoor:
     # --- a connection's life ------------------------------------------------------------
 
     async def _handle(self, ws: ServerConnection) -> None:
+        _free_by_refcount(ws)
         identity: Identity = ws.rounds_identity  # type: ignore[attr-defined]
         yjs_resource = resource_from_path(urlsplit(ws.request.path).path) if ws.request is not None else None
         client = Client(conn_id(self.index, next(self._counter)), ws, identity,
@@ -594,7 +597,38 @@ def _remote(connection: ServerConnection) -> str | None:
 
 
 def _json_response(connection: ServerConnection, status: int, body: dict[str, Any]) -> Response:
+    """The answer that ends this connection's handshake (a refusal, `/health`, 404)."""
+    _free_by_refcount(connection)
     response = connection.respond(status, json.dumps(body, separators=(",", ":")) + "\n")
     del response.headers["Content-Type"]
     response.headers["Content-Type"] = "application/json"
     return response
+
+
+def _free_by_refcount(ws: ServerConnection) -> None:
+    """Let a connection be freed by its reference count when it ends, not by
+    a collection of the oldest generation, which walks every other one as
+    well (50 ms with 1,500 connected).
+
+    `websockets` leaves cycles through a connection's protocol, all undone
+    here (tests/integration/test_frontdoor_memory.py keeps it so):
+    - `serve(select_subprotocol=...)` binds to the protocol a closure over
+      the connection. Only the handshake uses it, and the handshake is
+      answered or accepted when this is called: it is dropped, and the
+      protocol's own method, which it shadowed, is back.
+    - A connection that ends without a closing handshake (a tab closed, a
+      network lost) leaves the protocol's parser, a generator of its own,
+      suspended for good, and keeps the parser's exception, whose traceback
+      holds the parser's first frame. Once the connection is lost nothing
+      feeds the parser: it is closed and the traceback dropped (the
+      exception stays, as the cause of a later `ConnectionClosed`).
+    """
+    protocol = ws.protocol
+    vars(protocol).pop("select_subprotocol", None)
+    ws.connection_lost_waiter.add_done_callback(partial(_release_parser, protocol))
+
+
+def _release_parser(protocol: ServerProtocol, _lost: object) -> None:
+    protocol.parser.close()
+    if protocol.parser_exc is not None:
+        protocol.parser_exc.__traceback__ = None

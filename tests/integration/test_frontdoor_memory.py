@@ -1,0 +1,92 @@
+"""A front door's connection is freed as soon as it closes, by reference counting.
+
+Nothing of it is left for the cyclic collector, whose passes over the oldest
+generation pause the event loop for tens of ms once thousands are connected
+(docs/architecture.md, runbook). Checked with that collector
+off, for each way a connection ends: a `/ws` session closed or dropped without
+a closing handshake, a `/yjs` session, an upgrade refused with 401, and a
+`/health` or 404 answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import urllib.error
+import urllib.request
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+from websockets.asyncio.client import connect
+from websockets.asyncio.server import ServerConnection
+from websockets.server import ServerProtocol
+
+from rounds.audit import MemoryAuditSink
+from rounds.auth import mint_token, private_key_for_dev
+from rounds.inprocess import InProcessGateway
+from tests.client import Client, eventually, refused
+from tests.conftest import gateway_settings
+
+
+@pytest.fixture
+async def gateway(var_root: Path, uid: str) -> AsyncIterator[InProcessGateway]:
+    settings = gateway_settings(var_root, f"memory-{uid}", shards=1, frontdoors=1)
+    async with InProcessGateway(settings, MemoryAuditSink()) as gateway:
+        yield gateway
+
+
+@pytest.fixture
+def cyclic_collector_off() -> Iterator[None]:
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
+def server_connections() -> int:
+    """Front-door connections, or their protocols, still in memory (the collector tracks every one)."""
+    return sum(1 for o in gc.get_objects() if type(o) is ServerConnection or type(o) is ServerProtocol)
+
+
+def _http_status(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+async def test_a_closed_connection_is_freed_without_the_cyclic_collector(
+        gateway: InProcessGateway, cyclic_collector_off: None, uid: str) -> None:
+    assert server_connections() == 0
+    key = private_key_for_dev(gateway.settings)
+    base = f"http://{gateway.settings.host}:{gateway.settings.port}"
+
+    client = await Client.connect(gateway.url, mint_token(key, user_id=f"ws-{uid}", role="surgeon"))
+    await client.join(f"patient:freed-{uid}")
+    assert server_connections() == 2  # the connection and its protocol
+    await client.close()
+    await eventually(lambda: server_connections() == 0, what="the /ws connection freed")
+
+    # Gone without a closing handshake (a tab closed, a network lost): the
+    # front door reads an unexpected end of stream.
+    client = await Client.connect(gateway.url, mint_token(key, user_id=f"gone-{uid}", role="surgeon"))
+    await client.join(f"patient:freed-{uid}")
+    client.ws.transport.close()
+    await eventually(lambda: server_connections() == 0, what="the abruptly closed connection freed")
+
+    room = f"patient:yjs-{uid}"
+    token = mint_token(key, user_id=f"yjs-{uid}", role="surgeon")
+    async with connect(f"ws://{gateway.settings.host}:{gateway.settings.port}/yjs/{room}?token={token}") as ws:
+        await asyncio.wait_for(ws.recv(), 5)  # the server's sync step 1: the session is up
+        assert server_connections() == 2  # the connection and its protocol
+    await eventually(lambda: server_connections() == 0, what="the /yjs connection freed")
+
+    status, body = await refused(gateway.url, "not-a-token")
+    assert status == 401 and body["type"] == "UNAUTHORIZED"
+    assert await asyncio.to_thread(_http_status, f"{base}/health") == 200
+    assert await asyncio.to_thread(_http_status, f"{base}/nowhere") == 404
+    await eventually(lambda: server_connections() == 0, what="refused and answered connections freed")
