@@ -45,7 +45,7 @@ MIB = 1024 * 1024
 @dataclass(frozen=True, slots=True)
 class WorkerSpec:
     """One worker process: `target(plan, control, results)` is its entry, with
-    `loadgen.serve_worker`'s pipe and queue, and `plan(index, ramp_deadline,
+    `worker.serve_worker`'s pipe and queue, and `plan(index, ramp_deadline,
     hard_deadline)` its picklable plan. It sends `Ready(index)` after its ramp
     and a `WorkerResult` before `hard_deadline`; `Progress` now and then if it
     wants a share of the progress line."""
