@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -142,7 +143,18 @@ async def test_rabbitmq_failing_and_coming_back_loses_and_doubles_nothing(two_no
     await eventually(lambda: two_nodes.frontdoors[1].relay.consumer.up
                      and all(s.relay.publisher.ready for s in two_nodes.shards), timeout=20, what="reconnected")
     published_before = relay_totals(two_nodes)["published"]
-    await asyncio.sleep(1.2)  # the circuit's cool-down
+
+    def back_on_rabbitmq() -> bool:
+        """Each shard would publish its next batch: no front door said it is
+        not consuming, and an opened circuit's cool-down is over (it doubles
+        with each trial that failed during the outage: 1, 2, 4 s...)."""
+        now = time.monotonic()
+        return all(not shard.relay.stats()["not_consuming"]
+                   and (shard.relay.circuit.state != "open"
+                        or now - shard.relay.circuit.opened_at >= shard.relay.circuit.current_cooldown_s)
+                   for shard in two_nodes.shards)
+
+    await eventually(back_on_rabbitmq, timeout=35, what="the shards ready to publish again")
     for n in range(60, 80):
         await send(n)
         await asyncio.sleep(0.02)
