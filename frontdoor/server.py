@@ -194,6 +194,7 @@ class FrontDoor:
     # --- handshake ----------------------------------------------------------------
 
     async def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        _free_by_refcount(connection)
         url = urlsplit(request.path)
         if url.path == "/health":
             body = await self.health()
@@ -222,7 +223,6 @@ class FrontDoor:
     # --- a connection's life ------------------------------------------------------------
 
     async def _handle(self, ws: ServerConnection) -> None:
-        _free_by_refcount(ws)
         identity: Identity = ws.rounds_identity  # type: ignore[attr-defined]
         yjs_resource = resource_from_path(urlsplit(ws.request.path).path) if ws.request is not None else None
         client = Client(conn_id(self.index, next(self._counter)), ws, identity,
@@ -597,8 +597,6 @@ def _remote(connection: ServerConnection) -> str | None:
 
 
 def _json_response(connection: ServerConnection, status: int, body: dict[str, Any]) -> Response:
-    """The answer that ends this connection's handshake (a refusal, `/health`, 404)."""
-    _free_by_refcount(connection)
     response = connection.respond(status, json.dumps(body, separators=(",", ":")) + "\n")
     del response.headers["Content-Type"]
     response.headers["Content-Type"] = "application/json"
@@ -610,25 +608,28 @@ def _free_by_refcount(ws: ServerConnection) -> None:
     a collection of the oldest generation, which walks every other one as
     well (50 ms with 1,500 connected).
 
-    `websockets` leaves cycles through a connection's protocol, all undone
-    here (tests/integration/test_frontdoor_memory.py keeps it so):
+    `websockets` leaves cycles through a connection's protocol; once the
+    connection is lost, whatever ended it (a close, a tab closed or a network
+    lost, a refused upgrade, an HTTP answer), they serve nothing and are
+    undone (tests/integration/test_frontdoor_memory.py keeps it so):
     - `serve(select_subprotocol=...)` binds to the protocol a closure over
-      the connection. Only the handshake uses it, and the handshake is
-      answered or accepted when this is called: it is dropped, and the
-      protocol's own method, which it shadowed, is back.
-    - A connection that ends without a closing handshake (a tab closed, a
-      network lost) leaves the protocol's parser, a generator of its own,
-      suspended for good, and keeps the parser's exception, whose traceback
-      holds the parser's first frame. Once the connection is lost nothing
-      feeds the parser: it is closed and the traceback dropped (the
-      exception stays, as the cause of a later `ConnectionClosed`).
+      the connection: dropped, the protocol's own method is back;
+    - the protocol's parser, a generator of its own, is left suspended when
+      the connection ends without a closing handshake: closed;
+    - the parser's exception then keeps a traceback, which holds the
+      parser's first frame, and so does the exception of a handshake that
+      failed: their tracebacks (and their causes') are dropped, the
+      exceptions stay (the cause of a later `ConnectionClosed`).
     """
-    protocol = ws.protocol
+    ws.connection_lost_waiter.add_done_callback(partial(_release_protocol, ws.protocol))
+
+
+def _release_protocol(protocol: ServerProtocol, _lost: object) -> None:
     vars(protocol).pop("select_subprotocol", None)
-    ws.connection_lost_waiter.add_done_callback(partial(_release_parser, protocol))
-
-
-def _release_parser(protocol: ServerProtocol, _lost: object) -> None:
     protocol.parser.close()
-    if protocol.parser_exc is not None:
-        protocol.parser_exc.__traceback__ = None
+    for exc in (protocol.parser_exc, protocol.handshake_exc):
+        for _ in range(8):  # a chain of causes is short; never loop on one that cycles
+            if exc is None:
+                break
+            exc.__traceback__ = None
+            exc = exc.__cause__ or exc.__context__

@@ -4,8 +4,8 @@ Nothing of it is left for the cyclic collector, whose passes over the oldest
 generation pause the event loop for tens of ms once thousands are connected
 (docs/architecture.md, runbook). Checked with that collector
 off, for each way a connection ends: a `/ws` session closed or dropped without
-a closing handshake, a `/yjs` session, an upgrade refused with 401, and a
-`/health` or 404 answer.
+a closing handshake, a `/yjs` session, an upgrade refused (with 401 by
+the front door, with 400 by `websockets`), and a `/health` or 404 answer.
 """
 
 from __future__ import annotations
@@ -89,4 +89,10 @@ async def test_a_closed_connection_is_freed_without_the_cyclic_collector(
     assert status == 401 and body["type"] == "UNAUTHORIZED"
     assert await asyncio.to_thread(_http_status, f"{base}/health") == 200
     assert await asyncio.to_thread(_http_status, f"{base}/nowhere") == 404
+    # A good token, but no Sec-WebSocket-Key: `websockets` itself refuses the upgrade.
+    reader, writer = await asyncio.open_connection(gateway.settings.host, gateway.settings.port)
+    writer.write(f"GET /ws?token={token} HTTP/1.1\r\nHost: rounds\r\nUpgrade: websocket\r\n"
+                 "Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\r\n".encode())
+    assert (await asyncio.wait_for(reader.readline(), 5)).startswith(b"HTTP/1.1 400")
+    writer.close()
     await eventually(lambda: server_connections() == 0, what="refused and answered connections freed")
