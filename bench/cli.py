@@ -55,6 +55,7 @@ def add_parser(subparsers: Any) -> None:
     _add_locks(kinds)
     _add_crdt(kinds)
     _add_audit(kinds)
+    _add_closed(kinds)
 
 
 def _add_presence(kinds: Any) -> None:
@@ -246,6 +247,26 @@ def _add_audit(kinds: Any) -> None:
     parser.set_defaults(func=run_audit_command)
 
 
+def _add_closed(kinds: Any) -> None:
+    parser = kinds.add_parser(
+        "closed",
+        help="what dropped connections leave for the garbage collector (the gateway in one process)",
+        description=(
+            "The whole gateway in this process (1 shard, 1 front door, memory backends); N clients "
+            "connect over /ws from a child process, join rooms of 10 and are dropped at once without a "
+            "closing handshake, the cyclic collector off meanwhile. Prints, as JSON, the objects it "
+            "tracks idle, connected and after they left, what a full collection then finds "
+            "unreachable and how long it paused."
+        ),
+    )
+    parser.add_argument("--users", type=int, default=1500, help="clients (default %(default)s)")
+    parser.add_argument("--hold", type=float, default=5.0, metavar="S",
+                        help="seconds all stay connected (default %(default)s)")
+    parser.add_argument("--settle", type=float, default=3.0, metavar="S",
+                        help="seconds after the last one left before counting (default %(default)s)")
+    parser.set_defaults(func=run_closed_command)
+
+
 def _add_target_options(parser: argparse.ArgumentParser) -> None:
     target = parser.add_argument_group("target")
     target.add_argument("--url", help="bench this running gateway (ws://127.0.0.1:PORT/ws) instead of starting one")
@@ -404,6 +425,22 @@ def _run_and_write(options: PresenceOptions, settings: Settings, target: _Target
     print(format_table(run.report))
     print(f"\nreport: {json_path}" + (f"\nchart:  {png_path}" if plot else ""))
     return EXIT_OK if run.report["ok"] else EXIT_FAILURES
+
+
+def run_closed_command(args: argparse.Namespace) -> int:
+    """Run `rounds bench closed`: 0 done, 2 bad arguments, 3 the clients did not connect."""
+    if not 1 <= args.users <= 20_000:
+        return _fail(EXIT_USAGE, "--users must be between 1 and 20000")
+    import uvloop
+
+    from rounds.bench.closed import measure
+
+    try:
+        report = uvloop.run(measure(args.users, args.hold, args.settle, _free_loopback_port("127.0.0.1")))
+    except RuntimeError as error:
+        return _fail(EXIT_GATEWAY, str(error))
+    print(json.dumps(report))
+    return EXIT_OK
 
 
 def run_locks_command(args: argparse.Namespace) -> int:

@@ -1,6 +1,6 @@
 """What closed connections leave for the garbage collector.
 
-`python -m rounds.bench.closed --users 1500` runs the whole gateway in this
+`rounds bench closed --users 1500` runs the whole gateway in this
 process on uvloop, as its processes run (`rounds.inprocess`: 1 shard, 1
 front door, memory backends, a scratch directory), connects `--users` clients over `/ws` from a child
 process, joins them to rooms of 10, holds them `--hold` seconds, then drops
@@ -18,7 +18,6 @@ A bench, not a test: the timings depend on the machine.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import gc
 import json
@@ -26,8 +25,6 @@ import multiprocessing
 import tempfile
 import time
 from typing import Any
-
-import uvloop
 
 from rounds.audit import MemoryAuditSink
 from rounds.auth import mint_token, private_key_for_dev
@@ -67,9 +64,9 @@ def _clients(url: str, key: bytes, users: int, ready: Any, drop: Any) -> None:
     asyncio.run(main())
 
 
-async def measure(users: int, hold_s: float, settle_s: float) -> dict[str, Any]:
+async def measure(users: int, hold_s: float, settle_s: float, port: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="rounds-closed-") as var_dir:
-        settings = Settings(host="127.0.0.1", port=_free_port(), var_dir=var_dir, shards=1, frontdoors=1,
+        settings = Settings(host="127.0.0.1", port=port, var_dir=var_dir, shards=1, frontdoors=1,
                             redis_url=None)
         async with InProcessGateway(settings, MemoryAuditSink()) as gateway:
             door = gateway.frontdoors[0]
@@ -115,28 +112,3 @@ async def _until(condition: Any, timeout_s: float) -> None:
         if time.monotonic() > deadline:
             raise RuntimeError(f"timed out after {timeout_s} s")
         await asyncio.sleep(0.05)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m rounds.bench.closed", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--users", type=int, default=1500, help="clients (default 1500)")
-    parser.add_argument("--hold", type=float, default=5.0, help="seconds all stay connected (default 5)")
-    parser.add_argument("--settle", type=float, default=3.0,
-                        help="seconds after the last one left before counting (default 3)")
-    args = parser.parse_args(argv)
-    if not 1 <= args.users <= 20_000:
-        parser.error("--users must be between 1 and 20000")
-    print(json.dumps(uvloop.run(measure(args.users, args.hold, args.settle))))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

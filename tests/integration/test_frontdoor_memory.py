@@ -27,7 +27,7 @@ from rounds.audit import MemoryAuditSink
 from rounds.auth import mint_token, private_key_for_dev
 from rounds.inprocess import InProcessGateway
 from tests.client import Client, eventually, refused
-from tests.conftest import gateway_settings
+from tests.conftest import free_port, gateway_settings
 
 
 @pytest.fixture
@@ -100,12 +100,12 @@ async def test_a_closed_connection_is_freed_without_the_cyclic_collector(
 
 
 async def test_the_closed_connections_bench_finds_nothing_left_for_the_collector() -> None:
-    """`python -m rounds.bench.closed`, small: its clients come and go, and
+    """`rounds bench closed`, small: its clients come and go, and
     nothing of them is left unreachable. On uvloop, as the gateway runs:
     asyncio's own socket transport holds a cycle of its own."""
     from rounds.bench.closed import measure
 
-    report = await asyncio.to_thread(uvloop.run, measure(users=30, hold_s=0.2, settle_s=0.5))
+    report = await asyncio.to_thread(uvloop.run, measure(users=30, hold_s=0.2, settle_s=0.5, port=free_port()))
     assert report["users"] == 30
     assert report["tracked_connected"] - report["tracked_idle"] > 30 * 20  # every connection was counted
     assert report["unreachable_after_close"] == 0
