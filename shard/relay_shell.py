@@ -157,9 +157,13 @@ class RelayShell:
                     self.resent += 1
                     self._over_link(frontdoor, out, batch)
 
+    def health(self) -> dict[str, Any]:
+        """For the shard's `/health`: is RabbitMQ there, and does the relay use it."""
+        return {"rabbitmq": "up" if self.publisher.ready else "down", "circuit": self.circuit.state}
+
     def stats(self) -> dict[str, Any]:
         return {
-            "rabbitmq": "up" if self.publisher.ready else "down", "circuit": self.circuit.state,
+            **self.health(),
             "circuit_opened": self.circuit.opened, "error": self.publisher.last_error,
             "published": self.published, "confirmed": self.confirmed, "unconfirmed": self.unconfirmed,
             "over_link": self.over_link, "resent": self.resent, "resets": self.resets,

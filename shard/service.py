@@ -140,8 +140,7 @@ class ShardService:
         return {"shard": self.index, "ok": True, "mirror": await self.mirror.health(),
                 "documents": await self.docs.store.health(),
                 "history": await self.docs.history.health() if self.docs.history is not None else None,
-                "relay": ({"rabbitmq": "up" if self.relay.publisher.ready else "down", "circuit": self.relay.circuit.state}
-                          if self.relay is not None else None)}
+                "relay": self.relay.health() if self.relay is not None else None}
 
     # --- links ------------------------------------------------------------------
 

@@ -186,6 +186,9 @@ async def test_without_rabbitmq_at_start_the_gateway_serves_over_the_links(var_r
             assert stats["rabbitmq"] == "down" and stats["published"] == 0 and stats["over_link"] >= 2
             health = await gateway.frontdoors[0].health()
             assert health["backends"]["relay"]["ok"] is False and health["backends"]["relay"]["error"]
+            shard_health = await gateway.shards[0].health()
+            assert shard_health["relay"]["rabbitmq"] == "down"
+            assert shard_health["relay"]["circuit"] in ("open", "half_open", "closed")
         finally:
             await a.close()
             await b.close()
