@@ -64,6 +64,7 @@ from rounds.bench import stats
 from rounds.bench.lockgen import CONTENDED, UNCONTENDED
 from rounds.bench.locks import METRICS, GatewayUnavailable, LocksRun
 from rounds.bench.presence import environment
+from rounds.bench.runner import gc_text
 
 SCHEMA = "rounds.bench.audit/2"
 DEFAULT_DSN = "postgresql://postgres@127.0.0.1:5432/test"
@@ -418,15 +419,8 @@ def segment_line(segment: Mapping[str, Any]) -> str:
     return (f"p99 ms {p99}; gateway CPU {_fmt(segment['gateway_cpu_percent'], '.0f')}%, "
             f"other processes {_fmt(segment.get('other_cpu_percent'), '.0f')}%, "
             f"client loop lag p99 contended {_fmt((segment.get('client_loop_lag_p99_ms') or {}).get('contended'))} ms, "
-            f"{_gc_text(segment.get('gateway_gc'))}"
+            f"{gc_text(segment.get('gateway_gc'))}"
             f"failures {segment['failures']}" + (f", ABORTED: {segment['aborted']}" if segment["aborted"] else ""))
-
-
-def _gc_text(gc: Mapping[str, float] | None) -> str:
-    if not gc:
-        return ""
-    return (f"GC {gc['collections']:.0f} collections paused {gc['pausedMs']:.0f} ms "
-            f"({gc['over10ms']:.0f} over 10 ms; {gc.get('full', 0):.0f} full, {gc.get('fullPausedMs', 0):.0f} ms), ")
 
 
 def count_lines(directory: Path) -> int:
@@ -565,7 +559,7 @@ def _lock_lines(part: Mapping[str, Any], settings: Mapping[str, Any]) -> list[st
                      f"{cpu} % of a core (median {_fmt(m['gateway_cpu_percent_median'], '.0f')} %), other "
                      f"processes {other} %, client loop lag p99 uncontended / contended "
                      f"{_fmt(m['client_loop_lag_p99_ms']['uncontended'])} / "
-                     f"{_fmt(m['client_loop_lag_p99_ms']['contended'])} ms, {_gc_text(m.get('gateway_gc'))}"
+                     f"{_fmt(m['client_loop_lag_p99_ms']['contended'])} ms, {gc_text(m.get('gateway_gc'))}"
                      f"{part['audit_events_written'][mode]} audit events written, "
                      f"failures {m['failures']}")
     return lines

@@ -27,7 +27,7 @@ from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 from rounds.auth import private_key_for_dev
@@ -302,6 +302,13 @@ class _Target:
     gc: Callable[[], dict[str, float] | None] | None = None
 
 
+class _Reported(Protocol):
+    report: dict[str, Any]
+
+
+_Run = TypeVar("_Run", bound=_Reported)
+
+
 class _UsageError(Exception):
     pass
 
@@ -411,7 +418,8 @@ def _run_and_write(options: PresenceOptions, settings: Settings, target: _Target
         require_loopback_url(target.url)
     except ValueError as error:
         raise _UsageError(str(error)) from None
-    run = run_presence(options, target.url, private_key_for_dev(settings), target.pids, _log, target.info)
+    run = _with_gateway_gc(target, lambda: run_presence(options, target.url, private_key_for_dev(settings),
+                                                        target.pids, _log, target.info))
     out.mkdir(parents=True, exist_ok=True)
     stem = f"presence-{options.users}u-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
     json_path, png_path = out / f"{stem}.json", out / f"{stem}.png"
@@ -593,17 +601,25 @@ def _audit_gateways(settings: Settings, lock_options: locks.LocksOptions,
 
         def segment(mode: str) -> locks.LocksRun:
             mode_settings, target = targets[mode]
-            before = target.gc() if target.gc else None
-            run = locks.run_locks(lock_options, mode_settings, lambda _settings: nullcontext(target),
-                                  private_key_for_dev(mode_settings), _log, _delete_keys)
-            after = target.gc() if before is not None and target.gc else None
-            if before is not None and after is not None:
-                delta = {key: round(after[key] - before[key], 1) for key in after}
-                if min(delta.values()) >= 0:  # a restarted process starts its counts again
-                    run.report["gateway_gc"] = delta
-            return run
+            return _with_gateway_gc(target, lambda: locks.run_locks(
+                lock_options, mode_settings, lambda _settings: nullcontext(target),
+                private_key_for_dev(mode_settings), _log, _delete_keys))
 
         yield segment
+
+
+def _with_gateway_gc(target: _Target, run: Callable[[], _Run]) -> _Run:
+    """`run()`, its report given `gateway_gc`: what the gateway's garbage
+    collector did meanwhile, when the bench started that gateway and every
+    process of it answered before and after."""
+    before = target.gc() if target.gc else None
+    result = run()
+    after = target.gc() if before is not None and target.gc else None
+    if before is not None and after is not None:
+        delta = {key: round(after[key] - before[key], 1) for key in after}
+        if min(delta.values()) >= 0:  # a restarted process starts its counts again
+            result.report["gateway_gc"] = delta
+    return result
 
 
 def _gc_totals(gateway: Any) -> dict[str, float] | None:

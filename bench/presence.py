@@ -27,7 +27,7 @@ from rounds.bench.loadgen import worker_main
 from rounds.bench.plan import (
     MEASURED, RAMP, RoomPlan, WorkerPlan, WorkerResult, assign_rooms, require_loopback_url,
 )
-from rounds.bench.runner import Conductor, WorkerSpec, environment
+from rounds.bench.runner import Conductor, WorkerSpec, environment, gc_text
 
 SCHEMA = "rounds.bench.presence/1"
 # A worker beside the presence workers, in the same phases (`locks.py`).
@@ -232,6 +232,9 @@ def format_table(report: dict[str, Any]) -> str:
         f"gateway: CPU {_fmt(gateway['cpu_percent_measured'], '%')} of one core (measured phase), "
         f"peak RSS {_fmt(gateway['peak_rss_mib'], ' MiB')}, {len(gateway['pids'])} process(es)"
     )
+    gc = gc_text(report.get("gateway_gc"))
+    if gc:
+        lines.append(f"gateway {gc[:-2]} over the whole run (ramp included), summed over its processes")
     lines.append(f"load generator: CPU {_fmt(report['loadgen']['cpu_percent_measured'], '%')} of one core")
     machine = report["machine"]
     lines.append(

@@ -22,7 +22,7 @@ import os
 import platform
 import queue
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -440,3 +440,13 @@ def environment() -> dict[str, Any]:
         "websockets": websockets.__version__,
         "psutil": psutil.__version__,
     }
+
+
+def gc_text(gc: Mapping[str, float] | None) -> str:
+    """A gateway's garbage-collector totals (`gateway_gc` of a report) for a
+    summary line, ending in ", "; empty when there are none."""
+    if not gc:
+        return ""
+    return (f"GC {gc['collections']:.0f} collections paused {gc['pausedMs']:.0f} ms "
+            f"({gc['over10ms']:.0f} over 10 ms; {gc.get('full', 0):.0f} full, {gc.get('fullPausedMs', 0):.0f} ms), ")
+
