@@ -46,4 +46,4 @@ def install() -> None:
 
 def stats() -> dict[str, Any]:
     return {**_totals, "pausedMs": round(_totals["pausedMs"], 1), "maxPauseMs": round(_totals["maxPauseMs"], 2),
-            "fullPausedMs": round(_totals["fullPausedMs"], 1)}
+            "fullPausedMs": round(_totals["fullPausedMs"], 1), "youngThreshold": gc.get_threshold()[0]}

@@ -352,3 +352,12 @@ async def test_two_front_doors_share_the_port(gateway: GatewayHandle, uid: str) 
         assert sources == {"frontdoor-0", "frontdoor-1"}
     finally:
         await asyncio.gather(*(c.close() for c in opened), return_exceptions=True)
+
+
+async def test_every_gateway_process_collects_young_objects_at_the_configured_threshold(
+        gateway: GatewayHandle) -> None:
+    status = await asyncio.to_thread(gateway.gateway.status)
+    processes = [*status["shards"], *status["frontdoors"]]
+    assert len(processes) == 4
+    assert all(p["gc"]["youngThreshold"] == gateway.settings.gc_young_threshold == 10_000 for p in processes)
+
