@@ -44,10 +44,8 @@ def _freeze_heap(settings: Settings) -> None:
     the collector's sight: a full collection then walks only what serving
     allocates, instead of pausing the event loop for tens of ms to re-check
     hundreds of thousands of long-lived objects. Young collections come
-    every `gc_young_threshold` allocations: at 2,000 users 21 collections
-    pausing 37-43 ms in all, none over 10 ms and no full one, against 333
-    pausing 189-342 ms (4-6 over 10 ms, 2 full) at Python's 700
-    (docs/benchmarks.md, "Garbage collection")."""
+    every `gc_young_threshold` allocations (docs/benchmarks.md, "Garbage
+    collection", for what a higher one gains and costs)."""
     gc.collect()
     gc.freeze()
     _, older, oldest = gc.get_threshold()

@@ -57,9 +57,10 @@ class Settings:
     idle_timeout_ms: int = 300_000  # no frame from the client for this long: closed
     session_ttl_ms: int = 3_600_000  # `user:{id}:session` TTL in Redis
     max_connections_per_frontdoor: int = 10_000
-    # Container objects allocated (net) between two young garbage collections in a
-    # gateway process; Python's own default, 700, collects 16x as often (docs/architecture.md).
-    gc_young_threshold: int = 10_000
+    # Container objects allocated (net) between two young garbage collections in a gateway
+    # process (Python's default). Higher: fewer pauses while thousands connect, but longer
+    # ones, which the lock p99 feels (docs/benchmarks.md, "Garbage collection").
+    gc_young_threshold: int = 700
     max_frame_bytes: int = 262_144  # larger client frames get ERROR TOO_LARGE
     max_rooms_per_connection: int = 100
     lock_ttl_ms: int = 30_000  # a lock not renewed for this long expires (seed BE-001.3)

@@ -359,5 +359,5 @@ async def test_every_gateway_process_collects_young_objects_at_the_configured_th
     status = await asyncio.to_thread(gateway.gateway.status)
     processes = [*status["shards"], *status["frontdoors"]]
     assert len(processes) == 4
-    assert all(p["gc"]["youngThreshold"] == gateway.settings.gc_young_threshold == 10_000 for p in processes)
+    assert all(p["gc"]["youngThreshold"] == gateway.settings.gc_young_threshold == 700 for p in processes)
 
