@@ -232,9 +232,9 @@ def format_table(report: dict[str, Any]) -> str:
         f"gateway: CPU {_fmt(gateway['cpu_percent_measured'], '%')} of one core (measured phase), "
         f"peak RSS {_fmt(gateway['peak_rss_mib'], ' MiB')}, {len(gateway['pids'])} process(es)"
     )
-    gc = gc_text(report.get("gateway_gc"))
+    gc = gc_text(report.get("gateway_gc"), end=" over the whole run (ramp included), summed over its processes")
     if gc:
-        lines.append(f"gateway {gc[:-2]} over the whole run (ramp included), summed over its processes")
+        lines.append(f"gateway {gc}")
     lines.append(f"load generator: CPU {_fmt(report['loadgen']['cpu_percent_measured'], '%')} of one core")
     machine = report["machine"]
     lines.append(

@@ -442,11 +442,11 @@ def environment() -> dict[str, Any]:
     }
 
 
-def gc_text(gc: Mapping[str, float] | None) -> str:
+def gc_text(gc: Mapping[str, float] | None, end: str = ", ") -> str:
     """A gateway's garbage-collector totals (`gateway_gc` of a report) for a
-    summary line, ending in ", "; empty when there are none."""
+    summary line, followed by `end`; empty when there are none."""
     if not gc:
         return ""
     return (f"GC {gc['collections']:.0f} collections paused {gc['pausedMs']:.0f} ms "
-            f"({gc['over10ms']:.0f} over 10 ms; {gc.get('full', 0):.0f} full, {gc.get('fullPausedMs', 0):.0f} ms), ")
+            f"({gc['over10ms']:.0f} over 10 ms; {gc.get('full', 0):.0f} full, {gc.get('fullPausedMs', 0):.0f} ms){end}")
 

@@ -101,12 +101,13 @@ def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None 
     unknown = set(raw) - {f.name for f in dataclasses.fields(Settings)}
     if unknown:
         raise ValueError(f"unknown settings: {', '.join(sorted(unknown))}")
-    if "gc_young_threshold" in raw and int(raw["gc_young_threshold"]) < 1:
-        raise ValueError("gc_young_threshold must be at least 1")
     for name, mode_list in raw.get("role_modes", {}).items():
         if not set(mode_list) <= set(MODES):
             raise ValueError(f"role {name!r}: modes must be among {MODES}")
-    return Settings(**{k: _coerce(Settings, k, v) for k, v in raw.items()}, jwt=JwtSettings(**jwt_raw))
+    settings = Settings(**{k: _coerce(Settings, k, v) for k, v in raw.items()}, jwt=JwtSettings(**jwt_raw))
+    if settings.gc_young_threshold < 1:
+        raise ValueError("gc_young_threshold must be at least 1")
+    return settings
 
 
 def _from_env(cls: type, prefix: str, env: Mapping[str, str], skip: set[str] = frozenset()) -> dict[str, Any]:
