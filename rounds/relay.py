@@ -148,8 +148,12 @@ class Circuit:
     current_cooldown_s: float = 0.0
     opened: int = 0  # how many times it opened
 
+    def cooling(self, now: float) -> bool:
+        """Open, and its cool-down not over: nothing may try RabbitMQ yet."""
+        return self.state == "open" and now - self.opened_at < self.current_cooldown_s
+
     def allow(self, now: float) -> bool:
-        if self.state == "open" and now - self.opened_at >= self.current_cooldown_s:
+        if self.state == "open" and not self.cooling(now):
             self.state = "half_open"
         return self.state != "open"
 

@@ -149,9 +149,7 @@ async def test_rabbitmq_failing_and_coming_back_loses_and_doubles_nothing(two_no
         not consuming, and an opened circuit's cool-down is over (it doubles
         with each trial that failed during the outage: 1, 2, 4 s...)."""
         now = time.monotonic()
-        return all(not shard.relay.stats()["not_consuming"]
-                   and (shard.relay.circuit.state != "open"
-                        or now - shard.relay.circuit.opened_at >= shard.relay.circuit.current_cooldown_s)
+        return all(not shard.relay.stats()["not_consuming"] and not shard.relay.circuit.cooling(now)
                    for shard in two_nodes.shards)
 
     await eventually(back_on_rabbitmq, timeout=35, what="the shards ready to publish again")
