@@ -6,6 +6,7 @@
 #   make services        make sure Redis / RabbitMQ / PostgreSQL are up
 #   make bench-presence  rounds bench presence
 #   make node-deps       npm deps for the Node.js interop tests (if any)
+#   make system-deps     Debian packages the tests need (faketime)
 #   make clean           remove .venv, var/ and caches
 #
 # Extra arguments: make test PYTEST_ARGS='-k presence -x'
@@ -33,10 +34,10 @@ TEST_REDIS_URL ?= redis://127.0.0.1:6379/15
 # Ray must not try to phone home from tests or CI (no network here).
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: help venv services run test bench-presence node-deps clean
+.PHONY: help venv services run test bench-presence node-deps system-deps clean
 
 help:
-	@sed -n '1,13s/^# \{0,1\}//p' $(firstword $(MAKEFILE_LIST))
+	@sed -n '1,14s/^# \{0,1\}//p' $(firstword $(MAKEFILE_LIST))
 
 # ---------------------------------------------------------------- venv ----
 venv: $(STAMP)
@@ -73,7 +74,7 @@ run: venv
 # both fail make. Ray clusters are never killed here (some may not be ours):
 # the tests clean up after themselves and we only warn about raylet /
 # gcs_server processes that appeared during this run and are still alive.
-test: venv services node-deps
+test: venv services node-deps system-deps
 	@ray_before=$$(pgrep -x 'raylet|gcs_server' 2>/dev/null | sort); \
 	export ROUNDS_TEST_REDIS_URL='$(TEST_REDIS_URL)'; \
 	rc=0; \
@@ -98,6 +99,10 @@ bench-presence: venv
 # ---------------------------------------------------------------- node ----
 node-deps:
 	@bash scripts/ensure-node-deps.sh
+
+# -------------------------------------------------------------- system ----
+system-deps:
+	@bash scripts/ensure-system-deps.sh
 
 # --------------------------------------------------------------- clean ----
 # bench/results/ is committed and is left alone.

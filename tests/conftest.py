@@ -36,6 +36,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that uses the session's Ray, however indirectly, is marked `ray`
+    (a test that starts Ray in a subprocess, `rounds up`, says so itself):
+    `-m "not ray"` then runs what can run without Ray, e.g. under a shifted
+    clock (tests/calendar), where Ray cannot start."""
+    for item in items:
+        if "ray_session" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.ray)
+
+
 @pytest.fixture(scope="session")
 def redis_url() -> str:
     client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2)

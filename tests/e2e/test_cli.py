@@ -225,6 +225,7 @@ def _ctrl_c(pid: int) -> None:
     os.killpg(pid, signal.SIGINT)  # what a terminal sends: the whole foreground group, Ray included
 
 
+@pytest.mark.ray  # `rounds up` starts a Ray of its own
 @pytest.mark.parametrize("stop", [_sigterm, _ctrl_c], ids=["sigterm", "ctrl_c"])
 async def test_rounds_up_serves_reports_status_and_drains_on_signal(tmp_path: Path, stop: Any) -> None:
     async with rounds_up(tmp_path) as gw:

@@ -154,9 +154,10 @@ async def test_the_gateway_role_makes_the_partition_of_a_new_month_and_can_still
 
 async def test_the_partition_function_refuses_a_day_that_is_not_a_month_or_out_of_range(
         db: asyncpg.Connection) -> None:
-    this_month = month_start(datetime.now(UTC))
-    next_year = this_month.replace(year=this_month.year + 1)  # the last month it makes
     async with db.transaction():
+        # "A year ahead" is by the database's clock, and now() is the same all through one transaction.
+        this_month = month_start(await db.fetchval("SELECT now()"))
+        next_year = this_month.replace(year=this_month.year + 1)  # the last month it makes
         await db.execute("SET LOCAL ROLE rounds_gateway")
         for day in (date(2026, 12, 2), date(1999, 12, 1), next_month(next_year), None):
             with pytest.raises(asyncpg.InvalidParameterValueError, match="first day of a month"):

@@ -20,6 +20,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import asyncpg
+import pytest
 
 from rounds.audit import AuditEvent, FileAuditSink
 from rounds.audit_pg import connect, verify_db
@@ -239,6 +240,7 @@ def test_the_shipper_stops_promptly_even_when_postgres_does_not_answer(tmp_path:
     assert not shipper.stats()["postgresUp"]
 
 
+@pytest.mark.ray  # `rounds up` starts a Ray of its own
 async def test_rounds_up_ships_and_rounds_status_shows_the_shipper(schema: str, tmp_path: Path) -> None:
     """`rounds up` with ROUNDS_POSTGRES_DSN: `rounds status` shows the shipper
     (text and --json), and SIGTERM still stops within the 3 s budget."""

@@ -31,17 +31,18 @@ def clock_at(iso: str):
 
 def write_day(directory: Path, day: str = DAY) -> Path:
     """A day of two writers: Alice's and Bob's events, a lock Bob was denied because Alice held it."""
-    sinks = [FileAuditSink(directory, fsync="never", clock=clock_at(f"{day}T10:00:00+00:00"), housekeeping=False)
-             for _ in range(2)]
+    at = datetime.fromisoformat(f"{day}T10:00:00+00:00")  # the events' own time too, never today's
+    sinks = [FileAuditSink(directory, fsync="never", clock=at.timestamp, housekeeping=False) for _ in range(2)]
     a, b = sinks
     a.emit(AuditEvent("USER_CONNECTED", "frontdoor-0", user_id=ALICE, session_id="s-alice",
-                      details={"role": "editor", "remote": "10.1.2.3:5000"}))
+                      details={"role": "editor", "remote": "10.1.2.3:5000"}, time=at))
     b.emit(AuditEvent("USER_CONNECTED", "frontdoor-0", user_id=BOB, session_id="s-bob",
-                      details={"role": "editor", "remote": "10.9.9.9:6000"}))
-    a.emit(AuditEvent("LOCK_ACQUIRED", "shard-0", user_id=ALICE, resource_id="doc:1", details={"lockId": "l1"}))
+                      details={"role": "editor", "remote": "10.9.9.9:6000"}, time=at))
+    a.emit(AuditEvent("LOCK_ACQUIRED", "shard-0", user_id=ALICE, resource_id="doc:1", details={"lockId": "l1"},
+                      time=at))
     b.emit(AuditEvent("LOCK_DENIED", "shard-0", "denied", user_id=BOB, resource_id="doc:1",
-                      details={"lockedBy": ALICE, "reason": "already_locked"}))
-    a.emit(AuditEvent("USER_DISCONNECTED", "frontdoor-0", user_id=ALICE, session_id="s-alice"))
+                      details={"lockedBy": ALICE, "reason": "already_locked"}, time=at))
+    a.emit(AuditEvent("USER_DISCONNECTED", "frontdoor-0", user_id=ALICE, session_id="s-alice", time=at))
     for sink in sinks:
         sink.close()
     return directory / f"audit-{day}.ndjson"
