@@ -20,7 +20,7 @@ measures.
   editor) -> RESOURCE_STATE; RESOURCE_UPDATE -> UPDATE_ACK to the sender (its
   send -> ack time is `ack_ms`: the durability round trip), RESOURCE_UPDATE
   with the update to the others. JSON (base64 updates) or msgpack (bytes).
-- `yjs` mode, y-websocket (`rounds.yproto` frames) at `{url}/{room}`: on open
+- `yjs` mode, y-websocket (`rounds.protocol.yjs` frames) at `{url}/{room}`: on open
   the client sends sync step 1 with its state vector, answers the server's
   step 1 with step 2, is synced once the server's step 2 came, then sends
   its updates as sync-update messages. Any y-websocket server works.
@@ -45,9 +45,16 @@ from rounds.bench.crdtplan import (
 )
 from rounds.bench.plan import DRAIN, MEASURED, RAMP, Recorder, WorkerResult, bench_user_id, url_with_token
 from rounds.bench.worker import RoomsWorker, data_of, serve_worker
-from rounds.wire import JSON, MSGPACK as MSGPACK_CODEC, SUBPROTOCOL_MSGPACK, MessageType, ProtocolError
-from rounds.yproto import (
-    AwarenessMessage, SyncStep1, SyncStep2, SyncUpdate, YProtocolError, decode_message, sync_step1, sync_step2,
+from rounds.protocol.ws import JSON, MSGPACK as MSGPACK_CODEC, SUBPROTOCOL_MSGPACK, MessageType, ProtocolError
+from rounds.protocol.yjs import (
+    AwarenessMessage,
+    SyncStep1,
+    SyncStep2,
+    SyncUpdate,
+    YProtocolError,
+    decode_message,
+    sync_step1,
+    sync_step2,
     sync_update,
 )
 

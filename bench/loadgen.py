@@ -31,7 +31,7 @@ from typing import Any
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
-from rounds.wire import MessageType
+from rounds.protocol.ws import MessageType
 from rounds.bench.plan import (
     DRAIN, MEASURED, RAMP, Recorder, WorkerMessage, WorkerPlan, bench_user_id, url_with_token,
 )

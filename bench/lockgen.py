@@ -50,7 +50,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 from rounds.auth import mint_token
 from rounds.bench.plan import RAMP, Recorder, WorkerResult, url_with_token
 from rounds.bench.worker import PROGRESS_EVERY_S, BenchWorker, close_clients, data_of, decode_json, serve_worker
-from rounds.wire import MessageType
+from rounds.protocol.ws import MessageType
 
 SETTLE, FLOOR, UNCONTENDED, CONTENDED = "settle", "floor", "uncontended", "contended"
 # The window opens with a short settle: the ramp's last joins and their

@@ -16,9 +16,10 @@ import logging
 from collections.abc import Callable
 
 from rounds.ids import FrontDoorId, ResourceId, ShardId
-from rounds.link import Hello, LinkMessage, LinkProtocol
+from rounds.protocol.link import Hello, LinkMessage
+from rounds.protocol.stream import LinkProtocol
 from rounds.routing import HashRing
-from rounds.shard.events import Join, Sync
+from rounds.protocol.messages import Join, Sync
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from typing import Any
 from rounds.backends.amqp_relay import RelayConsumer
 from rounds.config import Settings
 from rounds.ids import FrontDoorId, ShardId
-from rounds.link import LinkMessage, RelayAck, RelayBatch, RelayReset, decode_frames
+from rounds.protocol.link import LinkMessage, RelayAck, RelayBatch, RelayReset, decode_frames
 from rounds.relay import RelayIn
 
 log = logging.getLogger(__name__)

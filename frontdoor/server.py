@@ -44,9 +44,9 @@ from rounds.backends.base import SessionStore
 from rounds.clock import now_ms
 from rounds.config import EDITOR, Settings
 from rounds.ids import ConnId, FrontDoorId, ResourceId, SessionId, ShardId, UserId, conn_id
-from rounds.link import LinkMessage, RelayBatch, RelayReset
+from rounds.protocol.link import LinkMessage, RelayBatch, RelayReset
 from rounds.frontdoor.yjs import YJS, command_for, resource_from_path
-from rounds.wire import (
+from rounds.protocol.ws import (
     SUBPROTOCOLS,
     AwarenessUpdate,
     Codec,
@@ -56,17 +56,17 @@ from rounds.wire import (
     JoinResource,
     LeaveResource,
     MessageType,
-    LockAcquire as LockAcquireRequest,
-    LockRelease as LockReleaseRequest,
-    LockRenew as LockRenewRequest,
+    LockAcquireRequest,
+    LockReleaseRequest,
+    LockRenewRequest,
     ProtocolError,
     ResourceUpdate,
     codec_for,
     error_data,
     parse_request,
 )
-from rounds.shard.events import Awareness, Deliver, Disconnect, DocUpdate, Join, Leave, Reply
-from rounds.shard.lock_events import LockAcquire, LockId, LockRelease, LockRenew
+from rounds.protocol.messages import Awareness, Deliver, Disconnect, DocUpdate, Join, Leave, Reply
+from rounds.protocol.messages import LockAcquire, LockId, LockRelease, LockRenew
 
 log = logging.getLogger(__name__)
 

@@ -20,10 +20,10 @@ from typing import Any
 from urllib.parse import unquote
 
 from rounds.ids import ConnId, ResourceId
-from rounds.shard.doc_shell import SYNC_STEP2
-from rounds.shard.events import Awareness, DocSync, DocUpdate
-from rounds.wire import MAX_RESOURCE_ID_CHARS, MessageType
-from rounds.yproto import (
+from rounds.protocol.messages import SYNC_STEP2
+from rounds.protocol.messages import Awareness, DocSync, DocUpdate
+from rounds.protocol.ws import MAX_RESOURCE_ID_CHARS, MessageType
+from rounds.protocol.yjs import (
     AwarenessMessage,
     QueryAwareness,
     SyncStep1,

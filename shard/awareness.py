@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from rounds.yproto import MAX_VARUINT, NULL_STATE, AwarenessEntry, decode_awareness, encode_awareness
+from rounds.protocol.yjs import MAX_VARUINT, NULL_STATE, AwarenessEntry, decode_awareness, encode_awareness
 
 DEFAULT_MAX_CLIENTS_PER_CONN = 16
 DEFAULT_MAX_STATE_BYTES = 16 * 1024

@@ -39,18 +39,17 @@ from rounds.audit import AuditEvent, AuditSink
 from rounds.ids import ConnId, ResourceId, SessionId, UserId
 from rounds.shard.awareness import RoomAwareness
 from rounds.shard.documents import Documents, DocumentError
-from rounds.shard.events import Awareness, DocSync, DocUpdate, Join, Reply
-from rounds.shard.lock_events import RoomBroadcast
+from rounds.protocol.messages import SYNC_STEP2, Awareness, DocSync, DocUpdate, Join, Reply
+from rounds.shard.events import RoomBroadcast
 from rounds.shard.presence import Member
-from rounds.wire import ErrorCode, MessageType, error_data
-from rounds.yproto import YProtocolError
+from rounds.protocol.ws import ErrorCode, MessageType, error_data
+from rounds.protocol.yjs import YProtocolError
 
 log = logging.getLogger(__name__)
 
 STORE_TIMEOUT_S = 5.0
 MAX_UNWRITTEN = 10_000  # updates of one room applied but not yet in the store
-SYNC_STEP2 = "SYNC_STEP2"
-EMPTY_UPDATE = b"\x00\x00"  # a Y.js v1 update with no structs and no deletions  # internal reply type: a y-websocket client's missing part
+EMPTY_UPDATE = b"\x00\x00"  # a Y.js v1 update with no structs and no deletions
 
 
 @dataclass(slots=True)

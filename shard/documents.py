@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pycrdt import Doc
 
 from rounds.ids import ResourceId
-from rounds.wire import ErrorCode
+from rounds.protocol.ws import ErrorCode
 
 
 class DocumentError(Exception):

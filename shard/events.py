@@ -1,9 +1,9 @@
-"""Commands a shard accepts and events its machines return.
+"""Events that stay inside a shard: what its machines return besides the
+replies and deliveries of `rounds.protocol.messages`.
 
-These frozen dataclasses are the vocabulary between the pure machines
-(`presence`, later locks and documents) and their shells (`service`, the
-front-door link). They carry ids and plain values only; encoding to the wire
-happens in `rounds.link` (shard <-> front door) and `rounds.wire` (client).
+Mirror writes for the presence backend, a member gone (locks and awareness
+hook there), and a broadcast to a room before the shell resolves it into
+connections. No I/O in this module.
 """
 
 from __future__ import annotations
@@ -11,117 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from rounds.ids import ConnId, FrontDoorId, ResourceId, SessionId, UserId
-
-# --- commands (front door -> shard) -----------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Join:
-    conn: ConnId
-    ref: Any
-    user_id: UserId
-    username: str
-    session_id: SessionId
-    resource_id: ResourceId
-    resource_type: str
-    mode: str
-    # A front door re-announcing its members after a shard restart: the room is
-    # rebuilt silently (no reply, no broadcast), see DESIGN.md "Data plane".
-    restore: bool = False
-    # When the front door first forwarded this join (ms since the epoch): a
-    # restored member keeps its original `joinedAt`. Ignored unless `restore`.
-    joined_at_ms: int | None = None
-    # Documents (issue 4): what the joiner has, so `RESOURCE_STATE.state` is
-    # only what it lacks; and which endpoint it came in by ("ws" or "yjs": a
-    # y-websocket client gets the document through its own sync steps).
-    state_vector: bytes | None = None
-    kind: str = "ws"
-
-
-@dataclass(frozen=True, slots=True)
-class Leave:
-    conn: ConnId
-    ref: Any
-    resource_id: ResourceId
-
-
-@dataclass(frozen=True, slots=True)
-class Disconnect:
-    conn: ConnId
-    reason: str  # "disconnected" | "timeout"
-
-
-@dataclass(frozen=True, slots=True)
-class Sync:
-    """A front door's full membership on this shard, sent when its link opens.
-
-    The shard drops that front door's memberships not listed (they ended
-    while the link was down, or the front door restarted: then `joins` is
-    empty) and silently restores those it lacks (the shard restarted).
-    """
-
-    frontdoor: FrontDoorId
-    joins: tuple[Join, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class DocUpdate:
-    """A Y.js update from a room member (`/ws` RESOURCE_UPDATE or a
-    y-websocket sync step 2 / update). `ack`: answer UPDATE_ACK once durable;
-    a fenced update names its lock and token (issue 3)."""
-
-    conn: ConnId
-    ref: Any
-    resource_id: ResourceId
-    update: bytes
-    ack: bool = True
-    lock_resource_id: ResourceId | None = None
-    fencing_token: int | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class DocSync:
-    """A y-websocket client's sync step 1: answer with what it lacks."""
-
-    conn: ConnId
-    resource_id: ResourceId
-    state_vector: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class Awareness:
-    """A y-protocols awareness update from a room member, to relay; with an
-    empty update, a request for everyone's current states."""
-
-    conn: ConnId
-    ref: Any
-    resource_id: ResourceId
-    update: bytes
-
-
-Command = Join | Leave | Disconnect | Sync
-
-# --- events (shard -> front doors and mirrors) ----------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Reply:
-    """A direct answer to one connection's request (`ref` echoed)."""
-
-    conn: ConnId
-    ref: Any
-    type: str
-    data: dict[str, Any]
-
-
-@dataclass(frozen=True, slots=True)
-class Deliver:
-    """One event for several connections: encoded once per front door and codec."""
-
-    conns: tuple[ConnId, ...]
-    type: str
-    data: dict[str, Any]
+from rounds.ids import ConnId, ResourceId, SessionId, UserId
+from rounds.protocol.messages import Deliver, Reply
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,6 +43,17 @@ class MemberGone:
     reason: str  # "left" | "disconnected" | "timeout"
     user_id: UserId | None = None  # who it was, for the audit trail
     session_id: SessionId | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RoomBroadcast:
+    """One event for every member of a room but `except_conn`; the shell turns
+    it into a `Deliver` with presence's membership."""
+
+    room_id: ResourceId
+    except_conn: ConnId | None
+    type: str
+    data: dict[str, Any]
 
 
 Event = Reply | Deliver | MirrorJoin | MirrorLeave | MemberGone

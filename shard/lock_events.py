@@ -1,12 +1,12 @@
-"""Commands the lock machine accepts and the events it returns (issue 3).
+"""What the lock machine accepts besides the clients' requests, and what it
+returns (issue 3).
 
-The vocabulary between `rounds.shard.locks` (pure) and its shell: requests
-from clients (`LockAcquire`, `LockRenew`, `LockRelease`), results the shell
-feeds back from the lock store (`GrantStored`, `GrantRefused`, `GrantFailed`,
-`LockLost`), live locks a restarted shard finds in the store (`LockAdopt`),
-and what the machine asks for in return: replies, room broadcasts, store
-requests and audit records. `MemberGone` (from presence) is
-also accepted; it lives in `rounds.shard.events` with the other shard events.
+The clients' requests (`LockAcquire`, `LockRenew`, `LockRelease`) cross the
+link and live in `rounds.protocol.messages`; `MemberGone` (from presence) is
+in `rounds.shard.events`. Here: results the shell feeds back from the lock
+store (`GrantStored`, `GrantRefused`, `GrantFailed`, `LockLost`), live locks
+a restarted shard finds in the store (`LockAdopt`), and what the machine
+asks for in return: store requests and audit records.
 
 Nothing in this module does I/O.
 """
@@ -15,21 +15,14 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any, NewType
+from typing import Any
 
 from rounds.ids import ConnId, ResourceId, UserId
-from rounds.shard.events import MemberGone, Reply
-from rounds.wire import ErrorCode, MessageType
+from rounds.protocol.messages import LockAcquire, LockId, LockRelease, LockRenew, Reply
+from rounds.shard.events import MemberGone, RoomBroadcast
 
-LockId = NewType("LockId", str)
 
 EXCLUSIVE = "exclusive"  # the seed's only `lockType`
-
-
-# The lock messages and error codes are part of wire protocol v1 (DESIGN.md,
-# fixed names) and live with the others in `rounds.wire`.
-LockMessage = MessageType
-LockErrorCode = ErrorCode
 
 
 class UnlockReason(enum.StrEnum):
@@ -39,36 +32,6 @@ class UnlockReason(enum.StrEnum):
     EXPIRED = "expired"
     DISCONNECTED = "disconnected"
     LEFT = "left"
-
-
-# --- client requests (front door -> shard) ------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class LockAcquire:
-    conn: ConnId
-    ref: Any
-    user_id: UserId
-    resource_id: ResourceId
-    mode: str  # the connection's mode in the room: viewers cannot lock (issue 3)
-    room_id: ResourceId | None = None  # who hears about the lock; None: the resource itself
-    ttl_ms: int | None = None  # None: the machine's default; capped to [min, max]
-
-
-@dataclass(frozen=True, slots=True)
-class LockRenew:
-    conn: ConnId
-    ref: Any
-    resource_id: ResourceId
-    lock_id: LockId
-
-
-@dataclass(frozen=True, slots=True)
-class LockRelease:
-    conn: ConnId
-    ref: Any
-    resource_id: ResourceId
-    lock_id: LockId
 
 
 # --- store results (shell -> machine) -------------------------------------------
@@ -137,17 +100,6 @@ LockCommand = (LockAcquire | LockRenew | LockRelease | GrantStored | GrantRefuse
                | LockAdopt | MemberGone)
 
 # --- events (machine -> shell) ----------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class RoomBroadcast:
-    """One event for every member of a room but `except_conn`; the shell turns
-    it into a `Deliver` with presence's membership."""
-
-    room_id: ResourceId
-    except_conn: ConnId | None
-    type: str
-    data: dict[str, Any]
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,7 +29,7 @@ from typing import Any
 from rounds.backends.locks import LockStore, StoreAnswer
 from rounds.clock import now_ms
 from rounds.ids import ResourceId
-from rounds.shard.events import DocUpdate, Reply
+from rounds.protocol.messages import DocUpdate, Reply
 from rounds.shard.lock_events import (
     AuditLock,
     LockAdopt,
@@ -40,7 +40,7 @@ from rounds.shard.lock_events import (
     StoreRenew,
 )
 from rounds.shard.locks import Locks
-from rounds.wire import ErrorCode, MessageType, error_data
+from rounds.protocol.ws import ErrorCode, MessageType, error_data
 
 log = logging.getLogger(__name__)
 

@@ -40,29 +40,25 @@ from typing import Any, TypeVar
 from rounds.clock import iso_ms
 from rounds.config import EDITOR
 from rounds.ids import ConnId, ResourceId, UserId
-from rounds.shard.events import MemberGone, Reply
+from rounds.shard.events import MemberGone
+from rounds.protocol.messages import Reply
 from rounds.shard.lock_events import (
     AuditLock,
     GrantFailed,
     GrantRefused,
     GrantStored,
-    LockAcquire,
     LockAdopt,
     LockCommand,
-    LockErrorCode,
     LockEvent,
-    LockId,
     LockLost,
-    LockMessage,
-    LockRelease,
-    LockRenew,
-    RoomBroadcast,
     StoreGrant,
     StoreRelease,
     StoreRenew,
     UnlockReason,
 )
-from rounds.wire import ErrorCode, MessageType
+from rounds.protocol.messages import LockAcquire, LockId, LockRelease, LockRenew
+from rounds.shard.events import RoomBroadcast
+from rounds.protocol.ws import ErrorCode, MessageType
 
 K = TypeVar("K")
 
@@ -252,10 +248,10 @@ class Locks:
         # seed: "I should receive LOCK_ACQUIRED", "other users should receive
         # RESOURCE_LOCKED", "an audit log should record the lock acquisition"
         events: list[LockEvent] = [
-            Reply(held.conn, lock.ref, LockMessage.LOCK_ACQUIRED, {
+            Reply(held.conn, lock.ref, MessageType.LOCK_ACQUIRED, {
                 "resourceId": held.resource_id, "lockId": held.lock_id,
                 "fencingToken": cmd.fencing_token, "expiresAt": expires_at}),
-            RoomBroadcast(held.room_id, held.conn, LockMessage.RESOURCE_LOCKED, held.wire()),
+            RoomBroadcast(held.room_id, held.conn, MessageType.RESOURCE_LOCKED, held.wire()),
             AuditLock("acquire", held.resource_id, held.user_id, held.lock_id, "ok", {
                 "fencingToken": cmd.fencing_token, "ttlMs": held.ttl_ms, "expiresAt": expires_at,
                 "roomId": held.room_id}, held.conn),
@@ -291,7 +287,7 @@ class Locks:
               details: dict[str, Any]) -> list[LockEvent]:
         expires_at = iso_ms(expires_at_ms)
         return [
-            Reply(conn, ref, LockMessage.LOCK_DENIED, {
+            Reply(conn, ref, MessageType.LOCK_DENIED, {
                 "resourceId": rid, "reason": "already_locked", "lockedBy": holder, "expiresAt": expires_at}),
             AuditLock("deny", rid, user, None, "denied",
                       {"reason": "already_locked", "lockedBy": holder, "expiresAt": expires_at, **details}, conn),
@@ -309,10 +305,10 @@ class Locks:
         self._push_deadline(renewed)
         expires_at = iso_ms(renewed.expires_at_ms)
         return [
-            Reply(cmd.conn, cmd.ref, LockMessage.LOCK_RENEWED, {
+            Reply(cmd.conn, cmd.ref, MessageType.LOCK_RENEWED, {
                 "resourceId": renewed.resource_id, "lockId": renewed.lock_id, "expiresAt": expires_at}),
             # the others' views show when it now ends (RESOURCE_LOCKED again, same shape)
-            RoomBroadcast(renewed.room_id, cmd.conn, LockMessage.RESOURCE_LOCKED, renewed.wire()),
+            RoomBroadcast(renewed.room_id, cmd.conn, MessageType.RESOURCE_LOCKED, renewed.wire()),
             StoreRenew(renewed.resource_id, renewed.lock_id, renewed.user_id, renewed.ttl_ms, renewed.expires_at_ms),
             AuditLock("renew", renewed.resource_id, renewed.user_id, renewed.lock_id, "ok",
                       {"expiresAt": expires_at, "ttlMs": renewed.ttl_ms}, cmd.conn),
@@ -323,7 +319,7 @@ class Locks:
         if lock is None:
             return refusal
         # seed: "Explicit lock release": confirmation, broadcast to the others, audit
-        reply = Reply(cmd.conn, cmd.ref, LockMessage.LOCK_RELEASED, {"resourceId": lock.resource_id})
+        reply = Reply(cmd.conn, cmd.ref, MessageType.LOCK_RELEASED, {"resourceId": lock.resource_id})
         return [reply, *self._drop(lock, UnlockReason.RELEASED, "release", {}, except_conn=cmd.conn)]
 
     def _holders_lock(self, conn: ConnId, ref: Any, rid: ResourceId, lock_id: LockId,
@@ -333,9 +329,9 @@ class Locks:
         if lock is not None and lock.held and lock.conn == conn and lock.lock_id == lock_id:
             return lock, []
         if lock is None:
-            code, message = LockErrorCode.UNKNOWN_LOCK, f"{rid} is not locked (expired or released)"
+            code, message = ErrorCode.UNKNOWN_LOCK, f"{rid} is not locked (expired or released)"
         else:
-            code, message = LockErrorCode.NOT_LOCK_HOLDER, f"this connection does not hold lock {lock_id} on {rid}"
+            code, message = ErrorCode.NOT_LOCK_HOLDER, f"this connection does not hold lock {lock_id} on {rid}"
         return None, [
             Reply(conn, ref, MessageType.ERROR, _error_data(code, message, rid)),
             AuditLock(action, rid, None, lock_id, "denied", {"code": code.value}, conn),
@@ -405,7 +401,7 @@ class Locks:
         """Remove a held lock: the room hears it, the store deletes it, audit records it."""
         self._remove(lock)
         return [
-            RoomBroadcast(lock.room_id, except_conn, LockMessage.RESOURCE_UNLOCKED,
+            RoomBroadcast(lock.room_id, except_conn, MessageType.RESOURCE_UNLOCKED,
                           {"resourceId": lock.resource_id, "reason": reason.value}),
             StoreRelease(lock.resource_id, lock.lock_id, lock.user_id, if_expires_at_ms),
             AuditLock(action, lock.resource_id, lock.user_id, lock.lock_id, "ok",

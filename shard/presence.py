@@ -22,20 +22,9 @@ from typing import Any
 from rounds.clock import iso_ms
 from rounds.config import EDITOR
 from rounds.ids import ConnId, ResourceId, SessionId, UserId, frontdoor_of, parent_of
-from rounds.wire import ErrorCode, MessageType, error_data
-from rounds.shard.events import (
-    Command,
-    Deliver,
-    Disconnect,
-    Event,
-    Join,
-    Leave,
-    MemberGone,
-    MirrorJoin,
-    MirrorLeave,
-    Reply,
-    Sync,
-)
+from rounds.protocol.ws import ErrorCode, MessageType, error_data
+from rounds.protocol.messages import Command, Deliver, Disconnect, Join, Leave, Reply, Sync
+from rounds.shard.events import Event, MemberGone, MirrorJoin, MirrorLeave
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,7 +21,7 @@ from typing import Any
 from rounds.backends.amqp_relay import RelayPublisher
 from rounds.config import Settings
 from rounds.ids import FrontDoorId
-from rounds.link import LinkMessage, RelayAck, RelayBatch, RelayReset, encode
+from rounds.protocol.link import LinkMessage, RelayAck, RelayBatch, RelayReset, encode
 from rounds.relay import Batch, Circuit, RelayOut
 
 log = logging.getLogger(__name__)

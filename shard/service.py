@@ -1,7 +1,7 @@
 """The shard's asyncio shell: a link server around the pure machines.
 
 Front doors connect to `start()`'s address (learned through Ray) and speak
-`rounds.link`. Each command goes to the presence machine with the current
+`rounds.protocol.link`. Each command goes to the presence machine with the current
 time; its events go back out: replies to the asking front door, deliveries
 once per front door (the front door fans out), mirror writes to the presence
 backend in batches. Nothing here knows about Ray.
@@ -23,32 +23,23 @@ from rounds.audit import AuditEvent, AuditSink
 from rounds.backends.base import MirrorEvent, PresenceMirror
 from rounds.clock import now_ms
 from rounds.ids import ConnId, FrontDoorId, ShardId, UserId, frontdoor_of
-from rounds.link import Hello, LinkMessage, LinkProtocol, RelayAck
-from rounds.shard.events import (
-    Awareness,
-    Deliver,
-    Disconnect,
-    DocSync,
-    DocUpdate,
-    Join,
-    Leave,
-    MemberGone,
-    MirrorJoin,
-    MirrorLeave,
-    Reply,
-    Sync,
-)
+from rounds.protocol.link import Hello, LinkMessage, RelayAck
+from rounds.protocol.stream import LinkProtocol
+from rounds.protocol.messages import Awareness, Deliver, Disconnect, DocSync, DocUpdate, Join, Leave, Reply, Sync
+from rounds.shard.events import MemberGone, MirrorJoin, MirrorLeave
 from rounds.backends.docs import DocStore
 from rounds.backends.history import DocHistory
 from rounds.backends.locks import LockStore
 from rounds.config import EDITOR, Settings
 from rounds.routing import HashRing
 from rounds.shard.doc_shell import DocShell
-from rounds.shard.lock_events import AuditLock, LockAcquire, LockRelease, LockRenew, RoomBroadcast
+from rounds.shard.lock_events import AuditLock
+from rounds.protocol.messages import LockAcquire, LockRelease, LockRenew
+from rounds.shard.events import RoomBroadcast
 from rounds.shard.lock_shell import LockShell
 from rounds.shard.presence import Presence
 from rounds.shard.relay_shell import RelayShell
-from rounds.wire import ErrorCode, MessageType, error_data
+from rounds.protocol.ws import ErrorCode, MessageType, error_data
 
 log = logging.getLogger(__name__)
 

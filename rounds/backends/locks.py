@@ -50,13 +50,13 @@ from rounds.shard.lock_events import (
     GrantFailed,
     GrantRefused,
     GrantStored,
-    LockId,
     LockLost,
     StoreGrant,
     StoreRelease,
     StoreRenew,
     StoreRequest,
 )
+from rounds.protocol.messages import LockId
 
 log = logging.getLogger("rounds.locks")
 

@@ -40,13 +40,13 @@ from rounds.shard.lock_events import (
     GrantFailed,
     GrantRefused,
     GrantStored,
-    LockId,
     LockLost,
     StoreGrant,
     StoreRelease,
     StoreRenew,
     StoreRequest,
 )
+from rounds.protocol.messages import LockId
 
 T0 = int(datetime(2025, 11, 17, 10, 30, tzinfo=UTC).timestamp() * 1000)
 TTL = 30_000

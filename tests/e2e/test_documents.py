@@ -188,7 +188,7 @@ async def test_acknowledged_updates_are_in_redis_before_the_ack_and_snapshotted_
 
 
 async def test_awareness_is_relayed_and_cleared_when_its_client_goes(connect: Connect, uid: str) -> None:
-    from rounds.yproto import AwarenessEntry, decode_awareness, encode_awareness
+    from rounds.protocol.yjs import AwarenessEntry, decode_awareness, encode_awareness
 
     a, b = await editors(connect, f"document:9-{uid}", f"a-{uid}", f"b-{uid}")
     cursor = encode_awareness([AwarenessEntry(4242, 1, '{"cursor":{"index":3}}')])

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from pycrdt import Doc, Map, Text
 
-from rounds.yproto import decode_awareness
+from rounds.protocol.yjs import decode_awareness
 from tests.client import Client
 from tests.conftest import GatewayHandle
 from tests.e2e.conftest import Connect

@@ -18,16 +18,10 @@ import pytest
 from rounds.backends import redis as redis_backend
 from rounds.backends.locks import LockStore, MemoryLockStore, RedisLockStore
 from rounds.ids import ConnId, FrontDoorId, ResourceId, UserId, conn_id
-from rounds.shard.events import Reply
-from rounds.shard.lock_events import (
-    AuditLock,
-    LockAcquire,
-    LockId,
-    LockRelease,
-    LockRenew,
-    RoomBroadcast,
-    StoreRelease,
-)
+from rounds.protocol.messages import Reply
+from rounds.shard.lock_events import AuditLock, StoreRelease
+from rounds.protocol.messages import LockAcquire, LockId, LockRelease, LockRenew
+from rounds.shard.events import RoomBroadcast
 from rounds.shard.lock_shell import LockShell
 from tests.client import eventually
 

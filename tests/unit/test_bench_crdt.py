@@ -23,7 +23,7 @@ from rounds.bench.crdtplan import (
     yjs_base_url,
 )
 from rounds.bench.plan import MEASURED, RAMP, WorkerResult, assign_rooms, plan_rooms
-from rounds.yproto import sync_update
+from rounds.protocol.yjs import sync_update
 
 # --- markers ------------------------------------------------------------------------
 

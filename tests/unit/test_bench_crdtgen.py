@@ -14,9 +14,9 @@ from pycrdt import Doc, Text
 from rounds.bench.crdtgen import CrdtWorker
 from rounds.bench.crdtplan import JSON, MSGPACK, WS, YJS, CrdtPlan, find_markers
 from rounds.bench.plan import MEASURED, RAMP, RoomPlan
-from rounds.wire import JSON as JSON_CODEC
-from rounds.wire import MessageType
-from rounds.yproto import SyncStep2, decode_message, sync_step1, sync_step2, sync_update
+from rounds.protocol.ws import JSON as JSON_CODEC
+from rounds.protocol.ws import MessageType
+from rounds.protocol.yjs import SyncStep2, decode_message, sync_step1, sync_step2, sync_update
 
 ROOM = "document:test-r0"
 

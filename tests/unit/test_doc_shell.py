@@ -19,9 +19,9 @@ from rounds.ids import ConnId, ResourceId, SessionId, UserId
 from rounds.shard.presence import Member
 from rounds.shard import doc_shell
 from rounds.shard.doc_shell import DocShell
-from rounds.shard.events import DocUpdate, Join, Leave, Reply
-from rounds.shard.lock_events import RoomBroadcast
-from rounds.wire import MessageType
+from rounds.protocol.messages import DocUpdate, Join, Leave, Reply
+from rounds.shard.events import RoomBroadcast
+from rounds.protocol.ws import MessageType
 
 ROOM = ResourceId("document:1")
 A, B = ConnId(1_000_001), ConnId(1_000_002)

@@ -11,7 +11,7 @@ from pycrdt import Array, Doc, Map, Text
 
 from rounds.ids import ResourceId
 from rounds.shard.documents import Documents, DocumentError
-from rounds.wire import ErrorCode
+from rounds.protocol.ws import ErrorCode
 
 ROOM = ResourceId("document:999")
 

@@ -14,24 +14,22 @@ from typing import Any
 import pytest
 
 from rounds.ids import ConnId, FrontDoorId, ResourceId, UserId, conn_id
-from rounds.shard.events import MemberGone, Reply
+from rounds.shard.events import MemberGone
+from rounds.protocol.messages import Reply
 from rounds.shard.lock_events import (
     AuditLock,
     GrantFailed,
     GrantRefused,
     GrantStored,
-    LockAcquire,
     LockAdopt,
     LockEvent,
-    LockId,
     LockLost,
-    LockRelease,
-    LockRenew,
-    RoomBroadcast,
     StoreGrant,
     StoreRelease,
     StoreRenew,
 )
+from rounds.protocol.messages import LockAcquire, LockId, LockRelease, LockRenew
+from rounds.shard.events import RoomBroadcast
 from rounds.shard.locks import Lock, Locks, LockStateError
 from tests.unit.test_purity import FORBIDDEN, closure
 

@@ -26,26 +26,24 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from rounds.clock import iso_ms
 from rounds.ids import ConnId, FrontDoorId, ResourceId, UserId, conn_id
-from rounds.shard.events import MemberGone, Reply
+from rounds.shard.events import MemberGone
+from rounds.protocol.messages import Reply
 from rounds.shard.lock_events import (
     AuditLock,
     GrantFailed,
     GrantRefused,
     GrantStored,
-    LockAcquire,
     LockAdopt,
     LockCommand,
     LockEvent,
-    LockId,
     LockLost,
-    LockRelease,
-    LockRenew,
-    RoomBroadcast,
     StoreGrant,
     StoreRelease,
     StoreRenew,
     StoreRequest,
 )
+from rounds.protocol.messages import LockAcquire, LockId, LockRelease, LockRenew
+from rounds.shard.events import RoomBroadcast
 from rounds.shard.locks import Locks
 
 T0 = int(datetime(2025, 11, 17, 10, 30, tzinfo=UTC).timestamp() * 1000)

@@ -14,20 +14,10 @@ from typing import Any
 import pytest
 
 from rounds.ids import ConnId, FrontDoorId, ResourceId, SessionId, UserId, conn_id
-from rounds.shard.events import (
-    Deliver,
-    Disconnect,
-    Event,
-    Join,
-    Leave,
-    MemberGone,
-    MirrorJoin,
-    MirrorLeave,
-    Reply,
-    Sync,
-)
+from rounds.protocol.messages import Deliver, Disconnect, Join, Leave, Reply, Sync
+from rounds.shard.events import Event, MemberGone, MirrorJoin, MirrorLeave
 from rounds.shard.presence import Presence
-from rounds.wire import JSON, ErrorCode, MessageType
+from rounds.protocol.ws import JSON, ErrorCode, MessageType
 
 FD0 = FrontDoorId(0)
 FD1 = FrontDoorId(1)

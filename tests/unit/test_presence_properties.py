@@ -14,21 +14,10 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from rounds.ids import ConnId, FrontDoorId, ResourceId, SessionId, UserId, conn_id, frontdoor_of, parent_of
-from rounds.shard.events import (
-    Command,
-    Deliver,
-    Disconnect,
-    Event,
-    Join,
-    Leave,
-    MemberGone,
-    MirrorJoin,
-    MirrorLeave,
-    Reply,
-    Sync,
-)
+from rounds.protocol.messages import Command, Deliver, Disconnect, Join, Leave, Reply, Sync
+from rounds.shard.events import Event, MemberGone, MirrorJoin, MirrorLeave
 from rounds.shard.presence import Presence
-from rounds.wire import ErrorCode, MessageType
+from rounds.protocol.ws import ErrorCode, MessageType
 
 # Connections belong to one user each; alice has two tabs on front door 0 and
 # bob one tab on each front door, so tabs and front doors interleave.

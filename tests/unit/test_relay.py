@@ -6,7 +6,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rounds.link import Hello, RelayAck, RelayBatch, RelayReset, decode, decode_frames, encode
+from rounds.protocol.link import Hello, RelayAck, RelayBatch, RelayReset, decode, decode_frames, encode
 from rounds.relay import GAP_S, MAX_UNACKED, RESEND_AFTER_S, Circuit, RelayIn, RelayOut
 
 

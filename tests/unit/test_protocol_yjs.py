@@ -1,4 +1,4 @@
-"""The y-websocket wire format (rounds.yproto) against bytes made by the real
+"""The y-websocket wire format (rounds.protocol.yjs) against bytes made by the real
 yjs 13.6 / y-protocols 1.0 / lib0 (`node tests/interop/vectors.mjs` prints
 them), round trips, and random bytes."""
 
@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from rounds.yproto import (
+from rounds.protocol.yjs import (
     MAX_VARUINT,
     AuthMessage,
     AwarenessEntry,

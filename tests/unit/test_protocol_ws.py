@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rounds.wire import (
+from rounds.protocol.ws import (
     JSON,
     MAX_RESOURCE_ID_CHARS,
     MSGPACK,
@@ -26,9 +26,9 @@ from rounds.wire import (
     Heartbeat,
     JoinResource,
     LeaveResource,
-    LockAcquire,
-    LockRelease,
-    LockRenew,
+    LockAcquireRequest,
+    LockReleaseRequest,
+    LockRenewRequest,
     ProtocolError,
     ResourceUpdate,
     codec_for,
@@ -299,21 +299,21 @@ FIELD = "document:7/field:dose"
 def test_a_lock_acquire_without_room_is_announced_to_the_resource_itself(codec: Codec) -> None:
     request = parse_request(codec, frame(codec, {"type": "LOCK_ACQUIRE", "ref": "a1",
                                                  "data": {"resourceId": PAGE}}))
-    assert request == LockAcquire("a1", PAGE, PAGE, None)
+    assert request == LockAcquireRequest("a1", PAGE, PAGE, None)
 
 
 @CODECS
 def test_a_lock_acquire_parses_its_room_and_ttl(codec: Codec) -> None:
     request = parse_request(codec, frame(codec, {"type": "LOCK_ACQUIRE", "ref": 7, "data": {
         "resourceId": FIELD, "roomId": "document:7", "ttlMs": 5_000}}))
-    assert request == LockAcquire(7, FIELD, "document:7", 5_000)
+    assert request == LockAcquireRequest(7, FIELD, "document:7", 5_000)
 
 
 @CODECS
 def test_a_lock_acquire_leaves_capping_a_huge_ttl_to_the_lock_machine(codec: Codec) -> None:
     request = parse_request(codec, frame(codec, {"type": "LOCK_ACQUIRE", "data": {
         "resourceId": PAGE, "ttlMs": 10**12}}))
-    assert isinstance(request, LockAcquire) and request.ttl_ms == 10**12
+    assert isinstance(request, LockAcquireRequest) and request.ttl_ms == 10**12
 
 
 @CODECS
@@ -322,8 +322,8 @@ def test_a_lock_renew_and_release_parse_their_lock_id(codec: Codec) -> None:
                                                "data": {"resourceId": PAGE, "lockId": "abc"}}))
     release = parse_request(codec, frame(codec, {"type": "LOCK_RELEASE", "ref": "l",
                                                  "data": {"resourceId": PAGE, "lockId": "abc"}}))
-    assert renew == LockRenew("n", PAGE, "abc")
-    assert release == LockRelease("l", PAGE, "abc")
+    assert renew == LockRenewRequest("n", PAGE, "abc")
+    assert release == LockReleaseRequest("l", PAGE, "abc")
 
 
 @CODECS

@@ -17,9 +17,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rounds.ids import ConnId, FrontDoorId, ResourceId, SessionId, UserId, conn_id
-from rounds.link import MAX_FRAME_BYTES, Hello, LinkMessage, LinkProtocol, decode, encode
-from rounds.shard.events import Deliver, Disconnect, Join, Leave, Reply, Sync
-from rounds.wire import MessageType
+from rounds.protocol.link import MAX_FRAME_BYTES, Hello, LinkMessage, decode, encode
+from rounds.protocol.stream import LinkProtocol
+from rounds.protocol.messages import Deliver, Disconnect, Join, Leave, Reply, Sync
+from rounds.protocol.ws import MessageType
 
 A, B, C = conn_id(FrontDoorId(0), 1), conn_id(FrontDoorId(0), 2), conn_id(FrontDoorId(3), (1 << 40) - 1)
 
@@ -143,7 +144,7 @@ def test_one_byte_at_a_time_works_too() -> None:
 
 def test_a_frame_larger_than_the_limit_closes_the_link(caplog: pytest.LogCaptureFixture) -> None:
     protocol, transport, received, _ = link()
-    with caplog.at_level(logging.ERROR, logger="rounds.link"):
+    with caplog.at_level(logging.ERROR, logger="rounds.protocol.link"):
         protocol.data_received((MAX_FRAME_BYTES + 1).to_bytes(4, "big") + b"\x00" * 16)
     assert transport.closed
     assert protocol.closed
@@ -162,7 +163,7 @@ def test_a_failing_handler_is_logged_and_the_next_message_still_arrives(caplog: 
     protocol = LinkProtocol(handler, lambda exc: None)
     transport = RecordingTransport()
     protocol.connection_made(transport)
-    with caplog.at_level(logging.ERROR, logger="rounds.link"):
+    with caplog.at_level(logging.ERROR, logger="rounds.protocol.link"):
         protocol.data_received(encode(MESSAGES["leave"]) + encode(MESSAGES["hello"]))
     assert got == [MESSAGES["hello"]]
     assert "link message handler failed for Leave" in caplog.text

@@ -126,7 +126,7 @@ class AwarenessUpdate:
 
 
 @dataclass(frozen=True, slots=True)
-class LockAcquire:
+class LockAcquireRequest:
     ref: Any
     resource_id: ResourceId
     room_id: ResourceId  # the room told about the lock: `roomId`, else the resource itself
@@ -134,21 +134,21 @@ class LockAcquire:
 
 
 @dataclass(frozen=True, slots=True)
-class LockRenew:
+class LockRenewRequest:
     ref: Any
     resource_id: ResourceId
     lock_id: str
 
 
 @dataclass(frozen=True, slots=True)
-class LockRelease:
+class LockReleaseRequest:
     ref: Any
     resource_id: ResourceId
     lock_id: str
 
 
-Request = (Heartbeat | JoinResource | LeaveResource | ResourceUpdate | AwarenessUpdate | LockAcquire | LockRenew
-           | LockRelease)
+Request = (Heartbeat | JoinResource | LeaveResource | ResourceUpdate | AwarenessUpdate | LockAcquireRequest | LockRenewRequest
+           | LockReleaseRequest)
 
 
 class ProtocolError(Exception):
@@ -318,7 +318,7 @@ def _awareness(codec: Codec, ref: Any, data: dict[str, Any]) -> AwarenessUpdate:
     return AwarenessUpdate(ref, resource_id, update)
 
 
-def _lock_acquire(codec: Codec, ref: Any, data: dict[str, Any]) -> LockAcquire:
+def _lock_acquire(codec: Codec, ref: Any, data: dict[str, Any]) -> LockAcquireRequest:
     resource_id = _resource_id(data, ref)
     room = data.get("roomId")
     if room is not None:
@@ -326,7 +326,7 @@ def _lock_acquire(codec: Codec, ref: Any, data: dict[str, Any]) -> LockAcquire:
     ttl = data.get("ttlMs")
     if ttl is not None and (not isinstance(ttl, int) or isinstance(ttl, bool) or ttl <= 0):
         raise ProtocolError(ErrorCode.BAD_REQUEST, "'ttlMs' must be a positive integer", ref)
-    return LockAcquire(ref, resource_id, room or resource_id, ttl)
+    return LockAcquireRequest(ref, resource_id, room or resource_id, ttl)
 
 
 def _lock_id(data: dict[str, Any], ref: Any) -> str:
@@ -336,12 +336,12 @@ def _lock_id(data: dict[str, Any], ref: Any) -> str:
     return value
 
 
-def _lock_renew(codec: Codec, ref: Any, data: dict[str, Any]) -> LockRenew:
-    return LockRenew(ref, _resource_id(data, ref), _lock_id(data, ref))
+def _lock_renew(codec: Codec, ref: Any, data: dict[str, Any]) -> LockRenewRequest:
+    return LockRenewRequest(ref, _resource_id(data, ref), _lock_id(data, ref))
 
 
-def _lock_release(codec: Codec, ref: Any, data: dict[str, Any]) -> LockRelease:
-    return LockRelease(ref, _resource_id(data, ref), _lock_id(data, ref))
+def _lock_release(codec: Codec, ref: Any, data: dict[str, Any]) -> LockReleaseRequest:
+    return LockReleaseRequest(ref, _resource_id(data, ref), _lock_id(data, ref))
 
 
 _PARSERS = {
