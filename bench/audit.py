@@ -3,7 +3,7 @@
 Belongs here: the parent's side of `rounds bench audit` (issue 5):
 1. sink throughput: events/s that `FileAuditSink.emit` sustains into a day
    file, from one process and from N processes appending to the same file,
-   per fsync policy; then events/s that `rounds.audit_pg.load_files` loads
+   per fsync policy; then events/s that `rounds.audit.pg.load_files` loads
    from those files into PostgreSQL (a schema of its own, dropped after);
 2. the added latency on a lock round trip: two gateways up at the same time,
    one whose audit goes to files and one whose audit is off
@@ -59,7 +59,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from rounds.audit import AuditEvent, FileAuditSink, verify_file
+from rounds.audit.events import AuditEvent
+from rounds.audit.files import FileAuditSink
+from rounds.audit.verify import verify_file
 from rounds.bench import stats
 from rounds.bench.lockgen import CONTENDED, UNCONTENDED
 from rounds.bench.locks import METRICS, GatewayUnavailable, LocksRun

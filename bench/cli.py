@@ -200,7 +200,7 @@ def _add_audit(kinds: Any) -> None:
         description=(
             "1. events/s FileAuditSink.emit sustains into a day file, from one process and from N processes "
             "appending to the same file, per fsync policy (chains verified after), then events/s loaded from "
-            "those files into PostgreSQL by rounds.audit_pg (a schema of its own, dropped after; skipped if "
+            "those files into PostgreSQL by rounds.audit.pg (a schema of its own, dropped after; skipped if "
             "unreachable); 2. two gateways up at once, audit 'files' and audit 'off', and the locks bench "
             "against them in --rounds interleaved rounds (ABBA: round 1 --first then the other, round 2 the "
             "other first, ...); each gateway's samples are pooled and the pooled p99s compared, each round's "

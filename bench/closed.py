@@ -26,7 +26,7 @@ import tempfile
 import time
 from typing import Any
 
-from rounds.audit import MemoryAuditSink
+from rounds.audit.events import MemoryAuditSink
 from rounds.auth import mint_token, private_key_for_dev
 from rounds.config import Settings
 from rounds.inprocess import InProcessGateway

@@ -8,7 +8,7 @@ front door each second (a restarted shard has a new port; a restarted front
 door has no book). It returns once every front door reports healthy.
 
 With `postgres_dsn` set, the same process ships the audit trail to
-PostgreSQL by itself: a `rounds.audit_tail.Shipper` (a thread with its own
+PostgreSQL by itself: a `rounds.audit.tail.Shipper` (a thread with its own
 asyncio loop) migrates the schema and follows `{var_dir}/audit` as
 `rounds audit load --follow` does. PostgreSQL down, at start or later, only
 delays the loading: the events stay in the files and are loaded when it
@@ -108,7 +108,7 @@ class Gateway:
         self.version = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.shipper: Any = None  # rounds.audit_tail.Shipper when postgres_dsn is set
+        self.shipper: Any = None  # rounds.audit.tail.Shipper when postgres_dsn is set
 
     # --- lifecycle ------------------------------------------------------------
 
@@ -131,7 +131,7 @@ class Gateway:
         """Follow the audit files into PostgreSQL (when `postgres_dsn` is set)."""
         if not self.settings.postgres_dsn or self.shipper is not None:
             return
-        from rounds.audit_tail import Shipper
+        from rounds.audit.tail import Shipper
 
         var_dir = Path(self.settings.var_dir)
         self.shipper = Shipper(self.settings.postgres_dsn, var_dir / "audit",

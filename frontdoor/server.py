@@ -38,7 +38,7 @@ from websockets.server import ServerProtocol
 from rounds.frontdoor.fanout import frame as ws_frame, send_frame
 from rounds.frontdoor.links import Address, ShardLinks
 from rounds.frontdoor.relay import FrontDoorRelay
-from rounds.audit import AuditEvent, AuditSink
+from rounds.audit.events import AuditEvent, AuditSink
 from rounds.auth import AuthError, Identity, TokenVerifier
 from rounds.backends.base import SessionStore
 from rounds.clock import now_ms

@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     from rounds.bench.cli import add_parser as add_bench_parser
 
     add_bench_parser(sub)
-    from rounds.auditcli import add_audit_parser
+    from rounds.audit.cli import add_audit_parser
 
     add_audit_parser(sub)
     args = parser.parse_args(argv)

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from rounds.frontdoor.server import FrontDoor
-from rounds.audit import AuditSink
+from rounds.audit.events import AuditSink
 from rounds.config import Settings
 from rounds.ids import ShardId
 from rounds.services import make_frontdoor, make_shard

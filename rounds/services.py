@@ -10,7 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from rounds.frontdoor.server import FrontDoor
-from rounds.audit import AuditSink, FileAuditSink, NullAuditSink, loop_audit
+from rounds.audit.events import AuditSink, NullAuditSink
+from rounds.audit.files import FileAuditSink
+from rounds.audit.loop import loop_audit
 from rounds.auth import TokenVerifier
 from rounds.backends import factory
 from rounds.config import Settings

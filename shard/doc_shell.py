@@ -35,7 +35,7 @@ from rounds.backends.docs import DocStore
 from rounds.backends.history import DocHistory
 from rounds.clock import now_ms
 from rounds.config import Settings
-from rounds.audit import AuditEvent, AuditSink
+from rounds.audit.events import AuditEvent, AuditSink
 from rounds.ids import ConnId, ResourceId, SessionId, UserId
 from rounds.shard.awareness import RoomAwareness
 from rounds.shard.documents import Documents, DocumentError

@@ -19,7 +19,7 @@ import os
 from collections import deque
 from typing import Any
 
-from rounds.audit import AuditEvent, AuditSink
+from rounds.audit.events import AuditEvent, AuditSink
 from rounds.backends.base import MirrorEvent, PresenceMirror
 from rounds.clock import now_ms
 from rounds.ids import ConnId, FrontDoorId, ShardId, UserId, frontdoor_of

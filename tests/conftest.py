@@ -83,7 +83,7 @@ async def schema() -> AsyncIterator[str]:
 @pytest.fixture
 async def db(schema: str) -> AsyncIterator[asyncpg.Connection]:
     """A connection to the test's own schema, the audit tables migrated into it."""
-    from rounds.audit_pg import connect, migrate
+    from rounds.audit.pg import connect, migrate
 
     conn = await connect(POSTGRES_DSN, schema)
     await migrate(conn)

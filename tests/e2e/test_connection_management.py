@@ -26,7 +26,7 @@ import redis
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from rounds.audit import format_time
+from rounds.audit.events import format_time
 from tests.client import Client, raw_upgrade, refusal
 from tests.conftest import GatewayHandle, gateway_settings
 

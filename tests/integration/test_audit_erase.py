@@ -11,9 +11,9 @@ from datetime import UTC, datetime
 import asyncpg
 import pytest
 
-from rounds.audit import canonical, chain_hash
-from rounds.audit_erase import Erasure, erase_db, erase_files, pseudonym
-from rounds.audit_pg import AuditQuery, load_dir, search_db, verify_db
+from rounds.audit.chain import canonical, chain_hash
+from rounds.audit.erase import Erasure, erase_db, erase_files, pseudonym
+from rounds.audit.pg import AuditQuery, load_dir, search_db, verify_db
 from tests.unit.test_audit_erase import ALICE, BOB, DAY, KEY, records, write_day
 
 SINCE, UNTIL = datetime(2026, 11, 1, tzinfo=UTC), datetime(2026, 12, 1, tzinfo=UTC)

@@ -20,11 +20,10 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from rounds.audit import AuditEvent, FileAuditSink, compress_closed_days
-from rounds.audit_pg import (
+from rounds.audit.events import AuditEvent
+from rounds.audit.files import FileAuditSink, compress_closed_days
+from rounds.audit.pg import (
     AuditQuery,
-    AuditRow,
-    CorruptLine,
     connect,
     drop_partitions_before,
     ensure_partitions,
@@ -35,14 +34,14 @@ from rounds.audit_pg import (
     next_month,
     partition_name,
     partitions,
-    read_file,
     schema_version,
     search_db,
     search_files,
     search_sql,
     verify_db,
 )
-from rounds.audit_tail import AuditTail, follow
+from rounds.audit.rows import AuditRow, CorruptLine, read_file
+from rounds.audit.tail import AuditTail, follow
 from tests.conftest import POSTGRES_DSN
 
 
@@ -245,8 +244,8 @@ async def test_a_corrupt_line_is_reported_with_file_and_line_and_the_rest_loaded
     path = write_day(tmp_path, "2026-11-26", lines)
     report = await load_dir(db, tmp_path)
     assert (report.read, report.inserted) == (6, 6)
-    assert [(c.path, c.line_no) for c in report.corrupt] == [(path, 2), (path, 4), (path, 6), (path, 8)]
-    assert "time" in report.corrupt[2].reason and "details" in report.corrupt[3].reason
+    assert [(c.path, c.line) for c in report.corrupt] == [(str(path), n) for n in (2, 4, 6, 8)]
+    assert "time" in report.corrupt[2].problem and "details" in report.corrupt[3].problem
     assert str(report.corrupt[0]).startswith(f"{path}:2: not JSON")
     assert await count(db) == 6
 
@@ -304,7 +303,7 @@ async def test_the_tail_loads_only_complete_new_lines_and_a_gzipped_day_once(db:
         f.write(lines[3][20:] + lines[4] + "garbage\n" + lines[5])
     second = await tail.step(db)
     assert (second.read, second.inserted) == (3, 3)
-    assert [(c.path, c.line_no) for c in second.corrupt] == [(path, 6)]
+    assert [(c.path, c.line) for c in second.corrupt] == [(str(path), 6)]
     assert (await tail.step(db)).read == 0
 
     with open(path, "a") as f:
@@ -375,7 +374,7 @@ def test_a_gzip_file_cut_short_yields_its_lines_then_a_corrupt_line(tmp_path: Pa
     path = tmp_path / "audit-2026-11-26.ndjson.gz"
     path.write_bytes(data[:len(data) // 2])
     items = list(read_file(path))
-    assert isinstance(items[-1], CorruptLine) and "unreadable" in items[-1].reason
+    assert isinstance(items[-1], CorruptLine) and "unreadable" in items[-1].problem
     assert all(isinstance(i, AuditRow) for i in items[:-1])
 
 

@@ -19,9 +19,10 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from rounds.audit import AuditEvent, FileAuditSink
-from rounds.audit_pg import GATEWAY_ROLE, month_start, partition_name, partitions
-from rounds.audit_tail import AuditTail, Shipper, ShipperStats, follow
+from rounds.audit.events import AuditEvent
+from rounds.audit.files import FileAuditSink
+from rounds.audit.pg import GATEWAY_ROLE, month_start, partition_name, partitions
+from rounds.audit.tail import AuditTail, Shipper, ShipperStats, follow
 from tests.conftest import POSTGRES_DSN
 
 ORIGIN = "host-a:/var/rounds/audit"

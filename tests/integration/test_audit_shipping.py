@@ -1,6 +1,6 @@
 """The gateway ships its audit trail to PostgreSQL by itself (issue 5):
 with `postgres_dsn` set, the process that runs the supervisor migrates the
-schema and follows the day files (rounds.audit_tail.Shipper). Real
+schema and follows the day files (rounds.audit.tail.Shipper). Real
 PostgreSQL (database `test`, a schema of its own per test, dropped after)
 and, for the end-to-end test, the real gateway on the session's Ray.
 Also: file retention of `rounds audit retention`.
@@ -22,9 +22,10 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from rounds.audit import AuditEvent, FileAuditSink
-from rounds.audit_pg import connect, verify_db
-from rounds.audit_tail import Shipper
+from rounds.audit.events import AuditEvent
+from rounds.audit.files import FileAuditSink
+from rounds.audit.pg import connect, verify_db
+from rounds.audit.tail import Shipper
 from rounds.cli import format_shipper
 from tests.client import Client
 from tests.conftest import POSTGRES_DSN, GatewayHandle, gateway_settings
@@ -348,7 +349,7 @@ def test_retention_deletes_day_files_older_than_the_cutoff_and_dry_run_only_list
 
 
 async def test_verify_a_time_range_in_postgres_until_a_row_is_changed(schema: str, tmp_path: Path) -> None:
-    from rounds.audit_pg import load_dir, migrate
+    from rounds.audit.pg import load_dir, migrate
 
     directory = tmp_path / "audit"
     sink = FileAuditSink(directory, fsync="never")

@@ -21,7 +21,7 @@ import asyncpg
 import pytest
 from pycrdt import Doc, Text
 
-from rounds.audit import MemoryAuditSink
+from rounds.audit.events import MemoryAuditSink
 from rounds.auth import mint_token, private_key_for_dev
 from rounds.inprocess import InProcessGateway
 from tests.client import Client

@@ -23,7 +23,7 @@ from websockets.asyncio.client import connect
 from websockets.asyncio.server import ServerConnection
 from websockets.server import ServerProtocol
 
-from rounds.audit import MemoryAuditSink
+from rounds.audit.events import MemoryAuditSink
 from rounds.auth import mint_token, private_key_for_dev
 from rounds.inprocess import InProcessGateway
 from tests.client import Client, eventually, refused

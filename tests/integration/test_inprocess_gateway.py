@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from rounds.audit import MemoryAuditSink
+from rounds.audit.events import MemoryAuditSink
 from rounds.auth import mint_token, private_key_for_dev
 from rounds.frontdoor.server import FrontDoor
 from rounds.inprocess import InProcessGateway

@@ -14,15 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from rounds.audit import (
-    GZIP_GRACE_S,
-    AuditEvent,
-    FileAuditSink,
-    chain_hash,
-    sealed_body,
-    verify_day,
-    verify_file,
-)
+from rounds.audit.files import GZIP_GRACE_S, FileAuditSink
+from rounds.audit.events import AuditEvent
+from rounds.audit.chain import chain_hash, sealed_body
+from rounds.audit.verify import verify_day, verify_file
 
 DAY = "2026-11-26"
 
@@ -176,7 +171,7 @@ def test_a_corrupt_line_is_reported_with_file_and_line_and_skipped(day_file):
     report = verify_file(day_file)
     (bad,) = report.corrupt
     assert (bad.path, bad.line) == (str(day_file), 2)
-    assert str(bad).startswith(f"{day_file}:2: corrupt line skipped")
+    assert bad.problem.startswith("not JSON") and str(bad).startswith(f"{day_file}:2: not JSON")
     assert all(w.broken is None and w.last_seq == 3 for w in report.writers.values())
     assert not report.intact
 
@@ -358,7 +353,7 @@ def test_a_damaged_gzip_is_reported_after_the_lines_it_still_holds(tmp_path, clo
 async def test_a_loops_audit_is_written_after_the_callbacks_already_queued_in_one_write(tmp_path, clock):
     import asyncio
 
-    from rounds.audit import LoopAuditSink
+    from rounds.audit.loop import LoopAuditSink
 
     sink = make_sink(tmp_path, clock)
     order: list[str] = []
@@ -390,7 +385,7 @@ async def test_a_loops_audit_is_written_after_the_callbacks_already_queued_in_on
 
 
 def test_outside_a_loop_and_with_fsync_always_the_audit_is_written_at_once(tmp_path, clock):
-    from rounds.audit import LoopAuditSink, loop_audit
+    from rounds.audit.loop import LoopAuditSink, loop_audit
 
     sink = make_sink(tmp_path, clock)
     LoopAuditSink(sink).emit(event(1))
@@ -405,7 +400,7 @@ def test_outside_a_loop_and_with_fsync_always_the_audit_is_written_at_once(tmp_p
 async def test_with_a_gather_window_the_events_of_many_passes_share_one_write(tmp_path, clock):
     import asyncio
 
-    from rounds.audit import LoopAuditSink
+    from rounds.audit.loop import LoopAuditSink
 
     sink = make_sink(tmp_path, clock)
     writes: list[int] = []
@@ -425,7 +420,7 @@ async def test_with_a_gather_window_the_events_of_many_passes_share_one_write(tm
 async def test_a_large_gather_is_written_a_slice_per_loop_pass_so_requests_wait_for_one_slice(tmp_path, clock):
     import asyncio
 
-    from rounds.audit import LoopAuditSink
+    from rounds.audit.loop import LoopAuditSink
 
     sink = make_sink(tmp_path, clock)
     order: list[str] = []
@@ -506,7 +501,7 @@ def test_details_with_keys_that_are_not_text_are_written_as_they_will_be_read_an
 def test_a_loops_audit_keeps_up_with_a_busy_loop_and_survives_a_stopped_loop(tmp_path, clock):
     import asyncio
 
-    from rounds.audit import LoopAuditSink
+    from rounds.audit.loop import LoopAuditSink
 
     sink = make_sink(tmp_path, clock)
     audit = LoopAuditSink(sink, gather_s=0.001, slice_events=8)

@@ -12,7 +12,8 @@ from typing import Any
 
 import pytest
 
-from rounds.audit import AuditEvent, FileAuditSink, NullAuditSink
+from rounds.audit.events import AuditEvent, NullAuditSink
+from rounds.audit.files import FileAuditSink
 from rounds.bench import audit, stats
 from rounds.bench.locks import METRICS, GatewayUnavailable, LocksRun
 from rounds.config import Settings, load_settings

@@ -14,7 +14,7 @@ from pycrdt import Doc, Text
 
 from rounds.backends.docs import FileDocStore, MemoryDocStore, StoredDoc
 from rounds.config import Settings
-from rounds.audit import MemoryAuditSink
+from rounds.audit.events import MemoryAuditSink
 from rounds.ids import ConnId, ResourceId, SessionId, UserId
 from rounds.shard.presence import Member
 from rounds.shard import doc_shell

@@ -1,7 +1,7 @@
 """Erasing a person from the audit trail (issue 5, GDPR): `rounds audit erase`.
 
 The chain hashes a salted commitment of each personal field, never the
-value itself (`rounds.audit.sealed_body`). Erasing a field replaces its
+value itself (`rounds.audit.chain.sealed_body`). Erasing a field replaces its
 value by a pseudonym, a keyed hash of the value (`pseudonym`), moves the
 field's commitment into the line's `erased` member and drops its salt. The
 line's hash and every later link are unchanged, so `rounds audit verify`
@@ -24,8 +24,8 @@ on its open day file, so a file in use is reported and left for a later run
 updated in one transaction, which needs a role that may UPDATE (the
 gateway's may not).
 
-What must not be here: argument parsing (`rounds.auditcli`), the chain's
-definition (`rounds.audit`).
+What must not be here: argument parsing (`rounds.audit.cli`), the chain's
+definition (`rounds.audit.chain`).
 """
 
 from __future__ import annotations
@@ -43,17 +43,11 @@ from typing import Any
 
 import asyncpg
 
-from rounds.audit import (
-    commitment,
-    fsync_dir,
-    hashed_line,
-    lock_exclusive,
-    open_day_file,
-    personal_value,
-    rewrite_lock,
-    set_personal_value,
-)
-from rounds.audit_pg import COLUMNS, day_files, jsonb_text, row_from_record
+from rounds.audit.chain import commitment, hashed_line, personal_value, set_personal_value
+from rounds.audit.files import fsync_dir, lock_exclusive, rewrite_lock
+from rounds.audit.rows import open_day_file
+from rounds.audit.pg import COLUMNS, row_from_record
+from rounds.audit.rows import day_files, jsonb_text
 
 # The kind of identifier of each personal field: one person's user id has
 # the same pseudonym as `userId` and as `details.lockedBy`.

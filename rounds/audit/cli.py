@@ -1,6 +1,6 @@
 """`rounds audit ...`: the audit trail's commands.
 
-`verify` checks the hash chains of a day's NDJSON file (rounds.audit). The
+`verify` checks the hash chains of a day's NDJSON file (rounds.audit.verify). The
 PostgreSQL commands (migrate, load, search) join here, each a subparser
 added in `add_audit_parser` with its own `_name(args) -> int` function.
 Exit codes: 0 all well, 1 the trail is not intact, 2 usage, 3 (erase) something left to erase.
@@ -16,7 +16,7 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
-from rounds.audit import VerifyReport, verify_day, verify_file
+from rounds.audit.verify import VerifyReport, verify_day, verify_file
 from rounds.config import Settings
 
 
@@ -68,7 +68,7 @@ def _verify(args: argparse.Namespace) -> int:
 
 def _verify_db(args: argparse.Namespace) -> int:
     """The chains of the events stored in [since, until) (audit_pg.verify_db)."""
-    from rounds.audit_pg import verify_db
+    from rounds.audit.pg import verify_db
 
     until = args.until or datetime.now(UTC)
 
@@ -86,7 +86,7 @@ def print_report(report: VerifyReport) -> None:
     events = sum(w.events for w in report.writers.values())
     print(f"{report.path}: {len(report.writers)} writers, {events} events checked")
     for bad in report.corrupt:
-        print(f"  {bad}")
+        print(f"  {bad.path}:{bad.line}: corrupt line skipped: {bad.problem}")
     for chain in sorted(report.writers.values(), key=lambda c: c.writer):
         if chain.broken is not None:
             print(f"  {chain.writer}: BREAK at line {chain.broken.line}, seq {chain.broken.seq}: "
@@ -97,7 +97,7 @@ def print_report(report: VerifyReport) -> None:
     print("intact" if report.intact else "NOT INTACT")
 
 
-# -- PostgreSQL: migrate, load, search, retention (rounds.audit_pg) -----------
+# -- PostgreSQL: migrate, load, search, retention (rounds.audit.pg) -----------
 
 
 def _add_pg_parsers(audit: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -159,7 +159,7 @@ def _positive(text: str) -> int:
 
 
 def _time(text: str) -> datetime:
-    from rounds.audit_pg import parse_time
+    from rounds.audit.rows import parse_time
 
     try:
         return parse_time(text)
@@ -178,7 +178,7 @@ def _with_db(args: argparse.Namespace, name: str, work: Callable[[Any], Awaitabl
 
     import asyncpg
 
-    from rounds.audit_pg import connect
+    from rounds.audit.pg import connect
 
     dsn = _dsn(args)
     if not dsn:
@@ -200,7 +200,7 @@ def _with_db(args: argparse.Namespace, name: str, work: Callable[[Any], Awaitabl
 
 
 def _migrate(args: argparse.Namespace) -> int:
-    from rounds.audit_pg import MIGRATIONS, migrate
+    from rounds.audit.pg import MIGRATIONS, migrate
 
     async def work(conn: Any) -> int:
         applied = await migrate(conn)
@@ -214,7 +214,7 @@ def _migrate(args: argparse.Namespace) -> int:
 
 
 def _load(args: argparse.Namespace) -> int:
-    from rounds.audit_pg import load_dir, migrate
+    from rounds.audit.pg import load_dir, migrate
 
     directory = audit_dir(args.settings, args.dir)
     if args.follow:
@@ -236,7 +236,7 @@ def _follow(args: argparse.Namespace, directory: Path) -> int:
     import asyncio
     import logging
 
-    from rounds.audit_tail import follow
+    from rounds.audit.tail import follow
 
     dsn = _dsn(args)
     if not dsn:
@@ -251,7 +251,7 @@ def _follow(args: argparse.Namespace, directory: Path) -> int:
 
 
 def _search(args: argparse.Namespace) -> int:
-    from rounds.audit_pg import AuditQuery, search_db, search_files
+    from rounds.audit.pg import AuditQuery, search_db, search_files
 
     query = AuditQuery(user_id=args.user, resource_id=args.resource, event_type=args.event_type,
                        since=args.since, until=args.until, limit=args.limit)
@@ -287,7 +287,7 @@ def print_table(rows: list[Any]) -> None:
 def _retention(args: argparse.Namespace) -> int:
     from datetime import timedelta
 
-    from rounds.audit_pg import day_files_before, delete_day_files_before, drop_partitions_before, partitions_before
+    from rounds.audit.pg import day_files_before, delete_day_files_before, drop_partitions_before, partitions_before
 
     cutoff = datetime.now(UTC) - timedelta(days=args.keep_days)
     directory = audit_dir(args.settings, args.dir)
@@ -316,8 +316,9 @@ def _retention(args: argparse.Namespace) -> int:
 def _erase(args: argparse.Namespace) -> int:
     """Exit 0 when every trace is erased, 3 when some is left (a file in use,
     lines written before identifiers were salted), 2 usage or database."""
-    from rounds.audit import AuditEvent, FileAuditSink
-    from rounds.audit_erase import MIN_KEY_BYTES, Erasure, erase_db, erase_files, pseudonym
+    from rounds.audit.events import AuditEvent
+    from rounds.audit.files import FileAuditSink
+    from rounds.audit.erase import MIN_KEY_BYTES, Erasure, erase_db, erase_files, pseudonym
 
     if not args.key_file:
         print("rounds audit erase: no key (--key-file or ROUNDS_AUDIT_ERASE_KEY_FILE); make one with "

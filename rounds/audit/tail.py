@@ -27,8 +27,8 @@ reconnect with backoff while PostgreSQL is down. `Shipper` runs `follow` on
 a thread of its own (its own event loop) beside the gateway's supervisor,
 and reports what it has done (`ShipperStats`).
 
-What must not be here: the schema (rounds.audit_pg, migration 4 makes the
-positions table, migration 6 its `head`) and the file format (rounds.audit).
+What must not be here: the schema (rounds.audit.pg, migration 4 makes the
+positions table, migration 6 its `head`) and the file format (rounds.audit.files).
 """
 
 from __future__ import annotations
@@ -50,7 +50,8 @@ from typing import BinaryIO
 
 import asyncpg
 
-from rounds.audit_pg import BATCH, LoadReport, connect, day_files, load_items, migrate, parse_lines
+from rounds.audit.pg import BATCH, LoadReport, connect, load_items, migrate
+from rounds.audit.rows import day_files, parse_lines
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ MAX_READ_BYTES = 64 * 1024 * 1024  # one step reads at most this much of a file;
 HEAD_BYTES = 4096  # a plain file's head is its first line, or this many bytes of a longer one
 
 
-# audit_ship_positions is made by migration 4 (rounds.audit_pg), `head` added by migration 6.
+# audit_ship_positions is made by migration 4 (rounds.audit.pg), `head` added by migration 6.
 FETCH_POSITIONS = "SELECT file, inode, byte_offset, lines, head FROM audit_ship_positions WHERE origin = $1"
 STORE_POSITION = ("INSERT INTO audit_ship_positions (origin, file, inode, byte_offset, lines, head) "
                   "VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (origin, file) DO UPDATE SET inode = EXCLUDED.inode, "
