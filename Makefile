@@ -57,7 +57,7 @@ $(STAMP): pyproject.toml constraints.txt
 	  $(PYTHON) -m venv $(VENV); fi
 	$(VBIN)/python -m pip install --quiet --disable-pip-version-check --upgrade pip
 	$(VBIN)/python -m pip install --quiet --disable-pip-version-check \
-	  -c constraints.txt -e '.[test]'
+	  -c constraints.txt -e '.[test,bench]'
 	@touch $@
 
 # ------------------------------------------------------------ services ----
@@ -105,7 +105,7 @@ system-deps:
 	@bash scripts/ensure-system-deps.sh
 
 # --------------------------------------------------------------- clean ----
-# bench/results/ is committed and is left alone.
+# bench/results/ keeps only what docs cite (bench/results/README.md) and is left alone.
 clean:
 	rm -rf $(VENV) var/ .pytest_cache/ .hypothesis/ .benchmarks/ *.egg-info/
 	find . -path ./.git -prune -o -path '*/node_modules' -prune -o \

@@ -29,7 +29,7 @@ from typing import Any
 from rounds.audit.events import MemoryAuditSink
 from rounds.auth import mint_token, private_key_for_dev
 from rounds.config import Settings
-from rounds.inprocess import InProcessGateway
+from rounds.cluster.inprocess import InProcessGateway
 
 ROOM_SIZE = 10
 

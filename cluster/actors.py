@@ -19,8 +19,8 @@ import ray
 
 from rounds import gcwatch, logs
 from rounds.config import Settings
-from rounds.services import make_frontdoor, make_shard
-from rounds.threadloop import ThreadLoop
+from rounds.cluster.compose import make_frontdoor, make_shard
+from rounds.cluster.threadloop import ThreadLoop
 from rounds.cluster import metrics
 
 log = logging.getLogger(__name__)

@@ -37,10 +37,11 @@ from websockets.server import ServerProtocol
 
 from rounds.frontdoor.fanout import frame as ws_frame, send_frame
 from rounds.frontdoor.links import Address, ShardLinks
-from rounds.frontdoor.relay import FrontDoorRelay
+from rounds.relay.frontdoor_side import FrontDoorRelay
+from rounds.relay.transport import RelayTransport
 from rounds.audit.events import AuditEvent, AuditSink
 from rounds.auth import AuthError, Identity, TokenVerifier
-from rounds.backends.base import SessionStore
+from rounds.frontdoor.sessions import SessionStore
 from rounds.clock import now_ms
 from rounds.config import EDITOR, Settings
 from rounds.ids import ConnId, FrontDoorId, ResourceId, SessionId, ShardId, UserId, conn_id
@@ -91,7 +92,9 @@ class Client:
 
 class FrontDoor:
     def __init__(self, index: FrontDoorId, settings: Settings, verifier: TokenVerifier,
-                 sessions: SessionStore, audit: AuditSink) -> None:
+                 sessions: SessionStore, audit: AuditSink, relay: RelayTransport | None = None) -> None:
+        """`relay`: the cross-node relay's transport, when shards on other
+        nodes reach this front door through it; None: only the direct links."""
         self.index = index
         self.settings = settings
         self.verifier = verifier
@@ -101,9 +104,8 @@ class FrontDoor:
         self.node = settings.node_id or "local"
         self.links = ShardLinks(index, self.epoch, self._on_link_message, self._members_of, self._on_shard_down,
                                 node=self.node)
-        self.relay = (FrontDoorRelay(index, self.epoch, settings, self._on_link_message, self.links.send,
-                                     self._on_relay_reset)
-                      if settings.amqp_url and settings.relay != "off" else None)
+        self.relay = (FrontDoorRelay(index, self.epoch, relay, self._on_link_message, self.links.send,
+                                     self._on_relay_reset) if relay is not None else None)
         self.clients: dict[ConnId, Client] = {}
         self._counter = itertools.count(1)
         self._tasks: set[asyncio.Task[None]] = set()

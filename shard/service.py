@@ -20,25 +20,26 @@ from collections import deque
 from typing import Any
 
 from rounds.audit.events import AuditEvent, AuditSink
-from rounds.backends.base import MirrorEvent, PresenceMirror
+from rounds.shard.presence.mirror import MirrorEvent, PresenceMirror
 from rounds.clock import now_ms
 from rounds.ids import ConnId, FrontDoorId, ShardId, UserId, frontdoor_of
 from rounds.protocol.link import Hello, LinkMessage, RelayAck
 from rounds.protocol.stream import LinkProtocol
 from rounds.protocol.messages import Awareness, Deliver, Disconnect, DocSync, DocUpdate, Join, Leave, Reply, Sync
 from rounds.shard.events import MemberGone, MirrorJoin, MirrorLeave
-from rounds.backends.docs import DocStore
-from rounds.backends.history import DocHistory
-from rounds.backends.locks import LockStore
+from rounds.shard.documents.store import DocStore
+from rounds.shard.documents.history import DocHistory
+from rounds.shard.locks.store import LockStore
 from rounds.config import EDITOR, Settings
 from rounds.routing import HashRing
-from rounds.shard.doc_shell import DocShell
-from rounds.shard.lock_events import AuditLock
+from rounds.shard.documents.shell import DocShell
+from rounds.shard.locks.events import AuditLock
 from rounds.protocol.messages import LockAcquire, LockRelease, LockRenew
 from rounds.shard.events import RoomBroadcast
-from rounds.shard.lock_shell import LockShell
-from rounds.shard.presence import Presence
-from rounds.shard.relay_shell import RelayShell
+from rounds.shard.locks.shell import LockShell
+from rounds.shard.presence.machine import Presence
+from rounds.relay.shard_side import RelayShell
+from rounds.relay.transport import RelayTransport
 from rounds.protocol.ws import ErrorCode, MessageType, error_data
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,11 @@ MIRROR_QUEUE_MAX = 100_000
 
 class ShardService:
     def __init__(self, index: ShardId, mirror: PresenceMirror, audit: AuditSink, lock_store: LockStore,
-                 doc_store: DocStore, settings: Settings, history: DocHistory | None = None) -> None:
+                 doc_store: DocStore, settings: Settings, history: DocHistory | None = None,
+                 relay: RelayTransport | None = None) -> None:
+        """`relay`: the cross-node relay's transport, when front doors on other
+        nodes are reached through it (`rounds.relay`); None: every front door
+        over its direct link."""
         self.index = index
         self.presence = Presence()
         ring = HashRing(range(settings.shards))
@@ -69,8 +74,8 @@ class ShardService:
         self.mirror_failures = 0
         self.address: tuple[str, int] | None = None
         self.epoch = os.urandom(6).hex()
-        self.relay = (RelayShell(index, self.epoch, settings.node_id or "local", settings, self._send_link)
-                      if settings.amqp_url and settings.relay != "off" else None)
+        self.relay = (RelayShell(index, self.epoch, settings.node_id or "local", relay, settings.relay == "always",
+                                 self._send_link) if relay is not None else None)
 
     @property
     def name(self) -> str:
@@ -271,7 +276,7 @@ class ShardService:
 
     def _send(self, fd: FrontDoorId, msg: LinkMessage) -> None:
         if self.relay is not None and self.relay.wants(fd):
-            self.relay.send(fd, msg)  # a front door on another node (rounds.relay)
+            self.relay.send(fd, msg)  # a front door on another node (rounds.relay.shard_side)
             return
         self._send_link(fd, msg)
 

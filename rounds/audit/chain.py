@@ -11,6 +11,7 @@ No I/O here.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 import json.encoder

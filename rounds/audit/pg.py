@@ -43,7 +43,7 @@ from typing import Any
 import asyncpg
 
 from rounds.audit.events import format_time
-from rounds.audit.rows import AuditRow, CorruptLine, day_files, jsonb_text, read_file
+from rounds.audit.rows import AuditRow, CorruptLine, day_files, read_file
 from rounds.audit.verify import VerifyReport, check_line
 
 BATCH = 5_000

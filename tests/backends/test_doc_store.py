@@ -15,9 +15,11 @@ from pathlib import Path
 import pytest
 import redis
 
-from rounds.backends.docs import DocStore, FileDocStore, MemoryDocStore, RedisDocStore, connect_binary, doc_key, doc_log_key
+from rounds.shard.documents.store import DocStore, FileDocStore, MemoryDocStore
+from rounds.shard.documents.store_redis import RedisDocStore, doc_key, doc_log_key
+from rounds.redisconn import connect_binary
 from rounds.ids import ResourceId
-from rounds.shard.documents import Documents
+from rounds.shard.documents.machine import Documents
 
 
 @pytest.fixture(params=["memory", "file", "redis"])

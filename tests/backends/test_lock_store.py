@@ -21,22 +21,22 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from rounds.backends import redis as redis_backend
-from rounds.backends.locks import (
+from rounds import redisconn
+from rounds.shard.locks.store import (
     FENCE_TTL_MS,
     HeldLock,
     LockStore,
     MemoryLockStore,
-    RedisLockStore,
     StoreAnswer,
     lock_fence_key,
     lock_key,
     lock_meta_key,
 )
+from rounds.shard.locks.store_redis import RedisLockStore
 from rounds.clock import now_ms
 from tests.client import eventually
 from rounds.ids import ConnId, FrontDoorId, ResourceId, UserId, conn_id
-from rounds.shard.lock_events import (
+from rounds.shard.locks.events import (
     GrantFailed,
     GrantRefused,
     GrantStored,
@@ -113,8 +113,8 @@ class MemoryHarness:
 class RedisHarness:
     def __init__(self, url: str) -> None:
         self.url = url
-        self.reader = redis_backend.connect(url)
-        self.store = RedisLockStore(redis_backend.connect(url))
+        self.reader = redisconn.connect(url)
+        self.store = RedisLockStore(redisconn.connect(url))
         self.stores: list[RedisLockStore] = [self.store]
 
     async def holder(self, rid: ResourceId) -> str | None:
@@ -133,7 +133,7 @@ class RedisHarness:
         return now_ms()
 
     def restarted(self) -> LockStore:
-        self.store = RedisLockStore(redis_backend.connect(self.url))
+        self.store = RedisLockStore(redisconn.connect(self.url))
         self.stores.append(self.store)
         return self.store
 
@@ -357,7 +357,7 @@ async def test_a_lock_written_without_its_connection_is_not_listed(harness: Harn
 
 async def test_the_redis_listing_reads_past_one_scan_batch(redis_url: str, tag: str) -> None:
     harness = RedisHarness(redis_url)
-    harness.store = RedisLockStore(redis_backend.connect(redis_url), scan_count=7)
+    harness.store = RedisLockStore(redisconn.connect(redis_url), scan_count=7)
     harness.stores.append(harness.store)
     try:
         for i in range(30):
@@ -573,7 +573,7 @@ async def test_the_redis_store_runs_on_uvloop_as_in_the_shards(redis_url: str, r
     import uvloop
 
     async def cycle() -> list[StoreAnswer | None]:
-        store = RedisLockStore(redis_backend.connect(redis_url))
+        store = RedisLockStore(redisconn.connect(redis_url))
         try:
             return [await ask(store, StoreGrant(rid, LockId("L1"), USR1, TTL, T0, T0 + TTL, CONN, ROOM)),
                     await ask(store, StoreRenew(rid, LockId("L1"), USR1, TTL, T0 + TTL)),

@@ -18,10 +18,11 @@ from typing import Protocol
 import pytest
 import redis.asyncio as aioredis
 
-from rounds.backends import redis as redis_backend
-from rounds.backends.base import PresenceMirror
-from rounds.backends.memory import MemoryPresence
-from rounds.backends.redis import RedisPresence
+from rounds import redisconn
+from rounds.shard.presence.mirror_redis import room_user_key, room_users_key
+from rounds.shard.presence.mirror import PresenceMirror
+from rounds.shard.presence.mirror import MemoryPresence
+from rounds.shard.presence.mirror_redis import RedisPresence
 from rounds.ids import ResourceId, UserId
 from rounds.shard.events import MirrorJoin, MirrorLeave
 
@@ -54,9 +55,9 @@ class RedisReader:
         self.client = client
 
     async def room(self, room: ResourceId) -> Room:
-        users = await self.client.smembers(redis_backend.room_users_key(room))
+        users = await self.client.smembers(room_users_key(room))
         hashes = {}
-        async for key in self.client.scan_iter(match=redis_backend.room_user_key(room, "*")):
+        async for key in self.client.scan_iter(match=room_user_key(room, "*")):
             hashes[key.rsplit(":user:", 1)[1]] = await self.client.hgetall(key)
         assert set(hashes) == users, "every listed user has a hash, and only they"
         return hashes
@@ -73,8 +74,8 @@ async def mirror(request: pytest.FixtureRequest, redis_url: str, tag: str) -> As
         memory = MemoryPresence()
         yield memory, MemoryReader(memory)
         return
-    presence = RedisPresence(redis_backend.connect(redis_url), owner=f"test/{tag}")
-    reader_client = redis_backend.connect(redis_url)
+    presence = RedisPresence(redisconn.connect(redis_url), owner=f"test/{tag}")
+    reader_client = redisconn.connect(redis_url)
     try:
         yield presence, RedisReader(reader_client)
     finally:

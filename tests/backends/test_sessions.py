@@ -20,10 +20,11 @@ from typing import Any, Protocol
 import pytest
 import redis.asyncio as aioredis
 
-from rounds.backends import redis as redis_backend
-from rounds.backends.base import SessionStore
-from rounds.backends.memory import MemorySessions
-from rounds.backends.redis import RedisSessions
+from rounds import redisconn
+from rounds.frontdoor.sessions_redis import activity_key, session_key
+from rounds.frontdoor.sessions import SessionStore
+from rounds.frontdoor.sessions import MemorySessions
+from rounds.frontdoor.sessions_redis import RedisSessions
 from rounds.clock import now_ms
 from rounds.ids import SessionId, UserId
 
@@ -75,7 +76,7 @@ class RedisReader:
         self.client = client
 
     async def read(self, user: UserId) -> Stored:
-        skey, akey = redis_backend.session_key(user), redis_backend.activity_key(user)
+        skey, akey = session_key(user), activity_key(user)
         raw = await self.client.hgetall(skey)
         activity = await self.client.get(akey)
         return Stored(
@@ -86,7 +87,7 @@ class RedisReader:
         )
 
     async def age(self, user: UserId, ms: int) -> None:
-        for key in (redis_backend.session_key(user), redis_backend.activity_key(user)):
+        for key in (session_key(user), activity_key(user)):
             await self.client.pexpire(key, await self.client.pttl(key) - ms)
 
 
@@ -101,8 +102,8 @@ async def store(request: pytest.FixtureRequest, redis_url: str) -> AsyncIterator
         memory = MemorySessions(SESSION_TTL_MS, ACTIVITY_TTL_MS)
         yield memory, MemoryReader(memory)
         return
-    sessions = RedisSessions(redis_backend.connect(redis_url), SESSION_TTL_MS, ACTIVITY_TTL_MS)
-    reader_client = redis_backend.connect(redis_url)
+    sessions = RedisSessions(redisconn.connect(redis_url), SESSION_TTL_MS, ACTIVITY_TTL_MS)
+    reader_client = redisconn.connect(redis_url)
     try:
         yield sessions, RedisReader(reader_client)
     finally:
@@ -226,7 +227,7 @@ async def test_a_healthy_store_reports_ok_with_its_name(store) -> None:
 
 async def test_an_unreachable_redis_reports_not_ok_with_the_reason() -> None:
     # Port 1 refuses at once: nothing listens there.
-    sessions = RedisSessions(redis_backend.connect("redis://127.0.0.1:1/0"), SESSION_TTL_MS, ACTIVITY_TTL_MS)
+    sessions = RedisSessions(redisconn.connect("redis://127.0.0.1:1/0"), SESSION_TTL_MS, ACTIVITY_TTL_MS)
     started = time.monotonic()
     try:
         health = await sessions.health()

@@ -79,6 +79,6 @@ async def test_every_critical_event_of_a_session_is_recorded_once_with_its_field
 
     day = datetime.now(UTC).strftime("%Y-%m-%d")
     done = await asyncio.to_thread(subprocess.run, [
-        sys.executable, "-m", "rounds.cli", "audit", "verify", "--day", day, "--dir", str(gateway.audit_dir)],
+        sys.executable, "-m", "rounds.cluster.cli", "audit", "verify", "--day", day, "--dir", str(gateway.audit_dir)],
         capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr

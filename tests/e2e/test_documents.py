@@ -14,7 +14,7 @@ import pytest
 import redis
 from pycrdt import Array, Doc, Map, Text
 
-from rounds.backends.docs import doc_key, doc_log_key
+from rounds.shard.documents.store_redis import doc_key, doc_log_key
 from tests.client import Client, eventually
 from tests.conftest import GatewayHandle
 from tests.e2e.conftest import Connect

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from pycrdt import Doc, Text
 
-from rounds.cli import _print_status
+from rounds.cluster.cli import _print_status
 from tests.conftest import GatewayHandle, gateway_settings
 from tests.e2e.conftest import Connect
 

@@ -495,7 +495,7 @@ def rounds_audit(var_dir: Path, *args: str, dsn: str | None = None) -> subproces
     env["ROUNDS_VAR_DIR"] = str(var_dir)
     if dsn:
         env["ROUNDS_POSTGRES_DSN"] = dsn
-    return subprocess.run([sys.executable, "-m", "rounds.cli", "audit", *args], env=env,
+    return subprocess.run([sys.executable, "-m", "rounds.cluster.cli", "audit", *args], env=env,
                           capture_output=True, text=True, timeout=60)
 
 
@@ -549,7 +549,7 @@ async def test_load_follow_keeps_loading_until_interrupted(schema: str, tmp_path
     t = datetime(2026, 11, 26, 13, 0, tzinfo=UTC)
     path = write_day(tmp_path / "audit", "2026-11-26", [json.dumps(event(i, t)) for i in range(3)])
     env = {k: v for k, v in os.environ.items() if k != "ROUNDS_POSTGRES_DSN"}
-    proc = subprocess.Popen([sys.executable, "-m", "rounds.cli", "audit", "load", "--follow", "--interval-s",
+    proc = subprocess.Popen([sys.executable, "-m", "rounds.cluster.cli", "audit", "load", "--follow", "--interval-s",
                              "0.05", "--dir", str(tmp_path / "audit"), "--dsn", schema_dsn(schema)],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     conn = await connect(POSTGRES_DSN, schema)

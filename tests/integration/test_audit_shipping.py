@@ -26,7 +26,7 @@ from rounds.audit.events import AuditEvent
 from rounds.audit.files import FileAuditSink
 from rounds.audit.pg import connect, verify_db
 from rounds.audit.tail import Shipper
-from rounds.cli import format_shipper
+from rounds.cluster.cli import format_shipper
 from tests.client import Client
 from tests.conftest import POSTGRES_DSN, GatewayHandle, gateway_settings
 
@@ -308,7 +308,7 @@ def test_status_line_of_the_shipper() -> None:
 def rounds_audit(var_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k != "ROUNDS_POSTGRES_DSN"}
     env["ROUNDS_VAR_DIR"] = str(var_dir)
-    return subprocess.run([sys.executable, "-m", "rounds.cli", "audit", *args], env=env,
+    return subprocess.run([sys.executable, "-m", "rounds.cluster.cli", "audit", *args], env=env,
                           capture_output=True, text=True, timeout=60)
 
 

@@ -23,7 +23,7 @@ from pycrdt import Doc, Text
 
 from rounds.audit.events import MemoryAuditSink
 from rounds.auth import mint_token, private_key_for_dev
-from rounds.inprocess import InProcessGateway
+from rounds.cluster.inprocess import InProcessGateway
 from tests.client import Client
 from tests.conftest import POSTGRES_DSN, gateway_settings, require_postgres
 
@@ -52,7 +52,7 @@ async def rows_of(room: str) -> int:
 
 
 def doc_show(settings_dir: Path, *args: str) -> dict:  # type: ignore[type-arg]
-    done = subprocess.run([sys.executable, "-m", "rounds.cli", "doc", "show", *args],
+    done = subprocess.run([sys.executable, "-m", "rounds.cluster.cli", "doc", "show", *args],
                           env={**os.environ, "ROUNDS_POSTGRES_DSN": POSTGRES_DSN,
                                "ROUNDS_VAR_DIR": str(settings_dir)},
                           capture_output=True, text=True, timeout=60, check=True)
@@ -108,14 +108,14 @@ async def _until_rows(room: str, count: int, timeout: float = 10.0) -> None:
 
 def test_at_without_postgres_is_a_clear_usage_error(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "ROUNDS_POSTGRES_DSN"}
-    done = subprocess.run([sys.executable, "-m", "rounds.cli", "doc", "show", "--resource", "document:x",
+    done = subprocess.run([sys.executable, "-m", "rounds.cluster.cli", "doc", "show", "--resource", "document:x",
                            "--at", "2026-11-26T10:00:00Z"], env={**env, "ROUNDS_VAR_DIR": str(tmp_path)},
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "needs the PostgreSQL history" in done.stderr
 
 
 async def test_rows_wait_while_postgres_is_unreachable_and_are_written_once_when_it_returns(uid: str) -> None:
-    from rounds.backends.history import DocHistory
+    from rounds.shard.documents.history import DocHistory
 
     await require_postgres()
     room = f"document:outage-{uid}"

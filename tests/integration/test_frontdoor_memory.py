@@ -25,7 +25,7 @@ from websockets.server import ServerProtocol
 
 from rounds.audit.events import MemoryAuditSink
 from rounds.auth import mint_token, private_key_for_dev
-from rounds.inprocess import InProcessGateway
+from rounds.cluster.inprocess import InProcessGateway
 from tests.client import Client, eventually, refused
 from tests.conftest import free_port, gateway_settings
 

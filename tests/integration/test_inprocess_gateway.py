@@ -20,7 +20,7 @@ import pytest
 from rounds.audit.events import MemoryAuditSink
 from rounds.auth import mint_token, private_key_for_dev
 from rounds.frontdoor.server import FrontDoor
-from rounds.inprocess import InProcessGateway
+from rounds.cluster.inprocess import InProcessGateway
 from rounds.routing import HashRing
 from rounds.shard.service import ShardService
 from tests.client import Client, eventually

@@ -15,14 +15,15 @@ from typing import Any
 
 import pytest
 
-from rounds.backends import redis as redis_backend
-from rounds.backends.locks import LockStore, MemoryLockStore, RedisLockStore
+from rounds import redisconn
+from rounds.shard.locks.store import LockStore, MemoryLockStore
+from rounds.shard.locks.store_redis import RedisLockStore
 from rounds.ids import ConnId, FrontDoorId, ResourceId, UserId, conn_id
 from rounds.protocol.messages import Reply
-from rounds.shard.lock_events import AuditLock, StoreRelease
+from rounds.shard.locks.events import AuditLock, StoreRelease
 from rounds.protocol.messages import LockAcquire, LockId, LockRelease, LockRenew
 from rounds.shard.events import RoomBroadcast
-from rounds.shard.lock_shell import LockShell
+from rounds.shard.locks.shell import LockShell
 from tests.client import eventually
 
 HOLDER = conn_id(FrontDoorId(0), 7)
@@ -56,7 +57,7 @@ def stores(request: pytest.FixtureRequest, redis_url: str) -> StoreFactory:
     if request.param == "memory":
         memory = MemoryLockStore()
         return lambda: memory
-    return lambda: RedisLockStore(redis_backend.connect(redis_url))
+    return lambda: RedisLockStore(redisconn.connect(redis_url))
 
 
 def shell(store: LockStore, recorder: Recorder, rooms: set[str] | None = None) -> LockShell:

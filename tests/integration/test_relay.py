@@ -21,7 +21,7 @@ from pycrdt import Doc, Text
 
 from rounds.audit.events import MemoryAuditSink
 from rounds.auth import mint_token, private_key_for_dev
-from rounds.inprocess import InProcessGateway
+from rounds.cluster.inprocess import InProcessGateway
 from tests.client import Client, eventually
 from tests.conftest import free_port, gateway_settings
 from tests.integration.test_inprocess_gateway import clients_of

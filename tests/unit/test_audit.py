@@ -247,7 +247,7 @@ def test_an_unknown_fsync_policy_is_refused(tmp_path):
 
 
 def run_verify(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "rounds.cli", "audit", "verify", *args],
+    return subprocess.run([sys.executable, "-m", "rounds.cluster.cli", "audit", "verify", *args],
                           capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin"})
 
 

@@ -170,7 +170,7 @@ def test_erase_record_leaves_a_record_that_does_not_name_the_user():
 
 
 def run_erase(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "rounds.cli", "audit", "erase", *args],
+    return subprocess.run([sys.executable, "-m", "rounds.cluster.cli", "audit", "erase", *args],
                           capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin"})
 
 

@@ -11,7 +11,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from rounds.shard.awareness import RoomAwareness
+from rounds.shard.documents.awareness import RoomAwareness
 from rounds.protocol.yjs import MAX_VARUINT, AwarenessEntry, YProtocolError, decode_awareness, encode_awareness
 
 ALICE, BOB = 1, 2  # connections
@@ -252,7 +252,7 @@ TestAwarenessMachine.settings = settings(max_examples=150, stateful_step_count=3
 
 def test_the_machine_and_its_codec_load_no_io_library() -> None:
     # STYLE.md, habit 1; tests/unit/test_purity.py checks the other machines
-    code = ("import sys, rounds.shard.awareness, rounds.protocol.yjs\n"
+    code = ("import sys, rounds.shard.documents.awareness, rounds.protocol.yjs\n"
             "print(sorted(m for m in sys.modules if m.split('.')[0] in "
             "{'asyncio', 'ray', 'redis', 'aio_pika', 'asyncpg', 'websockets', 'uvloop'}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/", check=True)

@@ -17,7 +17,7 @@ from rounds.audit.files import FileAuditSink
 from rounds.bench import audit, stats
 from rounds.bench.locks import METRICS, GatewayUnavailable, LocksRun
 from rounds.config import Settings, load_settings
-from rounds.services import audit_sink
+from rounds.cluster.compose import audit_sink
 
 
 def _locks_report(p99: float, ok: bool = True) -> dict[str, Any]:

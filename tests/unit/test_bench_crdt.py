@@ -327,7 +327,7 @@ def test_compare_relay_is_refused_with_a_given_url_or_a_broker_beyond_this_machi
     import sys
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "rounds.cli", "bench", "crdt", "--compare-relay", *args,
+        return subprocess.run([sys.executable, "-m", "rounds.cluster.cli", "bench", "crdt", "--compare-relay", *args,
                                "--out", str(tmp_path)], capture_output=True, text=True, timeout=60)
 
     given = run("--url", "ws://127.0.0.1:1/ws")

@@ -12,13 +12,13 @@ from typing import Any
 import pytest
 from pycrdt import Doc, Text
 
-from rounds.backends.docs import FileDocStore, MemoryDocStore, StoredDoc
+from rounds.shard.documents.store import FileDocStore, MemoryDocStore, StoredDoc
 from rounds.config import Settings
 from rounds.audit.events import MemoryAuditSink
 from rounds.ids import ConnId, ResourceId, SessionId, UserId
-from rounds.shard.presence import Member
-from rounds.shard import doc_shell
-from rounds.shard.doc_shell import DocShell
+from rounds.shard.presence.machine import Member
+from rounds.shard.documents import shell as doc_shell
+from rounds.shard.documents.shell import DocShell
 from rounds.protocol.messages import DocUpdate, Join, Leave, Reply
 from rounds.shard.events import RoomBroadcast
 from rounds.protocol.ws import MessageType

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from pycrdt import Array, Doc, Map, Text
 
 from rounds.ids import ResourceId
-from rounds.shard.documents import Documents, DocumentError
+from rounds.shard.documents.machine import Documents, DocumentError
 from rounds.protocol.ws import ErrorCode
 
 ROOM = ResourceId("document:999")

@@ -16,7 +16,7 @@ import pytest
 from rounds.ids import ConnId, FrontDoorId, ResourceId, UserId, conn_id
 from rounds.shard.events import MemberGone
 from rounds.protocol.messages import Reply
-from rounds.shard.lock_events import (
+from rounds.shard.locks.events import (
     AuditLock,
     GrantFailed,
     GrantRefused,
@@ -30,7 +30,7 @@ from rounds.shard.lock_events import (
 )
 from rounds.protocol.messages import LockAcquire, LockId, LockRelease, LockRenew
 from rounds.shard.events import RoomBroadcast
-from rounds.shard.locks import Lock, Locks, LockStateError
+from rounds.shard.locks.machine import Lock, Locks, LockStateError
 from tests.unit.test_purity import FORBIDDEN, closure
 
 T0 = int(datetime(2025, 11, 17, 10, 30, tzinfo=UTC).timestamp() * 1000)
@@ -623,7 +623,7 @@ def test_an_unknown_command_is_a_bug() -> None:
         machine().handle("LOCK_ACQUIRE", T0)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("module", ["rounds.shard.locks", "rounds.shard.lock_events"])
+@pytest.mark.parametrize("module", ["rounds.shard.locks.machine", "rounds.shard.locks.events"])
 def test_the_lock_machine_imports_no_io_library_even_indirectly(module: str) -> None:
     graph = closure(module)
     assert module in graph

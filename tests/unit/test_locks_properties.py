@@ -28,7 +28,7 @@ from rounds.clock import iso_ms
 from rounds.ids import ConnId, FrontDoorId, ResourceId, UserId, conn_id
 from rounds.shard.events import MemberGone
 from rounds.protocol.messages import Reply
-from rounds.shard.lock_events import (
+from rounds.shard.locks.events import (
     AuditLock,
     GrantFailed,
     GrantRefused,
@@ -44,7 +44,7 @@ from rounds.shard.lock_events import (
 )
 from rounds.protocol.messages import LockAcquire, LockId, LockRelease, LockRenew
 from rounds.shard.events import RoomBroadcast
-from rounds.shard.locks import Locks
+from rounds.shard.locks.machine import Locks
 
 T0 = int(datetime(2025, 11, 17, 10, 30, tzinfo=UTC).timestamp() * 1000)
 OWNER: dict[ConnId, UserId] = {

@@ -16,7 +16,7 @@ import pytest
 from rounds.ids import ConnId, FrontDoorId, ResourceId, SessionId, UserId, conn_id
 from rounds.protocol.messages import Deliver, Disconnect, Join, Leave, Reply, Sync
 from rounds.shard.events import Event, MemberGone, MirrorJoin, MirrorLeave
-from rounds.shard.presence import Presence
+from rounds.shard.presence.machine import Presence
 from rounds.protocol.ws import JSON, ErrorCode, MessageType
 
 FD0 = FrontDoorId(0)

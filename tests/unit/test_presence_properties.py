@@ -16,7 +16,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from rounds.ids import ConnId, FrontDoorId, ResourceId, SessionId, UserId, conn_id, frontdoor_of, parent_of
 from rounds.protocol.messages import Command, Deliver, Disconnect, Join, Leave, Reply, Sync
 from rounds.shard.events import Event, MemberGone, MirrorJoin, MirrorLeave
-from rounds.shard.presence import Presence
+from rounds.shard.presence.machine import Presence
 from rounds.protocol.ws import ErrorCode, MessageType
 
 # Connections belong to one user each; alice has two tabs on front door 0 and

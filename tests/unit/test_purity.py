@@ -24,8 +24,8 @@ PACKAGE_DIRS = {
     "rounds.bench": ROOT / "bench",
     "rounds": ROOT / "rounds",
 }
-PURE = ["rounds.shard.presence", "rounds.shard.events", "rounds.routing", "rounds.ids", "rounds.protocol.ws",
-        "rounds.shard.documents", "rounds.shard.awareness", "rounds.protocol.yjs", "rounds.shard.locks", "rounds.relay",
+PURE = ["rounds.shard.presence.machine", "rounds.shard.events", "rounds.routing", "rounds.ids", "rounds.protocol.ws",
+        "rounds.shard.documents.machine", "rounds.shard.documents.awareness", "rounds.protocol.yjs", "rounds.shard.locks.machine", "rounds.relay.stream",
         "rounds.protocol.messages", "rounds.protocol.link"]
 
 
@@ -102,7 +102,7 @@ def test_the_purity_check_would_see_an_indirect_asyncio_import() -> None:
 def test_the_shard_machines_reach_their_helpers_through_the_package_name() -> None:
     # `shard.events` as a top-level name only works from the repository root
     # and would make a second copy of every event class.
-    for module in ("rounds.shard.presence", "rounds.protocol.link"):
+    for module in ("rounds.shard.presence.machine", "rounds.protocol.link"):
         names = imports_of(module, source_of(module))  # type: ignore[arg-type]
         assert not any(n == "shard" or n.startswith("shard.") for n in names), module
 

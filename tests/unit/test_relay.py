@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rounds.protocol.link import Hello, RelayAck, RelayBatch, RelayReset, decode, decode_frames, encode
-from rounds.relay import GAP_S, MAX_UNACKED, RESEND_AFTER_S, Circuit, RelayIn, RelayOut
+from rounds.relay.stream import GAP_S, MAX_UNACKED, RESEND_AFTER_S, Circuit, RelayIn, RelayOut
 
 
 def test_batches_are_delivered_in_order_once_whatever_the_arrival_order():
