@@ -4,9 +4,11 @@
 versioned snapshot, never fetched per message). Each shard gets one
 `LinkProtocol` connection that reconnects with backoff when it drops (a shard
 actor restarted by Ray comes back on a new port, announced in a new book).
-On every (re)connect the front door sends `Hello` then `Sync` with its full
-membership on that shard, so a restarted shard rebuilds its rooms and a shard
-that missed disconnects while the link was down forgets them.
+On every (re)connect the front door sends `Hello`, then `Sync` with its full
+membership on that shard, then each member's last awareness: a restarted
+shard rebuilds its rooms (cursors included), a shard that missed disconnects
+while the link was down forgets them, and both tell every member its room
+again (`TellState.refresh`), since deliveries to it may have been lost.
 """
 
 from __future__ import annotations
@@ -22,6 +24,10 @@ from rounds.routing import HashRing
 from rounds.protocol.messages import Join, Sync
 
 log = logging.getLogger(__name__)
+
+# What a shard is told when its link (re)opens: the memberships it owns (its
+# Sync), then messages that follow them (the members' last awareness).
+Restore = Callable[[ShardId], tuple[list[Join], list[LinkMessage]]]
 
 Address = tuple[str, int]
 RECONNECT_MIN_S = 0.05
@@ -73,7 +79,10 @@ class _ShardLink:
 
     def resync(self) -> None:
         if self.protocol is not None:
-            self.protocol.send(Sync(self.owner.frontdoor, tuple(self.owner.members_of(self.shard))))
+            joins, after = self.owner.restore(self.shard)
+            self.protocol.send(Sync(self.owner.frontdoor, tuple(joins)))
+            for msg in after:
+                self.protocol.send(msg)
 
     def send(self, msg: LinkMessage) -> bool:
         return self.protocol is not None and self.protocol.send(msg)
@@ -90,20 +99,17 @@ class ShardLinks:
 
     def __init__(self, frontdoor: FrontDoorId, epoch: str,
                  on_message: Callable[[LinkMessage], None],
-                 members_of: Callable[[ShardId], list[Join]],
-                 on_down: Callable[[ShardId], None] = lambda shard: None, node: str = "local") -> None:
+                 restore: Restore, on_down: Callable[[ShardId], None] = lambda shard: None,
+                 node: str = "local") -> None:
         self.frontdoor = frontdoor
         self.epoch = epoch
         self.node = node
         self.on_message = on_message
         self.on_down = on_down
-        self._members_of = members_of
+        self.restore = restore
         self.version = -1
         self.ring: HashRing | None = None
         self._links: dict[ShardId, _ShardLink] = {}
-
-    def members_of(self, shard: ShardId) -> list[Join]:
-        return self._members_of(shard)
 
     def update(self, version: int, book: dict[ShardId, Address]) -> None:
         """Apply a newer address book; older or equal versions are ignored."""
@@ -131,6 +137,10 @@ class ShardLinks:
     def send(self, shard: ShardId, msg: LinkMessage) -> bool:
         link = self._links.get(shard)
         return link is not None and link.send(msg)
+
+    def up(self, shard: ShardId) -> bool:
+        link = self._links.get(shard)
+        return link is not None and link.up
 
     def status(self) -> dict[int, bool]:
         return {shard: link.up for shard, link in sorted(self._links.items())}

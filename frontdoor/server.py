@@ -17,7 +17,6 @@ Nothing here knows about Ray.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import itertools
 import json
 import logging
@@ -25,7 +24,7 @@ import time
 import uuid
 import weakref
 from collections.abc import Coroutine, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -37,16 +36,17 @@ from websockets.server import ServerProtocol
 
 from rounds.frontdoor.fanout import frame as ws_frame, send_frame
 from rounds.frontdoor.links import Address, ShardLinks
+from rounds.frontdoor.session import Action, Answer, Audit, Close, Rules, Session, ToShard
 from rounds.relay.frontdoor_side import FrontDoorRelay
 from rounds.relay.transport import RelayTransport
 from rounds.audit.events import AuditEvent, AuditSink
 from rounds.auth import AuthError, Identity, TokenVerifier
 from rounds.frontdoor.sessions import SessionStore
 from rounds.clock import now_ms
-from rounds.config import EDITOR, Settings
-from rounds.ids import ConnId, FrontDoorId, ResourceId, SessionId, ShardId, UserId, conn_id
+from rounds.config import Settings
+from rounds.ids import ConnId, FrontDoorId, ResourceId, SessionId, ShardId, conn_id
 from rounds.protocol.link import LinkMessage, RelayBatch, RelayReset
-from rounds.frontdoor.yjs import YJS, command_for, resource_from_path
+from rounds.frontdoor.yjs import YJS, resource_from_path
 from rounds.protocol.ws import (
     SUBPROTOCOLS,
     AwarenessUpdate,
@@ -66,28 +66,25 @@ from rounds.protocol.ws import (
     error_data,
     parse_request,
 )
-from rounds.protocol.messages import Awareness, Deliver, Disconnect, DocUpdate, Join, Leave, Reply
-from rounds.protocol.messages import LockAcquire, LockId, LockRelease, LockRenew
+from rounds.protocol.messages import Deliver, Disconnect, Join, Reply
 
 log = logging.getLogger(__name__)
 
 MAX_CLIENT_BUFFER_BYTES = 4 * 1024 * 1024
-MAX_LOCK_ROOMS_PER_CLIENT = 256
 
 
 @dataclass(slots=True, eq=False)
 class Client:
-    conn: ConnId
+    """A connection's socket side; what it may do and is in is its `session`."""
+
+    session: Session
     ws: ServerConnection
-    identity: Identity
-    session_id: SessionId
     codec: Codec  # JSON, msgpack, or YJS for a y-websocket client of one room
     last_seen: float  # monotonic seconds of the last frame from the client
-    rooms: dict[ResourceId, Join] = field(default_factory=dict)
-    joining: set[ResourceId] = field(default_factory=set)  # joins sent, RESOURCE_STATE not yet back
-    lock_rooms: dict[ResourceId, ResourceId] = field(default_factory=dict)  # lock resource -> its room
-    close_reason: str = "disconnected"
-    yjs_resource: ResourceId | None = None  # the room of a y-websocket client
+
+    @property
+    def conn(self) -> ConnId:
+        return self.session.conn
 
 
 class FrontDoor:
@@ -102,8 +99,9 @@ class FrontDoor:
         self.audit = audit
         self.epoch = uuid.uuid4().hex[:12]
         self.node = settings.node_id or "local"
-        self.links = ShardLinks(index, self.epoch, self._on_link_message, self._members_of, self._on_shard_down,
+        self.links = ShardLinks(index, self.epoch, self._on_link_message, self._restore, self._on_shard_down,
                                 node=self.node)
+        self.rules = Rules(settings.allowed_modes, settings.max_rooms_per_connection)
         self.relay = (FrontDoorRelay(index, self.epoch, relay, self._on_link_message, self.links.send,
                                      self._on_relay_reset) if relay is not None else None)
         self.clients: dict[ConnId, Client] = {}
@@ -165,11 +163,11 @@ class FrontDoor:
         self.audit.flush()
 
     def stats(self) -> dict[str, Any]:
-        rooms = {r for c in self.clients.values() for r in c.rooms}
+        rooms = {r for c in self.clients.values() for r in c.session.rooms}
         return {
             "frontdoor": self.index,
             "connections": len(self.clients),
-            "users": len({c.identity.user_id for c in self.clients.values()}),
+            "users": len({c.session.user_id for c in self.clients.values()}),
             "rooms": len(rooms),
             "shards": self.links.status(),
             "bookVersion": self.links.version,
@@ -226,32 +224,31 @@ class FrontDoor:
 
     async def _handle(self, ws: ServerConnection) -> None:
         identity: Identity = ws.rounds_identity  # type: ignore[attr-defined]
-        yjs_resource = resource_from_path(urlsplit(ws.request.path).path) if ws.request is not None else None
-        client = Client(conn_id(self.index, next(self._counter)), ws, identity,
-                        SessionId(uuid.uuid4().hex), YJS if yjs_resource else codec_for(ws.subprotocol),
-                        time.monotonic(), yjs_resource=yjs_resource)
+        yjs_room = resource_from_path(urlsplit(ws.request.path).path) if ws.request is not None else None
+        session = Session(conn_id(self.index, next(self._counter)), identity, SessionId(uuid.uuid4().hex),
+                          self.rules)
+        client = Client(session, ws, YJS if yjs_room else codec_for(ws.subprotocol), time.monotonic())
         self.clients[client.conn] = client
         self._accepting.discard(ws)
-        user = UserId(identity.user_id)
         try:
-            await self.sessions.open(user, client.session_id, {
+            await self.sessions.open(session.user_id, session.session_id, {
                 "frontdoor": self.index, "role": identity.role, "connectedAt": now_ms()}, now_ms())
         except Exception:
             log.exception("%s: session store failed on open; continuing without it", self.name)
         self._audit("USER_CONNECTED", client, details={"role": identity.role, "remote": _remote(ws),
                                                         "subprotocol": client.codec.name})
-        if yjs_resource is not None:
-            self._yjs_join(client, yjs_resource)
+        if yjs_room is not None:
+            self._act(client, session.yjs_open(yjs_room, now_ms(), self._reachable))
         else:
             self._send(client, MessageType.CONNECTED, {
-                "sessionId": client.session_id,
+                "sessionId": session.session_id,
                 "userId": identity.user_id,
                 "username": identity.username,
                 "role": identity.role,
                 "heartbeatIntervalMs": self.settings.heartbeat_interval_ms,
                 "idleTimeoutMs": self.settings.idle_timeout_ms,
             })
-        on_frame = self._on_yjs_frame if yjs_resource is not None else self._on_frame
+        on_frame = self._on_yjs_frame if yjs_room is not None else self._on_frame
         try:
             async for frame in ws:
                 client.last_seen = time.monotonic()
@@ -267,21 +264,24 @@ class FrontDoor:
             if _frame_bytes(frame, limit) > limit:
                 raise ProtocolError(ErrorCode.TOO_LARGE, f"frame exceeds {limit} bytes")
             request = parse_request(client.codec, frame)
+            session, reachable = client.session, self._reachable
             match request:
                 case Heartbeat(ref=ref):
                     await self._heartbeat(client, ref)
+                    return
                 case JoinResource():
-                    self._join(client, request)
+                    actions = session.join(request, now_ms(), reachable)
                 case LeaveResource():
-                    self._leave(client, request)
+                    actions = session.leave(request, reachable)
                 case ResourceUpdate():
-                    self._update(client, request)
+                    actions = session.update(request, reachable, self._same_shard)
                 case AwarenessUpdate():
-                    self._awareness(client, request)
+                    actions = session.awareness_update(request, reachable)
                 case LockAcquireRequest():
-                    self._lock_acquire(client, request)
+                    actions = session.lock_acquire(request, reachable)
                 case LockRenewRequest() | LockReleaseRequest():
-                    self._lock_forward(client, request)
+                    actions = session.lock_step(request, reachable)
+            self._act(client, actions)
         except ProtocolError as exc:
             self._send(client, MessageType.ERROR, error_data(exc.code, exc.message), exc.ref)
         except Exception:  # our bug: log it, tell the client without internals, keep going
@@ -290,134 +290,51 @@ class FrontDoor:
 
     async def _heartbeat(self, client: Client, ref: Any) -> None:
         try:
-            await self.sessions.touch(UserId(client.identity.user_id), client.session_id, now_ms())
+            await self.sessions.touch(client.session.user_id, client.session.session_id, now_ms())
         except Exception:
             log.exception("%s: session store failed on touch", self.name)
         self._send(client, MessageType.HEARTBEAT_ACK, {"serverTime": now_ms()}, ref)
 
-    def _join(self, client: Client, req: JoinResource) -> None:
-        rid = req.resource_id
-        if req.mode not in self.settings.allowed_modes(client.identity.role):
-            self._audit("PERMISSION_DENIED", client, outcome="denied", resource=rid,
-                        details={"action": "join", "mode": req.mode, "role": client.identity.role})
-            self._send(client, MessageType.PERMISSION_DENIED, error_data(
-                ErrorCode.PERMISSION_DENIED, f"role {client.identity.role!r} may not join as {req.mode}",
-                resourceId=rid, mode=req.mode), req.ref)
-            return
-        if rid in client.rooms:
-            raise ProtocolError(ErrorCode.ALREADY_JOINED, f"already joined {rid}", req.ref)
-        if len(client.rooms) >= self.settings.max_rooms_per_connection:
-            raise ProtocolError(ErrorCode.TOO_MANY_ROOMS,
-                                f"at most {self.settings.max_rooms_per_connection} rooms per connection", req.ref)
-        identity = client.identity
-        join = Join(client.conn, req.ref, UserId(identity.user_id), identity.username, client.session_id,
-                    rid, req.resource_type, req.mode, joined_at_ms=now_ms(), state_vector=req.state_vector)
-        if not self._to_shard(rid, join):
-            raise ProtocolError(ErrorCode.UNAVAILABLE, "the shard for this resource is unavailable; retry", req.ref)
-        client.rooms[rid] = join
-        client.joining.add(rid)
-
-    def _leave(self, client: Client, req: LeaveResource) -> None:
-        rid = req.resource_id
-        if rid not in client.rooms:
-            raise ProtocolError(ErrorCode.NOT_JOINED, f"not joined to {rid}", req.ref)
-        del client.rooms[rid]
-        if not self._to_shard(rid, Leave(client.conn, req.ref, rid)):
-            # The shard is away: its Sync on relink drops this membership.
-            self._send(client, MessageType.RESOURCE_LEFT, {"resourceId": rid}, req.ref)
-
-    def _update(self, client: Client, req: ResourceUpdate) -> None:
-        join = client.rooms.get(req.resource_id)
-        if join is None:
-            raise ProtocolError(ErrorCode.NOT_JOINED, f"not joined to {req.resource_id}", req.ref)
-        if join.mode != EDITOR:
-            # seed BE-001.2 "Join resource as viewer": updates are refused.
-            self._audit("PERMISSION_DENIED", client, outcome="denied", resource=req.resource_id,
-                        details={"action": "update", "mode": join.mode})
-            self._send(client, MessageType.PERMISSION_DENIED, error_data(
-                ErrorCode.PERMISSION_DENIED, "viewers may not update the document",
-                resourceId=req.resource_id, mode=join.mode), req.ref)
-            return
-        if req.lock_resource_id is not None:
-            # Fenced (issue 3): the document's shard checks the token, so the
-            # lock must live there too (its room is this document's family).
-            room = client.lock_rooms.get(req.lock_resource_id, req.resource_id)
-            if self.links.route(room) != self.links.route(req.resource_id):
-                raise ProtocolError(ErrorCode.BAD_REQUEST, "a fenced update must name a lock taken in this "
-                                    "document's room (or its family)", req.ref)
-        update = DocUpdate(client.conn, req.ref, req.resource_id, req.update, True,
-                           req.lock_resource_id, req.fencing_token)
-        if not self._to_shard(req.resource_id, update):
-            raise ProtocolError(ErrorCode.UNAVAILABLE, "the shard for this resource is unavailable; retry", req.ref)
-
-    def _awareness(self, client: Client, req: AwarenessUpdate) -> None:
-        if req.resource_id not in client.rooms:
-            raise ProtocolError(ErrorCode.NOT_JOINED, f"not joined to {req.resource_id}", req.ref)
-        if not self._to_shard(req.resource_id, Awareness(client.conn, req.ref, req.resource_id, req.update)):
-            raise ProtocolError(ErrorCode.UNAVAILABLE, "the shard for this resource is unavailable; retry", req.ref)
-
-    # --- y-websocket clients (issue 4) -------------------------------------------------
-
-    def _yjs_join(self, client: Client, rid: ResourceId) -> None:
-        allowed = self.settings.allowed_modes(client.identity.role)
-        mode = EDITOR if EDITOR in allowed else allowed[0]
-        identity = client.identity
-        join = Join(client.conn, None, UserId(identity.user_id), identity.username, client.session_id,
-                    rid, "document", mode, joined_at_ms=now_ms(), kind="yjs")
-        client.rooms[rid] = join
-        if self._to_shard(rid, join):
-            client.joining.add(rid)
-        else:
-            log.warning("%s: shard for %s unavailable; closing y-websocket conn %d", self.name, rid, client.conn)
-            self._spawn(client.ws.close(1013, "shard unavailable; retry"))
-
     async def _on_yjs_frame(self, client: Client, frame: str | bytes) -> None:
-        rid = client.yjs_resource
-        assert rid is not None
         try:
             if isinstance(frame, bytes) and len(frame) > self.settings.max_update_bytes + 64:
                 raise ValueError(f"frame of {len(frame)} bytes exceeds the update limit")
-            command = command_for(client.conn, rid, YJS.decode(frame))
+            message = YJS.decode(frame)
         except ValueError as exc:  # YProtocolError included: y-websocket has no error message
             log.info("%s: dropped a bad y-websocket frame from conn %d (%s): %s",
-                     self.name, client.conn, client.identity.user_id, exc)
+                     self.name, client.conn, client.session.user_id, exc)
             return
-        if command is None or rid not in client.rooms:
-            return
-        if isinstance(command, DocUpdate) and client.rooms[rid].mode != EDITOR:
-            # The y-websocket way: drop it (the client keeps its local edit);
-            # the audit trail and the log say who tried.
-            log.info("%s: dropped an update to %s from viewer %s (y-websocket)",
-                     self.name, rid, client.identity.user_id)
-            self._audit("PERMISSION_DENIED", client, outcome="denied", resource=rid,
-                        details={"action": "update", "mode": client.rooms[rid].mode, "endpoint": "yjs"})
-            return
-        self._to_shard(rid, command)
+        self._act(client, client.session.yjs_message(message))
 
-    def _lock_acquire(self, client: Client, req: LockAcquireRequest) -> None:
-        # A lock lives on the shard of its room, with the room's members: its
-        # broadcasts and its release when the holder leaves stay local there.
-        join = client.rooms.get(req.room_id)
-        if join is None:
-            raise ProtocolError(ErrorCode.NOT_JOINED, f"join {req.room_id} before locking in it", req.ref)
-        command = LockAcquire(client.conn, req.ref, UserId(client.identity.user_id), req.resource_id,
-                              join.mode, req.room_id, req.ttl_ms)
-        if not self._to_shard(req.room_id, command):
-            raise ProtocolError(ErrorCode.UNAVAILABLE, "the shard for this room is unavailable; retry", req.ref)
-        client.lock_rooms.pop(req.resource_id, None)
-        client.lock_rooms[req.resource_id] = req.room_id
-        if len(client.lock_rooms) > MAX_LOCK_ROOMS_PER_CLIENT:
-            # Only a routing hint for renew/release; forget the oldest.
-            del client.lock_rooms[next(iter(client.lock_rooms))]
+    def _act(self, client: Client, actions: list[Action]) -> None:
+        """Carry out what a session returned."""
+        for action in actions:
+            match action:
+                case ToShard(room=room, message=message):
+                    if not self._to_shard(room, message):
+                        log.debug("%s: no link for %s; %s not sent", self.name, room, type(message).__name__)
+                case Answer(type=type_, data=data, ref=ref):
+                    if client.codec is YJS:
+                        self._send_yjs(client, type_, data)
+                    else:
+                        self._send(client, type_, data, ref)
+                case Audit(event_type=event_type, outcome=outcome, resource=resource, details=details):
+                    if event_type == "PERMISSION_DENIED" and client.codec is YJS:
+                        log.info("%s: dropped an update to %s from viewer %s (y-websocket)",
+                                 self.name, resource, client.session.user_id)
+                    self._audit(event_type, client, outcome=outcome, resource=resource, details=details)
+                case Close(code=code, reason=reason, why=why):
+                    log.info("%s: closing conn %d (%s): %d %s", self.name, client.conn, client.session.user_id,
+                             code, reason)
+                    client.session.close_reason = why
+                    self._spawn(client.ws.close(code, reason))
 
-    def _lock_forward(self, client: Client, req: LockRenewRequest | LockReleaseRequest) -> None:
-        room = client.lock_rooms.get(req.resource_id, req.resource_id)
-        command: LockRenew | LockRelease = (
-            LockRenew(client.conn, req.ref, req.resource_id, LockId(req.lock_id))
-            if isinstance(req, LockRenewRequest)
-            else LockRelease(client.conn, req.ref, req.resource_id, LockId(req.lock_id)))
-        if not self._to_shard(room, command):
-            raise ProtocolError(ErrorCode.UNAVAILABLE, "the shard for this lock is unavailable; retry", req.ref)
+    def _reachable(self, room: ResourceId) -> bool:
+        shard = self.links.route(room)
+        return shard is not None and self.links.up(shard)
+
+    def _same_shard(self, a: ResourceId, b: ResourceId) -> bool:
+        return self.links.route(a) == self.links.route(b)
 
     def _to_shard(self, rid: ResourceId, msg: LinkMessage) -> bool:
         shard = self.links.route(rid)
@@ -425,36 +342,36 @@ class FrontDoor:
 
     async def _cleanup(self, client: Client, ws: ServerConnection) -> None:
         self.clients.pop(client.conn, None)
-        reason = client.close_reason
-        shards = {self.links.route(rid) for rid in client.rooms}
-        for shard in shards:
+        session = client.session
+        reason = session.close_reason
+        for shard in session.shards_of(self.links.route):
             if shard is not None:
                 self.links.send(shard, Disconnect(client.conn, reason))
         try:
-            await self.sessions.close(UserId(client.identity.user_id), client.session_id)
+            await self.sessions.close(session.user_id, session.session_id)
         except Exception:
             log.exception("%s: session store failed on close", self.name)
         if reason == "timeout":
             self._audit("SESSION_TIMEOUT", client, details={"idleTimeoutMs": self.settings.idle_timeout_ms})
         self._audit("USER_DISCONNECTED", client, details={
-            "reason": reason, "code": ws.close_code, "rooms": sorted(client.rooms)})
+            "reason": reason, "code": ws.close_code, "rooms": sorted(session.rooms)})
 
     def _on_shard_down(self, shard: ShardId) -> None:
-        """Joins sent to a shard whose link dropped may never be answered: fail
-        them now, so the client retries, and leave them out of the next Sync."""
         route = self.links.route
-        for client in self.clients.values():
-            for rid in [r for r in client.joining if route(r) == shard]:
-                client.joining.discard(rid)
-                join = client.rooms.pop(rid)
-                self._send(client, MessageType.ERROR, error_data(
-                    ErrorCode.UNAVAILABLE, "the shard for this resource went away; retry the join",
-                    resourceId=rid), join.ref)
+        for client in list(self.clients.values()):
+            self._act(client, client.session.shard_down(lambda room: route(room) == shard))
 
-    def _members_of(self, shard: ShardId) -> list[Join]:
+    def _restore(self, shard: ShardId) -> tuple[list[Join], list[LinkMessage]]:
+        """What the shard is told when its link (re)opens: every membership it
+        owns here (its `Sync`), then each member's last awareness."""
         route = self.links.route
-        return [dataclasses.replace(j, ref=None, restore=True)
-                for c in self.clients.values() for j in c.rooms.values() if route(j.resource_id) == shard]
+        joins: list[Join] = []
+        shown: list[LinkMessage] = []
+        for client in self.clients.values():
+            mine, seen = client.session.restore(lambda room: route(room) == shard)
+            joins += mine
+            shown += seen
+        return joins, shown
 
     async def _reap_idle(self) -> None:
         """Close clients silent for longer than the idle timeout (seed BE-001.1)."""
@@ -464,8 +381,8 @@ class FrontDoor:
             await asyncio.sleep(period)
             deadline = time.monotonic() - idle_s
             for client in [c for c in self.clients.values() if c.last_seen < deadline]:
-                if client.close_reason != "timeout":
-                    client.close_reason = "timeout"
+                if client.session.close_reason != "timeout":
+                    client.session.close_reason = "timeout"
                     self._spawn(client.ws.close(CloseCode.IDLE_TIMEOUT, "idle timeout"))
 
     # --- sending --------------------------------------------------------------------
@@ -481,8 +398,6 @@ class FrontDoor:
                 send_frame((client.ws,), ws_frame(frame))
         elif type_ == MessageType.ERROR:
             log.info("%s: y-websocket conn %d: %s %s", self.name, client.conn, data.get("code"), data.get("message"))
-            if data.get("code") == ErrorCode.UNAVAILABLE and client.yjs_resource not in client.rooms:
-                self._spawn(client.ws.close(1013, "document unavailable; retry"))
         else:
             self._send(client, type_, data)
 
@@ -490,20 +405,10 @@ class FrontDoor:
         match msg:
             case Deliver(conns=conns, type=type_, data=data):
                 self._deliver(conns, type_, data)
-            case Reply(conn=conn, ref=ref, type=type_, data=data):
+            case Reply(conn=conn):
                 client = self.clients.get(conn)
-                if client is None:
-                    return
-                if client.joining:
-                    rid = data.get("resourceId")
-                    if rid in client.joining:
-                        client.joining.discard(rid)
-                        if type_ == MessageType.ERROR:  # the join failed (its document could not load)
-                            client.rooms.pop(rid, None)
-                if client.codec is YJS:
-                    self._send_yjs(client, type_, data)
-                else:
-                    self._send(client, type_, data, ref)
+                if client is not None:
+                    self._act(client, client.session.on_reply(msg))
             case RelayBatch() | RelayReset():
                 if self.relay is not None:
                     self.relay.on_link(msg)
@@ -515,9 +420,9 @@ class FrontDoor:
         reconnect (1012, service restart) and so start from its state again."""
         route = self.links.route
         for client in list(self.clients.values()):
-            if any(route(rid) == shard for rid in client.rooms):
-                client.close_reason = "relay reset"
-                self._spawn(client.ws.close(1012, "relayed messages lost; reconnect"))
+            if shard in client.session.shards_of(route):
+                client.session.close_reason = "relay reset"
+                self._spawn(client.ws.close(CloseCode.SERVICE_RESTART, "relayed messages lost; reconnect"))
 
     def _deliver(self, conns: Iterable[ConnId], type_: str, data: dict[str, Any]) -> None:
         by_codec: dict[Any, list[ServerConnection]] = {}
@@ -542,8 +447,8 @@ class FrontDoor:
                 send_frame(group, ws_frame(frame))
 
     def _overloaded(self, client: Client) -> None:
-        if client.close_reason != "overloaded":
-            client.close_reason = "overloaded"
+        if client.session.close_reason != "overloaded":
+            client.session.close_reason = "overloaded"
             self.overloaded += 1
             log.warning("%s: conn %d is not reading; closing with %d", self.name, client.conn, CloseCode.OVERLOADED)
             self._spawn(client.ws.close(CloseCode.OVERLOADED, "not reading fast enough"))
@@ -558,8 +463,8 @@ class FrontDoor:
                resource: str | None = None, details: dict[str, Any] | None = None) -> None:
         self.audit.emit(AuditEvent(
             event_type, self.name, outcome,
-            user_id=client.identity.user_id if client else None,
-            session_id=client.session_id if client else None,
+            user_id=client.session.user_id if client else None,
+            session_id=client.session.session_id if client else None,
             resource_id=resource, details=details or {}))
 
 

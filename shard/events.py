@@ -2,8 +2,8 @@
 replies and deliveries of `rounds.protocol.messages`.
 
 Mirror writes for the presence backend, a member gone (locks and awareness
-hook there), and a broadcast to a room before the shell resolves it into
-connections. No I/O in this module.
+hook there), a member to be told its room's state, and a broadcast to a room
+before the shell resolves it into connections. No I/O in this module.
 """
 
 from __future__ import annotations
@@ -56,4 +56,21 @@ class RoomBroadcast:
     data: dict[str, Any]
 
 
-Event = Reply | Deliver | MirrorJoin | MirrorLeave | MemberGone
+@dataclass(frozen=True, slots=True)
+class TellState:
+    """Tell a member the room's state: the answer to its join (with its `ref`
+    and the state vector it joined with), or, with `refresh`, the whole room
+    again after it may have missed deliveries (a front door's link reopened,
+    the shard restarted). The shard service assembles the `RESOURCE_STATE`
+    (a y-websocket member gets sync steps instead) once the room's document
+    is in memory."""
+
+    conn: ConnId
+    ref: Any
+    resource_id: ResourceId
+    kind: str  # "ws" | "yjs"
+    state_vector: bytes | None = None
+    refresh: bool = False
+
+
+Event = Reply | Deliver | MirrorJoin | MirrorLeave | MemberGone | TellState

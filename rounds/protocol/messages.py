@@ -19,8 +19,10 @@ from rounds.ids import ConnId, FrontDoorId, ResourceId, SessionId, UserId
 
 LockId = NewType("LockId", str)
 
-# A reply type that exists only on the link: a y-websocket client's sync step 2
-# (what it lacks), which the front door frames for that client alone.
+# Reply types that exist only on the link, for a y-websocket client alone:
+# the shard's sync step 1 (its state vector: "send me what I lack") and
+# sync step 2 (what the client lacks), which its front door frames as such.
+SYNC_STEP1 = "SYNC_STEP1"
 SYNC_STEP2 = "SYNC_STEP2"
 
 # --- commands (front door -> shard) -----------------------------------------

@@ -76,12 +76,17 @@ class ErrorCode(enum.StrEnum):
 
 
 class CloseCode(enum.IntEnum):
-    """Close codes; 4xxx with a last digit < 5 mean "do not reconnect as is"."""
+    """Close codes, on `/ws` and `/yjs` alike, each telling the client whether
+    to reconnect (docs/protocol.md, "Close codes"). Stock y-websocket clients
+    reconnect and resync on any code outside 4400-4499."""
 
     GOING_AWAY = 1001  # server draining: reconnect (to another front door)
+    SERVICE_RESTART = 1012  # what was relayed to you was lost (a relay reset): reconnect and resync now
+    TRY_AGAIN_LATER = 1013  # your room's shard or store is unavailable: reconnect later, then resync
     IDLE_TIMEOUT = 4008  # no frame within idle timeout: reconnect when active again
     SESSION_REPLACED = 4009
     OVERLOADED = 4013  # per-connection queue overflow: reconnect later
+    DOCUMENT_TOO_LARGE = 4413  # y-websocket: the document refused your edit as too large; reconnecting cannot help
 
 
 # --- requests ---------------------------------------------------------------

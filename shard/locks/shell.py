@@ -29,9 +29,7 @@ from typing import Any
 from rounds.shard.locks.store import LockStore, StoreAnswer
 from rounds.clock import now_ms
 from rounds.ids import ResourceId
-from rounds.protocol.messages import DocUpdate, Reply
 from rounds.shard.locks.events import (
-    AuditLock,
     LockAdopt,
     LockCommand,
     LockEvent,
@@ -40,7 +38,7 @@ from rounds.shard.locks.events import (
     StoreRenew,
 )
 from rounds.shard.locks.machine import Locks
-from rounds.protocol.ws import ErrorCode, MessageType, error_data
+from rounds.shard.timer import DeadlineTimer
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +61,7 @@ class LockShell:
         self.store = store
         self.locks = Locks(lambda: uuid.uuid4().hex, default_ttl_ms=default_ttl_ms, max_ttl_ms=max_ttl_ms)
         self._dispatch = dispatch
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at: int | None = None
+        self._timer = DeadlineTimer(self._expire)
         self._stopped = False
 
     def handle(self, command: LockCommand) -> None:
@@ -85,39 +82,12 @@ class LockShell:
         if answer is not None and not self._stopped:
             self.handle(answer)
 
-    def stale_fence(self, update: DocUpdate) -> Reply | None:
-        """A fenced update's refusal (STALE_LOCK, audited) unless its token is
-        the live lock's; None when the update may go ahead."""
-        token, lock_resource = update.fencing_token, update.lock_resource_id
-        if token is None or lock_resource is None:
-            return None
-        lock = self.locks.holder(lock_resource)
-        if lock is not None and lock.fencing_token == token:
-            return None
-        self._dispatch([AuditLock("fence", lock_resource, None, None, "denied", {"fencingToken": token},
-                                  update.conn)])
-        return Reply(update.conn, update.ref, MessageType.ERROR, error_data(
-            ErrorCode.STALE_LOCK, "the lock this update is fenced with is no longer held with that token",
-            resourceId=update.resource_id, lockResourceId=lock_resource, fencingToken=token,
-            currentToken=None if lock is None else lock.fencing_token))
-
     # --- expiry -------------------------------------------------------------------
 
     def _arm(self) -> None:
-        deadline = self.locks.next_deadline()
-        if deadline == self._timer_at:
-            return
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        self._timer_at = deadline
-        if deadline is not None:
-            delay_s = max(0.0, (deadline - now_ms()) / 1000)
-            self._timer = asyncio.get_running_loop().call_later(delay_s, self._expire)
+        self._timer.arm(self.locks.next_deadline())
 
     def _expire(self) -> None:
-        self._timer = None
-        self._timer_at = None
         self._emit(self.locks.expire(now_ms()))
 
     async def start(self) -> None:
@@ -145,7 +115,6 @@ class LockShell:
     async def stop(self) -> None:
         """Stop expiring; requests in flight finish in the store, their answers
         are dropped (the shard is going away)."""
-        if self._timer is not None:
-            self._timer.cancel()
+        self._timer.cancel()
         self._stopped = True
         await self.store.aclose()

@@ -11,6 +11,22 @@ room is listed once (mode `editor` if any tab edits, `joinedAt` of the first
 tab); `USER_JOINED` goes out when the user's first tab joins and `USER_LEFT`
 when the last one leaves. Mode permission (role -> modes) is checked by the
 front door before a join reaches the shard.
+
+A join is answered with `TellState`: the shard service assembles the room's
+`RESOURCE_STATE` (users, document, locks, awareness) in one place. The same
+event, with `refresh`, re-tells a member what it may have missed:
+
+- A front door's `Sync` (its link reopened, or the shard restarted) lists
+  its members; each is restored if missing and refreshed, since deliveries
+  to it may have been lost while the link was down. A user new to a room
+  is announced to the members that are not being refreshed by that Sync.
+- A shard that starts is *recovering* until every front door it expects has
+  synced, or `restore_grace_ms` after the first did: meanwhile restores are
+  silent and refreshes wait, so no member is told a room that lacks the
+  members of a front door about to sync (no flicker of users leaving and
+  coming back). Joins meanwhile are answered at once and refreshed again
+  when recovery ends. The shell arms a timer for `next_deadline()` and
+  calls `expire(now)` (the lock machine's pattern).
 """
 
 from __future__ import annotations
@@ -21,10 +37,12 @@ from typing import Any
 
 from rounds.clock import iso_ms
 from rounds.config import EDITOR
-from rounds.ids import ConnId, ResourceId, SessionId, UserId, frontdoor_of, parent_of
-from rounds.protocol.ws import ErrorCode, MessageType, error_data
+from rounds.ids import ConnId, FrontDoorId, ResourceId, SessionId, UserId, frontdoor_of, parent_of
 from rounds.protocol.messages import Command, Deliver, Disconnect, Join, Leave, Reply, Sync
-from rounds.shard.events import Event, MemberGone, MirrorJoin, MirrorLeave
+from rounds.protocol.ws import ErrorCode, MessageType, error_data
+from rounds.shard.events import Event, MemberGone, MirrorJoin, MirrorLeave, TellState
+
+RESTORE_GRACE_MS = 1_000  # a starting shard waits this long at most for the front doors' Syncs
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +55,7 @@ class Member:
     # When the user arrived in the room, not this tab: a later tab inherits it,
     # so `joinedAt` (and its Redis mirror) stays put when the first tab leaves.
     joined_at_ms: int
+    kind: str = "ws"  # the endpoint it came by: "ws" or "yjs" (how it is told the room's state)
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,11 +79,19 @@ class UserView:
 class Presence:
     """All rooms of one shard. Drive it with `handle`; read it with the queries."""
 
-    def __init__(self) -> None:
+    def __init__(self, expected_frontdoors: int = 0, restore_grace_ms: int = RESTORE_GRACE_MS) -> None:
+        """`expected_frontdoors`: how many front doors a starting shard waits
+        for before it tells restored members their rooms (0: none, no recovery)."""
         self._rooms: dict[ResourceId, dict[ConnId, Member]] = {}
         self._conn_rooms: dict[ConnId, set[ResourceId]] = {}
         # parent -> its sub-resources that have members, in order of first join
         self._families: dict[ResourceId, dict[ResourceId, None]] = {}
+        self._expected = expected_frontdoors
+        self._grace_ms = restore_grace_ms
+        self._recovering = expected_frontdoors > 0
+        self._synced: set[FrontDoorId] = set()
+        self._grace_until: int | None = None
+        self._to_refresh: dict[tuple[ConnId, ResourceId], None] = {}  # memberships told when recovery ends
 
     # --- queries --------------------------------------------------------------
 
@@ -100,6 +127,24 @@ class Presence:
     def user_view(self, room: ResourceId, user: UserId) -> UserView | None:
         return next((v for v in self.users(room) if v.user_id == user), None)
 
+    def users_wire(self, room: ResourceId) -> list[dict[str, Any]]:
+        """The room's users as `RESOURCE_STATE.users` lists them."""
+        return [u.wire() for u in self.users(room)]
+
+    @property
+    def recovering(self) -> bool:
+        return self._recovering
+
+    def next_deadline(self) -> int | None:
+        """When `expire` has something to do: the end of the recovery's grace."""
+        return self._grace_until if self._recovering else None
+
+    def expire(self, now_ms: int) -> list[Event]:
+        """End the recovery once its grace is over, telling every member restored meanwhile."""
+        if self._recovering and self._grace_until is not None and now_ms >= self._grace_until:
+            return self._end_recovery()
+        return []
+
     # --- commands -------------------------------------------------------------
 
     def handle(self, command: Command, now_ms: int) -> list[Event]:
@@ -133,8 +178,11 @@ class Presence:
             joined_at_ms = cmd.joined_at_ms
         else:
             joined_at_ms = now_ms
-        room[cmd.conn] = Member(cmd.conn, cmd.user_id, cmd.username, cmd.session_id, cmd.mode, joined_at_ms)
+        room[cmd.conn] = Member(cmd.conn, cmd.user_id, cmd.username, cmd.session_id, cmd.mode, joined_at_ms,
+                                cmd.kind)
         self._conn_rooms.setdefault(cmd.conn, set()).add(cmd.resource_id)
+        if self._recovering:
+            self._to_refresh[(cmd.conn, cmd.resource_id)] = None
         after = self.user_view(cmd.resource_id, cmd.user_id)
         assert after is not None
         events: list[Event] = []
@@ -142,25 +190,13 @@ class Presence:
             events.append(MirrorJoin(cmd.resource_id, cmd.user_id, after.mode, after.joined_at_ms))
         if cmd.restore:
             return events
-        events.append(Reply(cmd.conn, cmd.ref, MessageType.RESOURCE_STATE, self.resource_state(cmd.resource_id)))
+        events.append(TellState(cmd.conn, cmd.ref, cmd.resource_id, cmd.kind, cmd.state_vector))
         if before is None:
             others = tuple(c for c in room if c != cmd.conn)
             if others:
-                events.append(Deliver(others, MessageType.USER_JOINED,
-                                      {"resourceId": cmd.resource_id, "user": after.wire()}))
+                events.append(_user_joined(cmd.resource_id, others, after))
         events.extend(self._family_update(parent_of(cmd.resource_id)))
         return events
-
-    def resource_state(self, room: ResourceId) -> dict[str, Any]:
-        """`RESOURCE_STATE` data. `state`/`revision`/`locks` are filled by the
-        document and lock machines once they exist (issues 3 and 4)."""
-        return {
-            "resourceId": room,
-            "users": [u.wire() for u in self.users(room)],
-            "state": b"",
-            "revision": 0,
-            "locks": [],
-        }
 
     def _leave(self, cmd: Leave) -> list[Event]:
         room = self._rooms.get(cmd.resource_id)
@@ -192,10 +228,44 @@ class Presence:
                 if (conn, room) not in listed:
                     events.extend(self._remove(conn, room, "disconnected"))
                     dropped.append(room)
+        arrived: list[tuple[ResourceId, UserId]] = []  # users new to a room
         for join in cmd.joins:
-            events.extend(self._join(join if join.restore else _as_restore(join), now_ms))
-        # after the (silent) restores too, so the update shows the final state
-        events.extend(self._families_update(self._parents(dropped)))
+            restore = join if join.restore else _as_restore(join)
+            if self.user_view(restore.resource_id, restore.user_id) is None:
+                arrived.append((restore.resource_id, restore.user_id))
+            events.extend(self._join(restore, now_ms))
+        if self._recovering:
+            self._synced.add(cmd.frontdoor)
+            if self._grace_until is None:
+                self._grace_until = now_ms + self._grace_ms
+            events.extend(self._families_update(self._parents(dropped)))
+            if len(self._synced) >= self._expected:
+                events.extend(self._end_recovery())
+            return events
+        # announced to the members this Sync does not refresh (they are told the whole room)
+        for room, user_id in arrived:
+            view = self.user_view(room, user_id)
+            others = tuple(c for c in self._rooms[room] if (c, room) not in listed)
+            if view is not None and others:
+                events.append(_user_joined(room, others, view))
+        for join in cmd.joins:
+            member = self.member(join.resource_id, join.conn)
+            if member is not None:
+                events.append(TellState(join.conn, None, join.resource_id, member.kind, None, refresh=True))
+        # after the restores too, so the update shows the final state
+        events.extend(self._families_update(self._parents(dropped + [j.resource_id for j in cmd.joins])))
+        return events
+
+    def _end_recovery(self) -> list[Event]:
+        """Every membership made while recovering is told its room, whole."""
+        self._recovering = False
+        told, self._to_refresh = list(self._to_refresh), {}
+        events: list[Event] = []
+        for conn, room in told:
+            member = self.member(room, conn)
+            if member is not None:
+                events.append(TellState(conn, None, room, member.kind, None, refresh=True))
+        events.extend(self._families_update(self._parents([room for _, room in told])))
         return events
 
     @staticmethod
@@ -211,6 +281,7 @@ class Presence:
         room = self._rooms[room_id]
         before = self.user_view(room_id, room[conn].user_id)
         member = room.pop(conn)
+        self._to_refresh.pop((conn, room_id), None)
         rooms_of_conn = self._conn_rooms[conn]
         rooms_of_conn.discard(room_id)
         if not rooms_of_conn:
@@ -253,6 +324,10 @@ class Presence:
             })
             for sub in subs
         ]
+
+
+def _user_joined(room: ResourceId, conns: tuple[ConnId, ...], view: UserView) -> Deliver:
+    return Deliver(conns, MessageType.USER_JOINED, {"resourceId": room, "user": view.wire()})
 
 
 def _as_restore(join: Join) -> Join:

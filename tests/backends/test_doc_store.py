@@ -68,23 +68,23 @@ async def test_a_document_rebuilt_from_the_store_has_every_appended_update(store
     from pycrdt import Doc, Text
 
     docs = Documents()
-    docs.load(room, None, 0, [], now_ms=0)
+    docs.load(room, None, 0, [])
     author = Doc()
     text = author.get("t", type=Text)
     for i in range(5):
         before = author.get_state()
         text.insert(0, f"{i}|")
         update = author.get_update(before)
-        revision = docs.apply(room, update, 0).revision
+        revision = docs.apply(room, update).revision
         await store.append({room: [(revision, update)]})
         if i == 2:
             state, at = docs.encode(room)
             await store.compact(room, state, at, covered=2)  # leaves entry 3 in the log: overlap
     stored = await store.load(room)
     rebuilt = Documents()
-    document = rebuilt.load(room, stored.snapshot, stored.revision, stored.log, now_ms=0)
+    document = rebuilt.load(room, stored.snapshot, stored.revision, stored.log)
     replica = Doc()
-    replica.apply_update(rebuilt.state(room, None, 0)[0])
+    replica.apply_update(rebuilt.state(room, None)[0])
     assert str(replica.get("t", type=Text)) == "4|3|2|1|0|" and document.revision == 5
 
 

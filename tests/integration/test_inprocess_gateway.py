@@ -73,13 +73,13 @@ async def connect(inproc: InProcessGateway) -> AsyncIterator[Connect]:
 def frontdoor_of(gateway: InProcessGateway, client: Client) -> int:
     session = client.connected.data["sessionId"]  # type: ignore[union-attr]
     [index] = [fd.index for fd in gateway.frontdoors
-               if any(c.session_id == session for c in fd.clients.values())]
+               if any(c.session.session_id == session for c in fd.clients.values())]
     return index
 
 
 def conn_of(gateway: InProcessGateway, client: Client) -> int:
     session = client.connected.data["sessionId"]  # type: ignore[union-attr]
-    [conn] = [c.conn for fd in gateway.frontdoors for c in fd.clients.values() if c.session_id == session]
+    [conn] = [c.conn for fd in gateway.frontdoors for c in fd.clients.values() if c.session.session_id == session]
     return conn
 
 
@@ -215,10 +215,15 @@ async def test_a_membership_that_ended_while_the_link_was_down_is_dropped_after_
         left = await client.expect("USER_LEFT")
         assert left.data == {"resourceId": room, "userId": f"gone-{uid}"}
     assert sorted(m.user_id for m in shard.presence.members(room)) == [f"here-{uid}", f"there-{uid}"]
-    # the others' memberships were kept without a word to anyone
+    # the others' memberships were kept; the member behind the link that dropped
+    # is told its room again (deliveries to it may have been lost), unasked
     for client in (stays_here, stays_there):
         await client.quiet(0.2)
-        assert types(client.seen[marks[id(client)]:]) == ["USER_LEFT"]
+    assert types(stays_there.seen[marks[id(stays_there)]:]) == ["USER_LEFT"]
+    assert types(stays_here.seen[marks[id(stays_here)]:]) == ["USER_LEFT", "RESOURCE_STATE"]
+    refresh = stays_here.seen[-1]
+    assert refresh.ref is None and refresh.data["resourceId"] == room
+    assert [u["userId"] for u in refresh.data["users"]] == [f"here-{uid}", f"there-{uid}"]
 
 
 async def test_a_leave_while_the_link_is_down_is_answered_and_dropped_after_relink(
@@ -284,7 +289,7 @@ async def test_a_join_in_flight_when_the_link_drops_is_answered_unavailable(
     a = await connect(f"a-{uid}", frontdoor=0)
     monkeypatch.setattr(shard, "_on_message", lambda link, msg: None)
     await a.send("JOIN_RESOURCE", {"resourceId": room, "mode": "editor"}, ref="j1")
-    await eventually(lambda: any(room in c.joining for c in door.clients.values()))
+    await eventually(lambda: any(room in c.session.joining for c in door.clients.values()))
     async with link_down(shard, door):
         error = await a.expect("ERROR")
         assert (error.ref, error.data["code"], error.data["resourceId"]) == ("j1", "UNAVAILABLE", room)

@@ -1,10 +1,12 @@
-"""A shard actor killed under live rooms comes back, and nobody notices.
+"""A shard actor killed under live rooms comes back, with no presence flicker.
 
 Real Ray (the session's), a dedicated small gateway (2 shards, 1 front door,
 Redis on). Ray restarts the killed actor on a new port; the supervisor
 pushes the new address in a new book; the front door relinks and sends
-`Sync` with its members, and the shard rebuilds its rooms silently (DESIGN.md
-"Data plane"; `Join.restore`).
+`Sync` with its members, and the shard rebuilds its rooms (DESIGN.md
+"Data plane"; `Join.restore`): nobody sees anyone leave or arrive, and each
+member is told its room again (an unsolicited `RESOURCE_STATE`), since
+deliveries to it may have been lost with the old process.
 """
 
 from __future__ import annotations
@@ -81,12 +83,15 @@ async def test_a_killed_shard_is_restarted_and_its_rooms_rebuilt_without_spuriou
         for client in (a, b):
             joined = await client.expect("USER_JOINED")
             assert joined.data["user"]["userId"] == f"c-{uid}"
-        # the originals saw nothing of the restart: no USER_LEFT, no USER_JOINED for each other
+        # the originals saw no USER_LEFT, no USER_JOINED for each other: their room told again, then c
         for client in (a, b):
             await client.quiet(0.3)
             since = [(f.type, f.data.get("user", {}).get("userId", f.data.get("userId")))
                      for f in client.seen[marks[id(client)]:]]
-            assert since == [("USER_JOINED", f"c-{uid}")]
+            assert since == [("RESOURCE_STATE", None), ("USER_JOINED", f"c-{uid}")]
+            refresh = client.seen[marks[id(client)]]
+            assert refresh.ref is None
+            assert [u["userId"] for u in refresh.data["users"]] == [f"a-{uid}", f"b-{uid}"]
         # and the room still works: a leave is fanned out
         await b.request("LEAVE_RESOURCE", {"resourceId": room}, ref="bye")
         for client in (a, c):

@@ -1,7 +1,9 @@
-"""The documents' shell without Ray or sockets (issue 4): loading gates a
-room's commands in order, acks wait for the store, snapshots trim the log,
-idle documents leave memory and come back whole, shutdown saves everything.
-The stores are the real memory/file ones, wrapped to be slow or to fail."""
+"""The documents' shell without Ray or sockets (issue 4): loading, acks that
+wait for the store, snapshots that trim the log, idle documents that leave
+memory and come back whole, shutdown that saves everything. The stores are
+the real memory/file ones, wrapped to be slow or to fail. (The order of a
+room's commands while it loads, and refusals, are the shard service's:
+tests/unit/test_shard_service.py.)"""
 
 from __future__ import annotations
 
@@ -9,7 +11,6 @@ import asyncio
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import pytest
 from pycrdt import Doc, Text
 
 from rounds.shard.documents.store import FileDocStore, MemoryDocStore, StoredDoc
@@ -17,9 +18,8 @@ from rounds.config import Settings
 from rounds.audit.events import MemoryAuditSink
 from rounds.ids import ConnId, ResourceId, SessionId, UserId
 from rounds.shard.presence.machine import Member
-from rounds.shard.documents import shell as doc_shell
 from rounds.shard.documents.shell import DocShell
-from rounds.protocol.messages import DocUpdate, Join, Leave, Reply
+from rounds.protocol.messages import SYNC_STEP1, DocUpdate, Reply
 from rounds.shard.events import RoomBroadcast
 from rounds.protocol.ws import MessageType
 
@@ -57,11 +57,10 @@ class Wrapped(MemoryDocStore):
 class Harness:
     def __init__(self, store: Any, **settings: Any) -> None:
         self.events: list[Any] = []
-        self.replayed: list[Any] = []
         self.members: set[ResourceId] = set()
         self.audit = MemoryAuditSink()
-        self.shell = DocShell("shard-0", store, self.events.extend, self.replayed.append,
-                              lambda room: room in self.members, Settings().replace(**settings), audit=self.audit)
+        self.shell = DocShell("shard-0", store, self.events.extend, lambda: self.members,
+                              Settings().replace(**settings), audit=self.audit)
         self.store = store
         self.author = Doc()
 
@@ -74,9 +73,7 @@ class Harness:
         return [e for e in self.events if getattr(e, "type", None) == type_]
 
     async def loaded(self) -> None:
-        assert self.shell.gate(ROOM, "first", needs_document=True)
-        await until(lambda: ROOM in self.shell.documents)
-        assert self.replayed.pop() == "first"
+        assert await self.shell.load(ROOM)
 
 
 async def until(check: Any, timeout: float = 3.0) -> None:
@@ -85,40 +82,15 @@ async def until(check: Any, timeout: float = 3.0) -> None:
             await asyncio.sleep(0.005)
 
 
-def join(conn: ConnId) -> Join:
-    return Join(conn, "j", UserId("u"), "u", "s", ROOM, "document", "editor")
-
-
-async def test_a_rooms_commands_wait_for_its_document_and_run_in_arrival_order() -> None:
-    store = Wrapped()
-    store.opened.clear()
-    h = Harness(store)
-    first, second, leave = join(A), h.edit("x", B), Leave(A, "l", ROOM)
-    assert h.shell.gate(ROOM, first, needs_document=True)
-    assert h.shell.gate(ROOM, second, needs_document=True)
-    assert h.shell.gate(ROOM, leave, needs_document=False)  # waits too: it must not overtake the join
-    h.shell.hold_for_gated("disconnect")
-    assert not h.shell.gate(ResourceId("other"), Leave(A, "l", ResourceId("other")), needs_document=False)
-    await asyncio.sleep(0.05)
-    assert h.replayed == []
-    store.opened.set()
-    await until(lambda: len(h.replayed) == 4)
-    assert h.replayed == [first, second, leave, "disconnect"]
-
-
-async def test_a_document_that_cannot_be_loaded_answers_joins_and_updates_unavailable_and_is_retried() -> None:
+async def test_a_document_the_store_cannot_read_is_not_loaded_until_it_can() -> None:
     store = Wrapped()
     store.load_fails = True
     h = Harness(store)
-    h.shell.gate(ROOM, join(A), needs_document=True)
-    h.shell.gate(ROOM, h.edit("x"), needs_document=True)
-    h.shell.gate(ROOM, Leave(B, "l", ROOM), needs_document=False)
-    await until(lambda: len(h.of(MessageType.ERROR)) == 2)
-    assert {e.data["code"] for e in h.of(MessageType.ERROR)} == {"UNAVAILABLE"}
-    assert [type(m).__name__ for m in h.replayed] == ["Leave"]
-    assert ROOM not in h.shell.documents  # never served from an empty stand-in
+    assert not await h.shell.load(ROOM)
+    assert ROOM not in h.shell.documents and h.shell.store_failures == 1  # never served from an empty stand-in
     store.load_fails = False
     await h.loaded()
+    assert ROOM in h.shell.documents
 
 
 async def test_updates_are_relayed_at_once_and_acknowledged_only_once_stored() -> None:
@@ -126,7 +98,7 @@ async def test_updates_are_relayed_at_once_and_acknowledged_only_once_stored() -
     h = Harness(store)
     await h.loaded()
     store.failing = 2
-    h.shell.update(h.edit("BP 120/80", ref="r1"), MEMBER)
+    h.shell.apply(h.edit("BP 120/80", ref="r1"), MEMBER)
     relayed = [e for e in h.events if isinstance(e, RoomBroadcast)]
     assert [(r.type, r.data["revision"], r.except_conn) for r in relayed] == [("RESOURCE_UPDATE", 1, A)]
     assert h.of(MessageType.UPDATE_ACK) == []
@@ -137,19 +109,18 @@ async def test_updates_are_relayed_at_once_and_acknowledged_only_once_stored() -
     assert (await store.load(ROOM)).log[0][0] == 1
 
 
-async def test_updates_waiting_for_the_store_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(doc_shell, "MAX_UNWRITTEN", 3)
+async def test_updates_waiting_for_the_store_count_as_the_rooms_backlog() -> None:
     store = Wrapped()
     h = Harness(store)
     await h.loaded()
     store.failing = 10**6
-    for i in range(5):
-        h.shell.update(h.edit(f"{i}", ref=f"r{i}"), MEMBER)
-    refused = h.of(MessageType.ERROR)
-    assert [e.data["code"] for e in refused] == ["UNAVAILABLE", "UNAVAILABLE"]
-    assert h.shell.documents.get(ROOM).revision == 3  # type: ignore[union-attr]
+    for i in range(3):
+        h.shell.apply(h.edit(f"{i}", ref=f"r{i}"), MEMBER)
+    await asyncio.sleep(0.05)
+    assert h.shell.persistence.backlog(ROOM) == 3 and h.of(MessageType.UPDATE_ACK) == []
     store.failing = 0
     await until(lambda: len(h.of(MessageType.UPDATE_ACK)) == 3, timeout=5)
+    assert h.shell.persistence.backlog(ROOM) == 0
 
 
 async def test_the_log_is_folded_into_a_snapshot_after_enough_updates() -> None:
@@ -157,7 +128,7 @@ async def test_the_log_is_folded_into_a_snapshot_after_enough_updates() -> None:
     h = Harness(store, doc_log_max_entries=4, doc_snapshot_delay_ms=60_000)
     await h.loaded()
     for i in range(6):
-        h.shell.update(h.edit(f"[{i}]", ref=f"r{i}"), MEMBER)
+        h.shell.apply(h.edit(f"[{i}]", ref=f"r{i}"), MEMBER)
         await until(lambda i=i: len(h.of(MessageType.UPDATE_ACK)) == i + 1)
     stored = await store.load(ROOM)
     assert stored.snapshot is not None and stored.revision >= 4
@@ -177,7 +148,7 @@ async def test_an_idle_document_leaves_memory_saved_and_comes_back_whole(tmp_pat
         await h.loaded()
         h.members.add(ROOM)
         for i in range(3):
-            h.shell.update(h.edit(f"{i}", ref=f"r{i}"), MEMBER)
+            h.shell.apply(h.edit(f"{i}", ref=f"r{i}"), MEMBER)
         await until(lambda: len(h.of(MessageType.UPDATE_ACK)) == 3)
         await asyncio.sleep(0.4)
         assert ROOM in h.shell.documents  # a member is still there
@@ -186,7 +157,7 @@ async def test_an_idle_document_leaves_memory_saved_and_comes_back_whole(tmp_pat
         stored = await store.load(ROOM)
         assert (stored.revision, stored.log) == (3, [])
         await h.loaded()
-        state, _, revision = h.shell.documents.state(ROOM, None, 0)
+        state, _, revision = h.shell.documents.state(ROOM, None)
         replica = Doc()
         replica.apply_update(state)
         assert (str(replica.get("t", type=Text)), revision) == ("012", 3)
@@ -198,7 +169,7 @@ async def test_stop_writes_and_snapshots_every_changed_document(tmp_path: Any) -
     store = FileDocStore(tmp_path)
     h = Harness(store, doc_snapshot_delay_ms=60_000)
     await h.loaded()
-    h.shell.update(h.edit("last words"), MEMBER)
+    h.shell.apply(h.edit("last words"), MEMBER)
     await h.shell.stop()
     stored = await FileDocStore(tmp_path).load(ROOM)
     assert (stored.revision, stored.log) == (1, [])
@@ -211,7 +182,7 @@ async def test_stop_writes_and_snapshots_every_changed_document(tmp_path: Any) -
 async def test_an_empty_update_changes_no_revision_and_is_not_relayed() -> None:
     h = Harness(Wrapped())
     await h.loaded()
-    h.shell.update(DocUpdate(A, "e", ROOM, b"\x00\x00"), MEMBER)
+    h.shell.apply(DocUpdate(A, "e", ROOM, b"\x00\x00"), MEMBER)
     (ack,) = h.of(MessageType.UPDATE_ACK)
     assert ack.data["revision"] == 0
     assert not [e for e in h.events if isinstance(e, RoomBroadcast)]
@@ -226,10 +197,10 @@ async def test_updates_arriving_while_a_snapshot_is_written_are_stored_and_ackno
     h = Harness(SlowCompact(), doc_log_max_entries=2, doc_snapshot_delay_ms=60_000)
     await h.loaded()
     for i in range(2):  # the second makes a snapshot due
-        h.shell.update(h.edit(f"{i}", ref=f"r{i}"), MEMBER)
+        h.shell.apply(h.edit(f"{i}", ref=f"r{i}"), MEMBER)
     await until(lambda: len(h.of(MessageType.UPDATE_ACK)) == 2)
     await asyncio.sleep(0.03)  # the snapshot is being written ...
-    h.shell.update(h.edit("last", ref="last"), MEMBER)  # ... when the last update comes
+    h.shell.apply(h.edit("last", ref="last"), MEMBER)  # ... when the last update comes
     await until(lambda: len(h.of(MessageType.UPDATE_ACK)) == 3, timeout=3)
 
 
@@ -238,7 +209,7 @@ async def test_snapshots_wait_for_the_room_to_be_quiet() -> None:
     h = Harness(store, doc_snapshot_delay_ms=150, doc_log_max_entries=1_000)
     await h.loaded()
     for i in range(6):  # an edit every 50 ms: never 150 ms of quiet
-        h.shell.update(h.edit(f"{i}", ref=f"r{i}"), MEMBER)
+        h.shell.apply(h.edit(f"{i}", ref=f"r{i}"), MEMBER)
         await asyncio.sleep(0.05)
     assert (await store.load(ROOM)).snapshot is None
     await until(lambda: store.docs[ROOM].snapshot is not None, timeout=2)
@@ -248,8 +219,8 @@ async def test_snapshots_wait_for_the_room_to_be_quiet() -> None:
 async def test_stored_and_refused_updates_are_audited_without_their_content() -> None:
     h = Harness(Wrapped())
     await h.loaded()
-    h.shell.update(h.edit("secret diagnosis", ref="r1"), MEMBER)
-    h.shell.update(DocUpdate(A, "bad", ROOM, b"\xff\xff\xff"), MEMBER)
+    h.shell.apply(h.edit("secret diagnosis", ref="r1"), MEMBER)
+    h.shell.apply(DocUpdate(A, "bad", ROOM, b"\xff\xff\xff"), MEMBER)
     await until(lambda: h.audit.of_type("DOCUMENT_UPDATED"))
     (stored,) = h.audit.of_type("DOCUMENT_UPDATED")
     assert (stored.user_id, stored.session_id, stored.resource_id) == ("a", "s-a", ROOM)
@@ -257,3 +228,17 @@ async def test_stored_and_refused_updates_are_audited_without_their_content() ->
     (refused,) = h.audit.of_type("DOCUMENT_UPDATE_REFUSED")
     assert (refused.outcome, refused.details["code"]) == ("denied", "BAD_UPDATE")
     assert "secret" not in repr(stored) + repr(refused)
+
+
+async def test_a_yjs_members_update_that_waits_for_what_only_it_has_gets_our_sync_step_1() -> None:
+    h = Harness(Wrapped())
+    await h.loaded()
+    yjs_member = Member(A, UserId("a"), "a", SessionId("s-a"), "editor", 0, kind="yjs")
+    h.edit("lost on the way")
+    late = h.edit(" and after")
+    h.shell.apply(late, yjs_member)
+    (ask,) = [e for e in h.events if isinstance(e, Reply) and e.type == SYNC_STEP1]
+    assert ask.conn == A and ask.data["stateVector"] == h.shell.documents.get(ROOM).doc.get_state()  # type: ignore[union-attr]
+    h.events.clear()
+    h.shell.apply(h.edit(" and a /ws edit, later still"), MEMBER)  # a /ws sender resends what was not acked
+    assert not [e for e in h.events if isinstance(e, Reply) and e.type == SYNC_STEP1]

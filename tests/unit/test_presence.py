@@ -15,9 +15,10 @@ import pytest
 
 from rounds.ids import ConnId, FrontDoorId, ResourceId, SessionId, UserId, conn_id
 from rounds.protocol.messages import Deliver, Disconnect, Join, Leave, Reply, Sync
-from rounds.shard.events import Event, MemberGone, MirrorJoin, MirrorLeave
+from rounds.shard.events import Event, MemberGone, MirrorJoin, MirrorLeave, TellState
 from rounds.shard.presence.machine import Presence
 from rounds.protocol.ws import JSON, ErrorCode, MessageType
+from rounds.shard.room_state import resource_state
 
 FD0 = FrontDoorId(0)
 FD1 = FrontDoorId(1)
@@ -46,6 +47,13 @@ def user(name: str, mode: str, at_ms: int) -> dict[str, Any]:
             "joinedAt": datetime.fromtimestamp(at_ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"}
 
 
+def told(p: Presence, events: list[Event]) -> tuple[TellState, list[dict[str, Any]]]:
+    """The one member told its room by `events`, and the users its
+    `RESOURCE_STATE` lists (the shard service reads presence right after)."""
+    [tell] = [e for e in events if isinstance(e, TellState)]
+    return tell, p.users_wire(tell.resource_id)
+
+
 def replies(events: list[Event]) -> list[Reply]:
     return [e for e in events if isinstance(e, Reply)]
 
@@ -61,38 +69,35 @@ def of(events: list[Event], cls: type) -> list[Any]:
 # --- join ---------------------------------------------------------------------
 
 
-def test_joining_replies_resource_state_with_the_users_in_the_room() -> None:
+def test_joining_tells_the_joiner_its_room_with_the_users_in_it() -> None:
     p = Presence()
     events = p.handle(join(c(1), "usr_001", PAGE, ref="r1"), T0)
-    [reply] = replies(events)
-    assert reply.conn == c(1)
-    assert reply.ref == "r1"
-    assert reply.type == MessageType.RESOURCE_STATE
-    assert reply.data["resourceId"] == PAGE
-    assert reply.data["users"] == [
+    assert replies(events) == []
+    tell, users = told(p, events)
+    assert (tell.conn, tell.ref, tell.resource_id, tell.kind, tell.refresh) == (c(1), "r1", PAGE, "ws", False)
+    assert users == [
         {"userId": "usr_001", "username": "usr_001@example.com", "mode": "editor",
          "joinedAt": "2025-11-17T10:30:00.000Z"},
     ]
-    assert reply.data["revision"] == 0
-    assert reply.data["locks"] == []
 
 
 def test_the_resource_state_lists_everyone_in_order_of_arrival() -> None:
     p = Presence()
     p.handle(join(c(1), "alice", PAGE), T0)
     p.handle(join(c(2), "bob", PAGE, "viewer"), T0 + MINUTE)
-    [reply] = replies(p.handle(join(c(3), "carol", PAGE), T0 + 2 * MINUTE))
-    assert reply.data["users"] == [
+    _, users = told(p, p.handle(join(c(3), "carol", PAGE), T0 + 2 * MINUTE))
+    assert users == [
         user("alice", "editor", T0), user("bob", "viewer", T0 + MINUTE), user("carol", "editor", T0 + 2 * MINUTE),
     ]
 
 
 def test_the_resource_state_encodes_to_json_with_the_state_as_base64() -> None:
     p = Presence()
-    [reply] = replies(p.handle(join(c(1), "alice", PAGE), T0))
-    frame = json.loads(JSON.encode(reply.type, reply.data, reply.ref))
+    tell, users = told(p, p.handle(join(c(1), "alice", PAGE), T0))
+    data = resource_state(PAGE, users, (b"\x01\x02", b"\x00", 3), [], None, tell.kind, tell.refresh)
+    frame = json.loads(JSON.encode(MessageType.RESOURCE_STATE, data, tell.ref))
     assert frame["type"] == "RESOURCE_STATE"
-    assert frame["data"]["state"] == ""
+    assert frame["data"]["state"] == "AQI=" and frame["data"]["users"][0]["userId"] == "alice"
 
 
 def test_the_first_member_of_a_room_gets_no_user_joined() -> None:
@@ -175,8 +180,8 @@ def test_leaving_a_room_others_are_in_but_not_me_is_refused_with_not_joined() ->
 def test_a_connection_can_be_in_several_rooms_at_once() -> None:
     p = Presence()
     for room in (PAGE, INFO, "page:/patient/777"):
-        [reply] = replies(p.handle(join(c(1), "alice", room), T0))
-        assert reply.type == MessageType.RESOURCE_STATE
+        tell, _ = told(p, p.handle(join(c(1), "alice", room), T0))
+        assert tell.resource_id == room
     assert p.rooms_of(c(1)) == {PAGE, INFO, "page:/patient/777"}
     p.handle(Leave(c(1), None, PAGE), T0)
     assert p.rooms_of(c(1)) == {INFO, "page:/patient/777"}
@@ -221,8 +226,8 @@ def test_handle_refuses_what_is_not_a_presence_command() -> None:
 def test_two_tabs_of_one_user_are_listed_once() -> None:
     p = Presence()
     p.handle(join(c(1), "alice", PAGE), T0)
-    [reply] = replies(p.handle(join(c(2), "alice", PAGE), T0 + MINUTE))
-    assert reply.data["users"] == [user("alice", "editor", T0)]
+    _, users = told(p, p.handle(join(c(2), "alice", PAGE), T0 + MINUTE))
+    assert users == [user("alice", "editor", T0)]
     assert p.rooms() == {PAGE: 2}
     assert len(p.users(PAGE)) == 1
 
@@ -281,8 +286,8 @@ def test_my_presence_list_shows_five_users_when_a_newcomer_joins_three_others_an
     p = Presence()
     for i, name in enumerate(["usr_002", "usr_003", "usr_004"]):
         p.handle(join(c(10 + i, FD1), name, PAGE), T0 + i)
-    [state] = replies(p.handle(join(c(1), "usr_001", PAGE), T0 + 10))
-    my_list = {u["userId"]: u for u in state.data["users"]}
+    _, users = told(p, p.handle(join(c(1), "usr_001", PAGE), T0 + 10))
+    my_list = {u["userId"]: u for u in users}
     assert len(my_list) == 4
     events = p.handle(join(c(20, FD1), "usr_005", PAGE), T0 + 20)
     [joined] = delivers(events, MessageType.USER_JOINED)
@@ -444,26 +449,32 @@ def test_families_are_kept_apart() -> None:
 # --- sync (a front door's link reopens) ------------------------------------------------------
 
 
-def test_sync_restores_missing_memberships_silently() -> None:
-    p = Presence()  # the shard restarted: only front door 1 has re-joined so far
-    p.handle(join(c(1, FD1), "bob", INFO), T0)
+def test_sync_restores_missing_memberships_and_tells_each_its_room_again() -> None:
+    p = Presence()
+    p.handle(join(c(1, FD1), "bob", INFO), T0)  # bob has been told the room without alice
     events = p.handle(Sync(FD0, (join(c(1), "alice", INFO, ref="old"), join(c(2), "carol", PAGE, "viewer"))),
                       T0 + 5)
     assert replies(events) == []
-    assert of(events, Deliver) == []
     assert set(of(events, MirrorJoin)) == {
         MirrorJoin(INFO, UserId("alice"), "editor", T0 + 5),
         MirrorJoin(PAGE, UserId("carol"), "viewer", T0 + 5),
     }
+    assert [(t.conn, t.resource_id, t.ref, t.refresh) for t in of(events, TellState)] == [
+        (c(1), INFO, None, True), (c(2), PAGE, None, True)]
+    # bob is told alice arrived; alice and carol are told their whole rooms instead
+    [arrived] = delivers(events, MessageType.USER_JOINED)
+    assert arrived.conns == (c(1, FD1),) and arrived.data["user"]["userId"] == "alice"
     assert p.rooms() == {INFO: 2, PAGE: 1}
     assert p.rooms_of(c(1)) == {INFO}
 
 
-def test_sync_keeps_listed_memberships_it_already_has_without_any_event() -> None:
+def test_sync_keeps_listed_memberships_and_tells_them_their_rooms_again_announcing_nobody() -> None:
     p = Presence()
     p.handle(join(c(1), "alice", PAGE), T0)
     p.handle(join(c(2), "bob", PAGE), T0)
-    assert p.handle(Sync(FD0, (join(c(1), "alice", PAGE), join(c(2), "bob", PAGE))), T0 + 5) == []
+    events = p.handle(Sync(FD0, (join(c(1), "alice", PAGE), join(c(2), "bob", PAGE))), T0 + 5)
+    assert [(t.conn, t.refresh) for t in events if isinstance(t, TellState)] == [(c(1), True), (c(2), True)]
+    assert len(events) == 2  # nothing else: no mirror write, no arrival, no departure
     assert [u.joined_at_ms for u in p.users(PAGE)] == [T0, T0]
 
 
@@ -511,6 +522,46 @@ def test_a_restore_join_outside_sync_is_silent_too() -> None:
     events = p.handle(join(c(2), "bob", PAGE, restore=True), T0)
     assert events == [MirrorJoin(PAGE, UserId("bob"), "editor", T0)]
     assert p.handle(join(c(2), "bob", PAGE, restore=True), T0) == []
+
+
+# --- recovery: a shard that starts waits for every front door's Sync ------------------------
+
+
+def test_a_starting_shard_restores_silently_and_tells_everyone_once_every_front_door_synced() -> None:
+    p = Presence(expected_frontdoors=2)
+    first = p.handle(Sync(FD0, (join(c(1), "alice", PAGE),)), T0)
+    assert p.recovering and of(first, TellState) == [] and delivers(first, MessageType.USER_JOINED) == []
+    assert p.next_deadline() == T0 + 1_000
+    second = p.handle(Sync(FD1, (join(c(1, FD1), "bob", PAGE),)), T0 + 10)
+    assert not p.recovering and p.next_deadline() is None
+    assert [(t.conn, t.refresh) for t in of(second, TellState)] == [(c(1), True), (c(1, FD1), True)]
+    assert delivers(second, MessageType.USER_JOINED) == []  # nobody arrived: the shard was rebuilt
+
+
+def test_recovery_ends_at_the_grace_when_a_front_door_never_syncs() -> None:
+    p = Presence(expected_frontdoors=3, restore_grace_ms=500)
+    p.handle(Sync(FD0, (join(c(1), "alice", PAGE),)), T0)
+    assert p.expire(T0 + 499) == [] and p.recovering
+    [tell] = of(p.expire(T0 + 500), TellState)
+    assert (tell.conn, tell.refresh) == (c(1), True) and not p.recovering
+    assert p.expire(T0 + 10_000) == []
+
+
+def test_a_join_while_recovering_is_answered_at_once_and_told_the_room_again_at_the_end() -> None:
+    p = Presence(expected_frontdoors=2)
+    p.handle(Sync(FD0, (join(c(1), "alice", PAGE),)), T0)
+    joined = p.handle(join(c(2), "carol", PAGE, ref="j"), T0 + 1)
+    assert [(t.conn, t.ref, t.refresh) for t in of(joined, TellState)] == [(c(2), "j", False)]
+    ended = p.handle(Sync(FD1, (join(c(1, FD1), "bob", PAGE),)), T0 + 2)
+    assert {t.conn for t in of(ended, TellState)} == {c(1), c(2), c(1, FD1)}
+
+
+def test_a_member_gone_while_recovering_is_not_told_anything_at_the_end() -> None:
+    p = Presence(expected_frontdoors=2)
+    p.handle(Sync(FD0, (join(c(1), "alice", PAGE), join(c(2), "bob", PAGE))), T0)
+    p.handle(Disconnect(c(2), "disconnected"), T0 + 1)
+    ended = p.handle(Sync(FD1, ()), T0 + 2)
+    assert [t.conn for t in of(ended, TellState)] == [c(1)]
 
 
 def test_a_member_restored_after_a_shard_restart_keeps_its_original_join_time() -> None:

@@ -15,7 +15,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from rounds.ids import ConnId, FrontDoorId, ResourceId, SessionId, UserId, conn_id, frontdoor_of, parent_of
 from rounds.protocol.messages import Command, Deliver, Disconnect, Join, Leave, Reply, Sync
-from rounds.shard.events import Event, MemberGone, MirrorJoin, MirrorLeave
+from rounds.shard.events import Event, MemberGone, MirrorJoin, MirrorLeave, TellState
 from rounds.shard.presence.machine import Presence
 from rounds.protocol.ws import ErrorCode, MessageType
 
@@ -85,9 +85,12 @@ class PresenceMachine(RuleBasedStateMachine):
             assert len(set(e.conns)) == len(e.conns), "a Deliver names a connection twice"
             room = e.data.get("resourceId")
             if e.type == MessageType.USER_JOINED:
-                assert not isinstance(command, Sync), "a restore must be silent"
                 assert set(e.conns) <= self.members(room)
                 assert all(OWNER[c] != e.data["user"]["userId"] for c in e.conns)
+                if isinstance(command, Sync):  # a user restored into a room, told to those not refreshed
+                    listed = {(j.conn, j.resource_id) for j in command.joins}
+                    assert not {(c, room) for c in e.conns} & listed
+                    assert e.data["user"]["userId"] in {OWNER[c] for c in self.members(room)}
             elif e.type == MessageType.USER_LEFT:
                 assert set(e.conns) <= self.members(room, before)
                 assert all(OWNER[c] != e.data["userId"] for c in e.conns)
@@ -124,14 +127,15 @@ class PresenceMachine(RuleBasedStateMachine):
         already = (conn, room) in self.model
         self.model.setdefault((conn, room), mode)
         events = self.run(make_join(conn, room, mode, self.ref), before, dt)
-        [reply] = [e for e in events if isinstance(e, Reply)]
-        assert (reply.conn, reply.ref) == (conn, self.ref)
         if already:
+            [reply] = [e for e in events if isinstance(e, Reply)]
+            assert (reply.conn, reply.ref) == (conn, self.ref)
             assert reply.type == MessageType.ERROR and reply.data["code"] == ErrorCode.ALREADY_JOINED
             assert events == [reply]
         else:
-            assert reply.type == MessageType.RESOURCE_STATE
-            assert {u["userId"] for u in reply.data["users"]} == {OWNER[c] for c in self.members(room)}
+            [tell] = [e for e in events if isinstance(e, TellState)]
+            assert (tell.conn, tell.ref, tell.resource_id) == (conn, self.ref, room)
+            assert {u["userId"] for u in self.presence.users_wire(room)} == {OWNER[c] for c in self.members(room)}
 
     @rule(conn=conns, room=rooms, dt=st.integers(0, 5_000))
     def leave(self, conn: ConnId, room: ResourceId, dt: int) -> None:
@@ -171,14 +175,21 @@ class PresenceMachine(RuleBasedStateMachine):
         events = self.run(Sync(fd, joins), before, dt)
         assert not any(isinstance(e, Reply) for e in events)
         assert {g.reason for g in events if isinstance(g, MemberGone)} <= {"disconnected"}
+        # every member the front door listed is told its room again, whole: it may have missed deliveries
+        assert {(t.conn, t.resource_id) for t in events if isinstance(t, TellState) and t.refresh} == listed
 
     @precondition(lambda self: bool(self.model))
     @rule(data=st.data())
     def sync_exactly_what_the_shard_has(self, data: st.DataObject) -> None:
-        """A link flap with nothing lost in between changes nothing."""
+        """A link flap with nothing lost in between changes no membership and
+        announces nobody; it tells that front door's members their rooms again."""
         fd = data.draw(st.sampled_from(FRONTDOORS))
         joins = tuple(make_join(c, r, m) for (c, r), m in self.model.items() if frontdoor_of(c) == fd)
-        assert self.run(Sync(fd, joins), dict(self.model), 1) == []
+        events = self.run(Sync(fd, joins), dict(self.model), 1)
+        assert [e for e in events if not isinstance(e, (TellState, Deliver))] == []
+        assert {e.type for e in events if isinstance(e, Deliver)} <= {MessageType.ALL_USERS}
+        assert sorted((t.conn, t.resource_id) for t in events if isinstance(t, TellState)) == sorted(
+            (j.conn, j.resource_id) for j in joins)
 
     # --- invariants -------------------------------------------------------------------
 

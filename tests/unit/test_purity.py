@@ -26,7 +26,8 @@ PACKAGE_DIRS = {
 }
 PURE = ["rounds.shard.presence.machine", "rounds.shard.events", "rounds.routing", "rounds.ids", "rounds.protocol.ws",
         "rounds.shard.documents.machine", "rounds.shard.documents.awareness", "rounds.protocol.yjs", "rounds.shard.locks.machine", "rounds.relay.stream",
-        "rounds.protocol.messages", "rounds.protocol.link"]
+        "rounds.protocol.messages", "rounds.protocol.link", "rounds.shard.documents.persistence",
+        "rounds.shard.admission", "rounds.shard.ordering", "rounds.shard.room_state", "rounds.frontdoor.session"]
 
 
 def source_of(module: str) -> Path | None:
