@@ -26,6 +26,7 @@ from rounds.auth import Identity
 from rounds.config import EDITOR
 from rounds.ids import ConnId, ResourceId, SessionId, UserId
 from rounds.protocol.messages import (
+    AWARENESS_CLAIMED,
     Awareness,
     DocSync,
     DocUpdate,
@@ -50,12 +51,22 @@ from rounds.protocol.ws import (
     ResourceUpdate,
     error_data,
 )
-from rounds.protocol.yjs import AwarenessMessage, QueryAwareness, SyncStep1, SyncStep2, SyncUpdate, YMessage
+from rounds.protocol.yjs import (
+    MAX_AWARENESS_CLIENTS_PER_CONN,
+    MAX_AWARENESS_STATE_BYTES,
+    AwarenessEntry,
+    AwarenessMessage,
+    QueryAwareness,
+    SyncStep1,
+    SyncStep2,
+    SyncUpdate,
+    YMessage,
+    YProtocolError,
+    decode_awareness,
+    encode_awareness,
+)
 
 MAX_LOCK_ROOMS = 256  # lock routes a session remembers (a routing hint for renew and release)
-# An awareness update kept to announce again is at most this big (a shard keeps
-# states of 16 KiB at most); a larger one comes back at the client's next renewal.
-MAX_REMEMBERED_AWARENESS_BYTES = 32 * 1024
 
 WS = "ws"
 YJS = "yjs"
@@ -121,7 +132,10 @@ class Session:
     rooms: dict[ResourceId, Join] = field(default_factory=dict)
     joining: set[ResourceId] = field(default_factory=set)  # joins sent, their RESOURCE_STATE not yet back
     lock_rooms: dict[ResourceId, ResourceId] = field(default_factory=dict)  # lock resource -> its room
-    awareness: dict[ResourceId, bytes] = field(default_factory=dict)  # the last awareness update sent per room
+    # the latest awareness entry this connection sent per room and client id, and the ids the
+    # room's shard says it owns: those are announced again when the shard comes back
+    awareness: dict[ResourceId, dict[int, AwarenessEntry]] = field(default_factory=dict)
+    owned: dict[ResourceId, set[int]] = field(default_factory=dict)
     close_reason: str = "disconnected"
 
     @property
@@ -157,6 +171,7 @@ class Session:
         del self.rooms[rid]
         self.joining.discard(rid)
         self.awareness.pop(rid, None)
+        self.owned.pop(rid, None)
         if not reachable(rid):
             # The shard is away: its Sync on relink drops this membership.
             return [Answer(MessageType.RESOURCE_LEFT, {"resourceId": rid}, req.ref)]
@@ -259,10 +274,22 @@ class Session:
         return []  # auth messages: the token was checked before the upgrade
 
     def _remember_awareness(self, room: ResourceId, update: bytes) -> None:
-        if len(update) <= MAX_REMEMBERED_AWARENESS_BYTES:
-            self.awareness[room] = update
-        else:
-            self.awareness.pop(room, None)
+        """Keep the newest entry per client id (bounded as the shard bounds
+        them); a malformed update is the shard's to refuse."""
+        try:
+            entries = decode_awareness(update)
+        except YProtocolError:
+            return
+        kept = self.awareness.setdefault(room, {})
+        for entry in entries:
+            if len(entry.state) > MAX_AWARENESS_STATE_BYTES:
+                continue
+            known = kept.get(entry.client_id)
+            if known is None or entry.clock >= known.clock:
+                kept.pop(entry.client_id, None)
+                kept[entry.client_id] = entry
+        while len(kept) > 2 * MAX_AWARENESS_CLIENTS_PER_CONN:  # echoes of others' states: the oldest go
+            del kept[next(iter(kept))]
 
     # --- from the shards ------------------------------------------------------------------
 
@@ -270,6 +297,9 @@ class Session:
         """A shard's answer for this connection: joins in flight settle; to a
         y-websocket client, a refusal that leaves it out of step closes it."""
         rid = reply.data.get("resourceId")
+        if reply.type == AWARENESS_CLAIMED:
+            self.owned.setdefault(rid, set()).update(reply.data["clientIds"])
+            return []
         if rid in self.joining:
             self.joining.discard(rid)
             if reply.type == MessageType.ERROR:  # the join failed (its document could not load)
@@ -303,8 +333,12 @@ class Session:
         the memberships it owns (for its `Sync`), then this connection's
         last awareness in each, so the room's cursors come back with it."""
         joins = [replace(j, ref=None, restore=True) for j in self.rooms.values() if on_that_shard(j.resource_id)]
-        shown = [Awareness(self.conn, None, j.resource_id, self.awareness[j.resource_id])
-                 for j in joins if j.resource_id in self.awareness]
+        shown = []
+        for join in joins:
+            mine = [entry for client_id, entry in self.awareness.get(join.resource_id, {}).items()
+                    if client_id in self.owned.get(join.resource_id, ())]
+            if mine:
+                shown.append(Awareness(self.conn, None, join.resource_id, encode_awareness(mine)))
         return joins, shown
 
     def shards_of(self, route: Callable[[ResourceId], Any]) -> set[Any]:

@@ -232,8 +232,9 @@ class ShardService:
                 if self.presence.member(msg.resource_id, msg.conn) is not None:
                     self.docs.sync(msg)
             case Awareness():
-                if self.presence.member(msg.resource_id, msg.conn) is not None:
-                    self.docs.relay_awareness(msg)
+                member = self.presence.member(msg.resource_id, msg.conn)
+                if member is not None:
+                    self.docs.relay_awareness(msg, member.user_id)
             case LockAcquire() | LockRenew() | LockRelease():
                 self.lock_shell.handle(msg)
             case _:

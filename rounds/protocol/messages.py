@@ -24,6 +24,11 @@ LockId = NewType("LockId", str)
 # sync step 2 (what the client lacks), which its front door frames as such.
 SYNC_STEP1 = "SYNC_STEP1"
 SYNC_STEP2 = "SYNC_STEP2"
+# A reply type that exists only on the link, for the front door itself: the
+# awareness client ids a connection now owns in a room (`clientIds`), so that
+# the front door announces only those again when the shard comes back, not
+# the others' states a y-websocket client echoes.
+AWARENESS_CLAIMED = "AWARENESS_CLAIMED"
 
 # --- commands (front door -> shard) -----------------------------------------
 

@@ -47,6 +47,10 @@ MAX_VARUINT = 2**53 - 1  # Number.MAX_SAFE_INTEGER: what a JavaScript peer reads
 _MAX_VARUINT_BYTES = 8
 
 NULL_STATE = "null"  # the state text of a removed awareness client
+# What the gateway keeps of awareness: client ids one connection may own (a
+# y-websocket connection carries one), and the UTF-8 size of one state.
+MAX_AWARENESS_CLIENTS_PER_CONN = 16
+MAX_AWARENESS_STATE_BYTES = 16 * 1024
 
 
 class YProtocolError(ValueError):

@@ -11,7 +11,10 @@ it removes (state null) a live state. Beyond that, what a relay needs and a peer
 
 - A client id belongs to the first connection that sends a live state for it;
   entries for it from any other connection are ignored, so one tab cannot
-  move or delete another's cursor.
+  move or delete another's cursor; except a live state from another
+  connection of the same user, which takes the id over: a client that
+  reconnects keeps its Y.js client id, and its old connection may not be
+  known gone yet (its front door died and has not come back).
 - Bounds (a bad client hurts only itself): at most `max_clients_per_conn` ids
   per connection (a y-websocket connection carries one) and
   `max_state_bytes` of UTF-8 per state; entries beyond are ignored. An owned
@@ -30,16 +33,25 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from rounds.protocol.yjs import MAX_VARUINT, NULL_STATE, AwarenessEntry, decode_awareness, encode_awareness
+from rounds.protocol.yjs import (
+    MAX_AWARENESS_CLIENTS_PER_CONN,
+    MAX_AWARENESS_STATE_BYTES,
+    MAX_VARUINT,
+    NULL_STATE,
+    AwarenessEntry,
+    decode_awareness,
+    encode_awareness,
+)
 
-DEFAULT_MAX_CLIENTS_PER_CONN = 16
-DEFAULT_MAX_STATE_BYTES = 16 * 1024
+DEFAULT_MAX_CLIENTS_PER_CONN = MAX_AWARENESS_CLIENTS_PER_CONN
+DEFAULT_MAX_STATE_BYTES = MAX_AWARENESS_STATE_BYTES
 
 
 @dataclass(frozen=True, slots=True)
 class _Owned:
     conn: int
     entry: AwarenessEntry
+    user: str | None = None
 
 
 class RoomAwareness:
@@ -58,13 +70,14 @@ class RoomAwareness:
         """Live (non-null) states."""
         return self._live
 
-    def apply(self, conn: int, update: bytes) -> bytes | None:
-        """Take `conn`'s awareness update; return the update to relay to the
-        others (the accepted entries, in order) or None when nothing changed.
-        Raises `YProtocolError` for a malformed update, changing nothing."""
+    def apply(self, conn: int, update: bytes, user: str | None = None) -> bytes | None:
+        """Take `conn`'s awareness update (`user`: who the connection is);
+        return the update to relay to the others (the accepted entries, in
+        order) or None when nothing changed. Raises `YProtocolError` for a
+        malformed update, changing nothing."""
         accepted: dict[int, AwarenessEntry] = {}
         for entry in decode_awareness(update):
-            if self._accept(conn, entry):
+            if self._accept(conn, entry, user):
                 accepted.pop(entry.client_id, None)  # a repeated id: relay its last entry, once
                 accepted[entry.client_id] = entry
         return encode_awareness(accepted.values()) if accepted else None
@@ -85,30 +98,49 @@ class RoomAwareness:
         live = [owned.entry for owned in self._clients.values() if not owned.entry.removed]
         return encode_awareness(live) if live else None
 
+    def owned(self, conn: int) -> frozenset[int]:
+        """The client ids `conn` owns here."""
+        return frozenset(self._by_conn.get(conn, ()))
+
     def owner(self, client_id: int) -> int | None:
         """The connection that owns `client_id`, if any."""
         owned = self._clients.get(client_id)
         return None if owned is None else owned.conn
 
-    def _accept(self, conn: int, entry: AwarenessEntry) -> bool:
+    def _accept(self, conn: int, entry: AwarenessEntry, user: str | None) -> bool:
         if entry.clock >= MAX_VARUINT:
             return False
         if not entry.removed and len(entry.state.encode("utf-8")) > self._max_state_bytes:
             return False
         current = self._clients.get(entry.client_id)
         if current is None:
-            return self._claim(conn, entry)
+            return self._claim(conn, entry, user)
         if current.conn != conn:
-            return False
+            if entry.removed or user is None or current.user != user:
+                return False
+            return self._take_over(conn, current, entry, user)
         ours = current.entry
         newer = entry.clock > ours.clock or (entry.clock == ours.clock and entry.removed and not ours.removed)
         if not newer:
             return False
         self._live += (not entry.removed) - (not ours.removed)
-        self._clients[entry.client_id] = _Owned(conn, entry)
+        self._clients[entry.client_id] = _Owned(conn, entry, current.user)
         return True
 
-    def _claim(self, conn: int, entry: AwarenessEntry) -> bool:
+    def _take_over(self, conn: int, current: _Owned, entry: AwarenessEntry, user: str) -> bool:
+        """The same user's other connection now holds the id (a reconnect)."""
+        if entry.clock < current.entry.clock or len(self._by_conn.get(conn, ())) >= self._max_clients_per_conn:
+            return False
+        left = self._by_conn[current.conn]
+        left.discard(entry.client_id)
+        if not left:
+            del self._by_conn[current.conn]
+        self._by_conn.setdefault(conn, set()).add(entry.client_id)
+        self._live += 1 - (not current.entry.removed)
+        self._clients[entry.client_id] = _Owned(conn, entry, user)
+        return True
+
+    def _claim(self, conn: int, entry: AwarenessEntry, user: str | None) -> bool:
         # y-protocols starts an unknown id at clock 0, so it takes a live state
         # from clock 1 on (the `{}` a fresh client holds at clock 0 is never
         # shown); removing an id nobody has announces nothing. Neither may use
@@ -118,6 +150,6 @@ class RoomAwareness:
         if len(self._by_conn.get(conn, ())) >= self._max_clients_per_conn:
             return False
         self._by_conn.setdefault(conn, set()).add(entry.client_id)
-        self._clients[entry.client_id] = _Owned(conn, entry)
+        self._clients[entry.client_id] = _Owned(conn, entry, user)
         self._live += 1
         return True

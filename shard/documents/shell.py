@@ -31,7 +31,7 @@ from rounds.audit.events import AuditEvent, AuditSink
 from rounds.clock import now_ms
 from rounds.config import Settings
 from rounds.ids import ConnId, ResourceId
-from rounds.protocol.messages import SYNC_STEP1, SYNC_STEP2, Awareness, DocSync, DocUpdate, Reply
+from rounds.protocol.messages import AWARENESS_CLAIMED, SYNC_STEP1, SYNC_STEP2, Awareness, DocSync, DocUpdate, Reply
 from rounds.protocol.ws import ErrorCode, MessageType, error_data
 from rounds.protocol.yjs import YProtocolError
 from rounds.shard.documents.awareness import RoomAwareness
@@ -183,7 +183,8 @@ class DocShell:
         self._dispatch([Reply(msg.conn, None, SYNC_STEP2, {
             "resourceId": msg.resource_id, "update": missing, "revision": revision})])
 
-    def relay_awareness(self, msg: Awareness) -> None:
+    def relay_awareness(self, msg: Awareness, user: str | None = None) -> None:
+        """`user`: who the sender is (a reconnect of the same user keeps its client ids)."""
         room = msg.resource_id
         awareness = self.awareness.setdefault(room, RoomAwareness())
         if not msg.update:  # y-websocket's query: everyone's current states
@@ -192,11 +193,16 @@ class DocShell:
                 self._dispatch([Reply(msg.conn, msg.ref, MessageType.AWARENESS_UPDATE,
                                       {"resourceId": room, "update": snapshot})])
             return
+        owned = awareness.owned(msg.conn)
         try:
-            accepted = awareness.apply(msg.conn, msg.update)
+            accepted = awareness.apply(msg.conn, msg.update, user)
         except YProtocolError as exc:
             self._reply_error(msg, ErrorCode.BAD_REQUEST, f"not an awareness update: {exc}")
             return
+        claimed = awareness.owned(msg.conn) - owned
+        if claimed:  # its front door announces these again if this shard restarts
+            self._dispatch([Reply(msg.conn, None, AWARENESS_CLAIMED,
+                                  {"resourceId": room, "clientIds": sorted(claimed)})])
         if accepted:
             # To every member, the sender too, as the stock y-websocket server
             # does: a y-websocket client alone in its room would otherwise hear

@@ -96,6 +96,18 @@ def test_another_connection_cannot_move_or_remove_a_clients_cursor() -> None:
     assert entries(room.snapshot()) == [(10, 1, CURSOR)]
 
 
+def test_a_reconnect_of_the_same_user_takes_its_client_id_over_even_at_the_same_clock() -> None:
+    room = RoomAwareness()
+    room.apply(1, update((7, 3, '{"c":1}')), "alice")
+    # alice's new connection (her old one not known gone yet) announces the same client again
+    assert entries(room.apply(2, update((7, 3, '{"c":1}')), "alice")) == [(7, 3, '{"c":1}')]
+    assert room.owner(7) == 2 and room.owned(1) == frozenset() and room.owned(2) == {7}
+    assert room.remove_conn(1) is None  # the old connection goes: the cursor stays
+    assert entries(room.snapshot()) == [(7, 3, '{"c":1}')]
+    assert room.apply(3, update((7, 9, '{"c":2}')), "mallory") is None  # another user still cannot
+    assert room.apply(2, update((7, 2, '{"c":0}')), "alice") is None  # nor an older clock
+
+
 def test_only_the_accepted_entries_of_a_mixed_update_are_relayed() -> None:
     room = RoomAwareness()
     room.apply(ALICE, update((10, 5, CURSOR)))

@@ -22,7 +22,16 @@ from rounds.protocol.ws import (
     MessageType,
     ResourceUpdate,
 )
-from rounds.protocol.yjs import AwarenessMessage, QueryAwareness, SyncStep1, SyncUpdate
+from rounds.protocol.messages import AWARENESS_CLAIMED
+from rounds.protocol.yjs import (
+    AwarenessEntry,
+    AwarenessMessage,
+    QueryAwareness,
+    SyncStep1,
+    SyncUpdate,
+    decode_awareness,
+    encode_awareness,
+)
 
 PAGE = ResourceId("page:/patient/12345")
 DOC = ResourceId("document:999/tab:diagnosis")
@@ -133,17 +142,25 @@ def test_joins_in_flight_to_a_shard_that_went_away_fail_so_the_client_retries() 
     assert set(s.rooms) == {DOC}  # the settled membership stays, for the Sync
 
 
-def test_a_shard_coming_back_is_told_the_memberships_it_owns_and_each_ones_last_awareness() -> None:
+def cursor(client_id: int, clock: int, state: str = '{"x":1}') -> bytes:
+    return encode_awareness([AwarenessEntry(client_id, clock, state)])
+
+
+def test_a_shard_coming_back_is_told_the_memberships_it_owns_and_each_ones_own_cursors() -> None:
     s = session()
     join(s, PAGE)
     join(s, DOC)
-    s.awareness_update(AwarenessUpdate("w", DOC, b"\x01\x02"), up)
+    s.awareness_update(AwarenessUpdate("w", DOC, cursor(7, 1)), up)
+    s.awareness_update(AwarenessUpdate("w", DOC, cursor(7, 2, '{"x":2}')), up)
+    s.awareness_update(AwarenessUpdate("w", DOC, cursor(9, 5)), up)  # another client's state, echoed
+    assert s.on_reply(Reply(s.conn, None, AWARENESS_CLAIMED, {"resourceId": DOC, "clientIds": [7]})) == []
     joins, shown = s.restore(lambda room: True)
     assert {(j.resource_id, j.restore, j.ref) for j in joins} == {(PAGE, True, None), (DOC, True, None)}
-    assert shown == [Awareness(s.conn, None, DOC, b"\x01\x02")]
+    [again] = shown
+    assert again.resource_id == DOC and decode_awareness(again.update) == [AwarenessEntry(7, 2, '{"x":2}')]
     assert s.restore(lambda room: room == PAGE)[1] == []
     s.leave(LeaveResource("l", DOC), up)
-    assert s.restore(lambda room: True)[1] == []  # a room left takes its awareness with it
+    assert s.restore(lambda room: True)[1] == []  # a room left takes its cursors with it
 
 
 def test_a_yjs_client_joins_its_room_and_speaks_sync_and_awareness() -> None:
@@ -154,8 +171,8 @@ def test_a_yjs_client_joins_its_room_and_speaks_sync_and_awareness() -> None:
     assert isinstance(sync.message, DocSync)
     [update] = s.yjs_message(SyncUpdate(b"\x01"))
     assert isinstance(update.message, DocUpdate) and not update.message.ack
-    s.yjs_message(AwarenessMessage(b"\x05"))
-    assert s.awareness == {DOC: b"\x05"}
+    s.yjs_message(AwarenessMessage(cursor(3, 1)))
+    assert list(s.awareness[DOC]) == [3]
     [query] = s.yjs_message(QueryAwareness())
     assert query.message == Awareness(s.conn, None, DOC, b"")
 
@@ -184,11 +201,13 @@ def test_a_yjs_client_that_cannot_be_kept_in_step_is_closed_with_a_code_that_say
     assert isinstance(close, Close) and close.code == CloseCode.TRY_AGAIN_LATER
 
 
-def test_an_awareness_update_too_big_to_keep_is_sent_but_not_announced_again() -> None:
+def test_an_awareness_state_too_big_or_malformed_is_sent_but_not_kept() -> None:
     s = session()
     join(s)
-    [sent] = s.awareness_update(AwarenessUpdate("w", PAGE, b"\x01" * 40_000), up)
-    assert isinstance(sent.message, Awareness) and s.awareness == {}
+    [sent] = s.awareness_update(AwarenessUpdate("w", PAGE, cursor(3, 1, '"' + "x" * 20_000 + '"')), up)
+    assert isinstance(sent.message, Awareness) and s.awareness[PAGE] == {}
+    [sent] = s.awareness_update(AwarenessUpdate("w", PAGE, b"\xff\x00"), up)
+    assert isinstance(sent.message, Awareness) and s.awareness[PAGE] == {}
 
 
 def test_a_left_room_is_told_to_its_shard() -> None:
