@@ -1,8 +1,10 @@
-"""The front door: WebSocket clients in, shard links out.
+"""The front door: WebSocket clients in, shard links out; the socket side.
 
-Per connection: authenticate before the upgrade (`process_request`), send
-`CONNECTED`, then read frames. Requests that need room state go to the shard
-that owns the resource; `HEARTBEAT` is answered here. Everything a shard
+Per connection: authenticate before the upgrade (`process_request`, with
+`handshake`), send `CONNECTED`, then read frames: each parsed request goes
+to the connection's `Session` (`session`: rooms, admission, routing), and
+what it returns is carried out here (sent to a shard, answered, audited,
+closed). `HEARTBEAT` is answered here. Everything a shard
 sends back arrives as `Reply` (one connection) or `Deliver` (several, one
 frame per front door), is encoded once per codec and written with
 `fanout.send_frame`: framed once, no task and no await per recipient.
@@ -18,23 +20,28 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import logging
 import time
 import uuid
 import weakref
 from collections.abc import Coroutine, Iterable
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import urlsplit
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
-from websockets.server import ServerProtocol
 
 from rounds.frontdoor.fanout import frame as ws_frame, send_frame
+from rounds.frontdoor.handshake import (
+    frame_bytes,
+    free_by_refcount,
+    json_response,
+    remote_of,
+    select_subprotocol,
+    token_from,
+)
 from rounds.frontdoor.links import Address, ShardLinks
 from rounds.frontdoor.session import Action, Answer, Audit, Close, Rules, Session, ToShard
 from rounds.relay.frontdoor_side import FrontDoorRelay
@@ -129,7 +136,7 @@ class FrontDoor:
             self._handle, s.host, s.port,
             process_request=self._process_request,
             subprotocols=list(SUBPROTOCOLS),
-            select_subprotocol=_select_subprotocol,
+            select_subprotocol=select_subprotocol,
             ping_interval=s.heartbeat_interval_ms / 1000,
             ping_timeout=s.ping_timeout_ms / 1000,
             max_size=max(4 * s.max_frame_bytes, 1024 * 1024),
@@ -194,28 +201,28 @@ class FrontDoor:
     # --- handshake ----------------------------------------------------------------
 
     async def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
-        _free_by_refcount(connection)
+        free_by_refcount(connection)
         url = urlsplit(request.path)
         if url.path == "/health":
             body = await self.health()
-            return _json_response(connection, 503 if body["status"] == "down" else 200, body)
+            return json_response(connection, 503 if body["status"] == "down" else 200, body)
         if url.path != "/ws" and resource_from_path(url.path) is None:
-            return _json_response(connection, 404, {"type": "NOT_FOUND", "data": {"path": url.path}})
-        remote = _remote(connection)
+            return json_response(connection, 404, {"type": "NOT_FOUND", "data": {"path": url.path}})
+        remote = remote_of(connection)
         if self.draining or len(self.clients) + len(self._accepting) >= self.settings.max_connections_per_frontdoor:
             self.rejected += 1
             reason = "draining" if self.draining else "max_connections"
             self._audit("CONNECTION_REJECTED", outcome="denied", details={"reason": reason, "remote": remote})
-            response = _json_response(connection, 503, {"type": "UNAVAILABLE", "data": {"reason": reason}})
+            response = json_response(connection, 503, {"type": "UNAVAILABLE", "data": {"reason": reason}})
             response.headers["Retry-After"] = "5"
             return response
-        token = _token_from(url.query, request.headers.get("Authorization"))
+        token = token_from(url.query, request.headers.get("Authorization"))
         try:
             identity = self.verifier.verify(token)
         except AuthError as exc:
             self.rejected += 1
             self._audit("CONNECTION_REJECTED", outcome="denied", details={"reason": exc.reason, "remote": remote})
-            return _json_response(connection, 401, {"type": MessageType.UNAUTHORIZED, "data": {"reason": exc.reason}})
+            return json_response(connection, 401, {"type": MessageType.UNAUTHORIZED, "data": {"reason": exc.reason}})
         connection.rounds_identity = identity  # type: ignore[attr-defined]
         self._accepting.add(connection)
         return None
@@ -235,7 +242,7 @@ class FrontDoor:
                 "frontdoor": self.index, "role": identity.role, "connectedAt": now_ms()}, now_ms())
         except Exception:
             log.exception("%s: session store failed on open; continuing without it", self.name)
-        self._audit("USER_CONNECTED", client, details={"role": identity.role, "remote": _remote(ws),
+        self._audit("USER_CONNECTED", client, details={"role": identity.role, "remote": remote_of(ws),
                                                         "subprotocol": client.codec.name})
         if yjs_room is not None:
             self._act(client, session.yjs_open(yjs_room, now_ms(), self._reachable))
@@ -261,7 +268,7 @@ class FrontDoor:
     async def _on_frame(self, client: Client, frame: str | bytes) -> None:
         try:
             limit = self.settings.max_frame_bytes
-            if _frame_bytes(frame, limit) > limit:
+            if frame_bytes(frame, limit) > limit:
                 raise ProtocolError(ErrorCode.TOO_LARGE, f"frame exceeds {limit} bytes")
             request = parse_request(client.codec, frame)
             session, reachable = client.session, self._reachable
@@ -466,77 +473,3 @@ class FrontDoor:
             user_id=client.session.user_id if client else None,
             session_id=client.session.session_id if client else None,
             resource_id=resource, details=details or {}))
-
-
-def _frame_bytes(frame: str | bytes, limit: int) -> int:
-    """The frame's size on the wire, encoding a text frame only when that can matter.
-
-    websockets hands text frames over decoded, and `len` of a `str` counts
-    characters: up to four times fewer than its UTF-8 bytes, which would let
-    a frame of non-ASCII text through at four times `max_frame_bytes`.
-    """
-    size = len(frame)
-    if isinstance(frame, bytes) or size > limit or 4 * size <= limit:
-        return size
-    return len(frame.encode())
-
-
-def _select_subprotocol(connection: ServerConnection, subprotocols: list[str]) -> str | None:
-    """Our two subprotocols if offered; JSON for clients that offer none or others."""
-    for offered in subprotocols:
-        if offered in SUBPROTOCOLS:
-            return offered
-    return None
-
-
-def _token_from(query: str, authorization: str | None) -> str | None:
-    values = parse_qs(query).get("token")
-    if values:
-        return values[0]
-    if authorization and authorization.lower().startswith("bearer "):
-        return authorization[7:].strip()
-    return None
-
-
-def _remote(connection: ServerConnection) -> str | None:
-    address = connection.remote_address
-    return f"{address[0]}:{address[1]}" if address else None
-
-
-def _json_response(connection: ServerConnection, status: int, body: dict[str, Any]) -> Response:
-    response = connection.respond(status, json.dumps(body, separators=(",", ":")) + "\n")
-    del response.headers["Content-Type"]
-    response.headers["Content-Type"] = "application/json"
-    return response
-
-
-def _free_by_refcount(ws: ServerConnection) -> None:
-    """Let a connection be freed by its reference count when it ends, not by
-    a collection of the oldest generation, which walks every other one as
-    well (50 ms with 1,500 connected).
-
-    `websockets` leaves cycles through a connection's protocol; once the
-    connection is lost, whatever ended it (a close, a tab closed or a network
-    lost, a refused upgrade, an HTTP answer), they serve nothing and are
-    undone (tests/integration/test_frontdoor_memory.py keeps it so):
-    - `serve(select_subprotocol=...)` binds to the protocol a closure over
-      the connection: dropped, the protocol's own method is back;
-    - the protocol's parser, a generator of its own, is left suspended when
-      the connection ends without a closing handshake: closed;
-    - the parser's exception then keeps a traceback, which holds the
-      parser's first frame, and so does the exception of a handshake that
-      failed: their tracebacks (and their causes') are dropped, the
-      exceptions stay (the cause of a later `ConnectionClosed`).
-    """
-    ws.connection_lost_waiter.add_done_callback(partial(_release_protocol, ws.protocol))
-
-
-def _release_protocol(protocol: ServerProtocol, _lost: object) -> None:
-    vars(protocol).pop("select_subprotocol", None)
-    protocol.parser.close()
-    for exc in (protocol.parser_exc, protocol.handshake_exc):
-        for _ in range(8):  # a chain of causes is short; never loop on one that cycles
-            if exc is None:
-                break
-            exc.__traceback__ = None
-            exc = exc.__cause__ or exc.__context__
