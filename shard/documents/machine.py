@@ -94,9 +94,6 @@ class Documents:
     def __len__(self) -> int:
         return len(self._docs)
 
-    def rooms(self) -> list[ResourceId]:
-        return list(self._docs)
-
     def get(self, room: ResourceId) -> Document | None:
         return self._docs.get(room)
 

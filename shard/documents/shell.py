@@ -36,7 +36,7 @@ from rounds.protocol.ws import ErrorCode, MessageType, error_data
 from rounds.protocol.yjs import YProtocolError
 from rounds.shard.documents.awareness import RoomAwareness
 from rounds.shard.documents.history import DocHistory
-from rounds.shard.documents.machine import EMPTY_UPDATE, Documents, DocumentError
+from rounds.shard.documents.machine import EMPTY_UPDATE, DocumentError, Documents
 from rounds.shard.documents.persistence import Persistence, Snapshot, Write
 from rounds.shard.documents.store import DocStore
 from rounds.shard.events import RoomBroadcast
@@ -52,9 +52,11 @@ MAX_UNWRITTEN = 10_000  # updates of one room applied but not yet in the store (
 class DocShell:
     def __init__(self, name: str, store: DocStore, dispatch: Callable[[list[Any]], None],
                  in_use: Callable[[], set[ResourceId]], settings: Settings, history: DocHistory | None = None,
-                 audit: AuditSink | None = None) -> None:
-        """`in_use()`: the rooms that must stay in memory (members, or commands waiting)."""
+                 audit: AuditSink | None = None, store_timeout_s: float = STORE_TIMEOUT_S) -> None:
+        """`in_use()`: the rooms that must stay in memory (members, or commands waiting);
+        `store_timeout_s`: how long one store call may take (shutdown waits twice that)."""
         self.name = name
+        self.store_timeout_s = store_timeout_s
         self.store = store
         self.history = history
         self.audit = audit
@@ -88,7 +90,7 @@ class DocShell:
         self._timer.cancel()
         self.persistence.save_all()
         try:
-            async with asyncio.timeout(2 * STORE_TIMEOUT_S):
+            async with asyncio.timeout(2 * self.store_timeout_s):
                 while not self.persistence.settled():
                     self._settled.clear()
                     self._kick()
@@ -116,7 +118,7 @@ class DocShell:
     async def load(self, room: ResourceId) -> bool:
         """Bring the room's document into memory; False if the store failed."""
         try:
-            async with asyncio.timeout(STORE_TIMEOUT_S):
+            async with asyncio.timeout(self.store_timeout_s):
                 stored = await self.store.load(room)
         except Exception:
             log.exception("%s: could not load document %s; its joins and updates get UNAVAILABLE", self.name, room)
@@ -255,7 +257,7 @@ class DocShell:
                 batch = self.persistence.take_append()
                 if batch:
                     try:
-                        async with asyncio.timeout(STORE_TIMEOUT_S):
+                        async with asyncio.timeout(self.store_timeout_s):
                             await self.store.append({room: [(w.revision, w.update) for w in writes]
                                                      for room, writes in batch.items()})
                     except Exception:
@@ -301,7 +303,7 @@ class DocShell:
             return
         state, revision = self.documents.encode(room)
         try:
-            async with asyncio.timeout(STORE_TIMEOUT_S):
+            async with asyncio.timeout(self.store_timeout_s):
                 await self.store.compact(room, state, revision, snapshot.covered)
         except Exception:
             self.store_failures += 1

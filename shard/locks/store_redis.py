@@ -20,13 +20,22 @@ from redis.asyncio.connection import Connection, UnixDomainSocketConnection
 from rounds.clock import iso_ms, now_ms
 from rounds.ids import UserId
 from rounds.redisconn import lua, ping
-from rounds.shard.locks.events import GrantFailed, GrantRefused, GrantStored, LockLost, StoreGrant, StoreRelease, StoreRenew, StoreRequest
+from rounds.shard.locks.events import (
+    GrantFailed,
+    GrantRefused,
+    GrantStored,
+    LockLost,
+    StoreGrant,
+    StoreRelease,
+    StoreRenew,
+    StoreRequest,
+)
 from rounds.shard.locks.store import (
-    META_PREFIX,
-    META_SUFFIX,
     ADOPT_SCAN_COUNT,
     FENCE_TTL_MS,
     MAX_WAITING,
+    META_PREFIX,
+    META_SUFFIX,
     STORE_TIMEOUT_S,
     Done,
     HeldLock,
@@ -201,9 +210,11 @@ class _Pipe:
                 log.exception("lock store: connecting failed")
             if self._conn is not None:
                 self._conn.drop(exc)
+            # answered from the loop once this attempt is over, so that a request their callbacks
+            # make (the machine's release of a failed grant) starts an attempt of its own
             failed, self._waiting = self._waiting, deque()
             for _, on_reply in failed:
-                _call(on_reply, exc)
+                loop.call_soon(_call, on_reply, exc)
             return
         finally:
             self._connecting = None
@@ -214,8 +225,6 @@ class _Pipe:
     def lost(self, conn: _Conn) -> None:
         if self._conn is conn:
             self._conn = None
-        if self._waiting and self._connecting is None:  # asked for while the loss was pending
-            self._connecting = asyncio.create_task(self._connect(), name="lock-store-connect")
 
     async def aclose(self) -> None:
         """Let what is in flight or waiting finish (at most `timeout_s`), then close."""
@@ -261,7 +270,8 @@ class _Conn(asyncio.Protocol):
     def load_scripts(self) -> None:
         """SCRIPT LOAD each script, ahead of any EVALSHA sent after it."""
         for body in self._pipe.scripts:
-            self.write(hiredis.pack_command(("SCRIPT", "LOAD", body)), self.setup_reply)
+            command: tuple[Any, ...] = ("SCRIPT", "LOAD", body)
+            self.write(hiredis.pack_command(command), self.setup_reply)
 
     def setup_reply(self, reply: Any) -> None:
         if isinstance(reply, Exception):

@@ -250,8 +250,8 @@ class Presence:
                 events.append(_user_joined(room, others, view))
         for join in cmd.joins:
             member = self.member(join.resource_id, join.conn)
-            if member is not None:
-                events.append(TellState(join.conn, None, join.resource_id, member.kind, None, refresh=True))
+            assert member is not None  # a restore is never refused and nothing above removes anyone
+            events.append(TellState(join.conn, None, join.resource_id, member.kind, None, refresh=True))
         # after the restores too, so the update shows the final state
         events.extend(self._families_update(self._parents(dropped + [j.resource_id for j in cmd.joins])))
         return events
@@ -263,8 +263,8 @@ class Presence:
         events: list[Event] = []
         for conn, room in told:
             member = self.member(room, conn)
-            if member is not None:
-                events.append(TellState(conn, None, room, member.kind, None, refresh=True))
+            assert member is not None  # a member that leaves is taken out of `_to_refresh`
+            events.append(TellState(conn, None, room, member.kind, None, refresh=True))
         events.extend(self._families_update(self._parents([room for _, room in told])))
         return events
 

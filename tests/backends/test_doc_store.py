@@ -1,4 +1,5 @@
-"""Every `DocStore` passes this one suite: memory and Redis (real, test db).
+"""Every `DocStore` passes this one suite: memory, file (with and without
+fsync) and Redis (real, test db).
 
 A document is a snapshot plus a log; loading gives both back in order,
 `compact` replaces the snapshot and drops exactly the log entries it covers,
@@ -8,6 +9,7 @@ and doubles nothing once the shard rebuilds the document.
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -15,24 +17,24 @@ from pathlib import Path
 import pytest
 import redis
 
+from rounds.ids import ResourceId
+from rounds.redisconn import connect_binary
+from rounds.shard.documents.machine import Documents
 from rounds.shard.documents.store import DocStore, FileDocStore, MemoryDocStore
 from rounds.shard.documents.store_redis import RedisDocStore, doc_key, doc_log_key
-from rounds.redisconn import connect_binary
-from rounds.ids import ResourceId
-from rounds.shard.documents.machine import Documents
 
 
-@pytest.fixture(params=["memory", "file", "redis"])
+@pytest.fixture(params=["memory", "file", "file-fsync", "redis"])
 async def store(request: pytest.FixtureRequest, redis_url: str, tmp_path: Path) -> AsyncIterator[DocStore]:
+    backend: DocStore
     if request.param == "memory":
-        yield MemoryDocStore()
-        return
-    if request.param == "file":
-        yield FileDocStore(tmp_path / "docs")
-        return
-    client = connect_binary(redis_url)
-    yield RedisDocStore(client)
-    await client.aclose()
+        backend = MemoryDocStore()
+    elif request.param.startswith("file"):
+        backend = FileDocStore(tmp_path / "docs", fsync=request.param == "file-fsync")
+    else:
+        backend = RedisDocStore(connect_binary(redis_url))
+    yield backend
+    await backend.aclose()  # the file store's open logs, the Redis connection
 
 
 @pytest.fixture
@@ -88,6 +90,12 @@ async def test_a_document_rebuilt_from_the_store_has_every_appended_update(store
     assert str(replica.get("t", type=Text)) == "4|3|2|1|0|" and document.revision == 5
 
 
+async def test_a_snapshot_of_a_document_with_no_log_is_stored(store: DocStore, room: ResourceId) -> None:
+    await store.compact(room, b"STATE@3", 3, covered=0)
+    stored = await store.load(room)
+    assert (stored.snapshot, stored.revision, stored.log) == (b"STATE@3", 3, [])
+
+
 async def test_health_reports_the_backend(store: DocStore) -> None:
     health = await store.health()
     assert health["ok"] is True and health["backend"] == store.name
@@ -121,3 +129,33 @@ async def test_the_file_store_ignores_a_torn_last_record_and_keeps_the_rest(tmp_
     await store.append({room: [(3, b"three")]})  # what comes after the cut is readable
     assert (await store.load(room)).log == [(1, b"one"), (2, b"two"), (3, b"three")]
     assert next(tmp_path.rglob("room")).read_text() == room
+
+
+def files_open_under(directory: Path) -> int:
+    """How many descriptors of this process are open on files under `directory` (Linux)."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:  # the listing's own descriptor, gone by now
+            continue
+        if target.startswith(f"{directory}/"):
+            count += 1
+    return count
+
+
+async def test_the_file_store_keeps_only_the_latest_logs_open_and_closes_them_all_on_aclose(tmp_path: Path) -> None:
+    class FewOpenLogs(FileDocStore):
+        OPEN_LOGS = 2
+
+    store = FewOpenLogs(tmp_path)
+    rooms = [ResourceId(f"document:open-{i}") for i in range(4)]
+    for room in rooms:
+        await store.append({room: [(1, b"first")]})
+    assert files_open_under(tmp_path) == 2  # the two written last; the older were closed
+    await store.append({rooms[0]: [(2, b"second")]})  # its log was closed: opened again
+    assert files_open_under(tmp_path) == 2
+    await store.aclose()
+    assert files_open_under(tmp_path) == 0
+    assert (await store.load(rooms[0])).log == [(1, b"first"), (2, b"second")]
+    assert [(await store.load(room)).log for room in rooms[1:]] == [[(1, b"first")]] * 3

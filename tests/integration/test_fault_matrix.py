@@ -33,14 +33,12 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import ray
-import redis
 from pycrdt import Doc, Text
 
 from rounds import redisconn
@@ -49,8 +47,9 @@ from rounds.routing import HashRing
 from rounds.shard.documents.machine import Documents
 from rounds.shard.documents.store_redis import RedisDocStore
 from tests.client import eventually
-from tests.conftest import GatewayHandle, free_port, gateway_settings
+from tests.conftest import GatewayHandle, gateway_settings
 from tests.peers import CrdtPeer, WsPeer, YPeer
+from tests.redis_server import RedisServer
 
 pytestmark = [
     pytest.mark.ray,
@@ -63,44 +62,10 @@ FAULTS = ["shard-killed", "frontdoor-killed", "link-dropped", "redis-restarted"]
 MODES = ["stay", "reconnect"]
 
 
-class RedisServer:
-    """A Redis of the test's own on a loopback port, durable across a SIGKILL
-    (append-only file, fsync on every write)."""
-
-    def __init__(self, directory: Path) -> None:
-        self.port = free_port()
-        self.directory = directory
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(self.directory),
-             "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--daemonize", "no",
-             "--loglevel", "warning"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis.Redis(port=self.port, socket_connect_timeout=1)
-        for _ in range(100):
-            try:
-                if client.ping():
-                    break
-            except redis.exceptions.ConnectionError:
-                time.sleep(0.05)
-        client.close()
-
-    def kill(self) -> None:
-        if self.process is not None:
-            self.process.send_signal(signal.SIGKILL)
-            self.process.wait(10)
-            self.process = None
-
-
 @pytest.fixture(scope="module")
 def own_redis() -> Iterator[RedisServer]:
     with tempfile.TemporaryDirectory(prefix="rounds-faults-redis-") as directory:
-        server = RedisServer(Path(directory))
+        server = RedisServer(Path(directory), durable=True)
         server.start()
         try:
             yield server

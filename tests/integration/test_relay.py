@@ -104,7 +104,11 @@ async def test_a_front_door_on_another_node_gets_its_room_through_rabbitmq(two_n
     assert relayed.data["userId"] == "dr-far" and relayed.data["revision"] == ack.data["revision"]
 
     # four batches to the far front door (its join's state, the lock's broadcast, the denial, the ack)
-    await eventually(lambda: relay_totals(two_nodes)["confirmed"] >= 4, what="publishes confirmed")
+    try:
+        await eventually(lambda: relay_totals(two_nodes)["confirmed"] >= 4, timeout=10, what="publishes confirmed")
+    except AssertionError as exc:  # say where the batches went instead
+        raise AssertionError(f"{exc}; shards {relay_totals(two_nodes)}, far door "
+                             f"{two_nodes.frontdoors[1].relay.stats()}") from None
     totals = relay_totals(two_nodes)
     assert totals["published"] == totals["confirmed"] >= 4
     assert totals["over_link"] == 0 and totals["circuit_opened"] == 0

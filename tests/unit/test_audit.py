@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from rounds.audit.files import GZIP_GRACE_S, FileAuditSink
-from rounds.audit.events import AuditEvent
 from rounds.audit.chain import chain_hash, sealed_body
+from rounds.audit.events import AuditEvent
+from rounds.audit.files import GZIP_GRACE_S, FileAuditSink
 from rounds.audit.verify import verify_day, verify_file
 
 DAY = "2026-11-26"
@@ -284,9 +284,10 @@ def test_a_forked_child_is_a_new_writer_with_its_own_chain(tmp_path, clock):
     assert sorted(w.last_seq for w in report.writers.values()) == [2, 2]
 
 
-def test_the_housekeeping_thread_gzips_a_closed_day_by_itself(tmp_path):
+@pytest.mark.parametrize("policy", ["interval", "always"])  # "always" syncs each line itself, not in housekeeping
+def test_the_housekeeping_thread_gzips_a_closed_day_by_itself(tmp_path, policy):
     clock = FakeClock(f"{DAY}T23:59:59+00:00")
-    sink = FileAuditSink(tmp_path, fsync="interval", clock=clock)
+    sink = FileAuditSink(tmp_path, fsync=policy, clock=clock)
     sink.emit(event(1))
     clock.set("2026-11-27T01:00:00+00:00")
     sink.emit(event(2))
@@ -363,7 +364,7 @@ async def test_a_loops_audit_is_written_after_the_callbacks_already_queued_in_on
         order.append(f"audit written ({len(events)} events)")
         real_emit_many(events)
 
-    sink.emit_many = emit_many  # type: ignore[method-assign]
+    sink.emit_many = emit_many
     audit = LoopAuditSink(sink)
     loop = asyncio.get_running_loop()
 
@@ -405,7 +406,7 @@ async def test_with_a_gather_window_the_events_of_many_passes_share_one_write(tm
     sink = make_sink(tmp_path, clock)
     writes: list[int] = []
     real_emit_many = sink.emit_many
-    sink.emit_many = lambda events: (writes.append(len(events)), real_emit_many(events))  # type: ignore[method-assign]
+    sink.emit_many = lambda events: (writes.append(len(events)), real_emit_many(events))
     audit = LoopAuditSink(sink, gather_s=0.05)
     for n in range(3):  # three loop passes
         audit.emit(event(n))
@@ -433,7 +434,7 @@ async def test_a_large_gather_is_written_a_slice_per_loop_pass_so_requests_wait_
         order.append(f"write {len(events)}")
         real_emit_many(events)
 
-    sink.emit_many = emit_many  # type: ignore[method-assign]
+    sink.emit_many = emit_many
     audit = LoopAuditSink(sink, gather_s=0.01, slice_events=8)
     for n in range(20):
         audit.emit(event(n))

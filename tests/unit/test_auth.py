@@ -14,6 +14,8 @@ import hmac
 import json
 import os
 import stat
+import subprocess
+import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,7 +24,7 @@ from typing import Any
 import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from hypothesis import given
 from hypothesis import strategies as st
 from jwt.algorithms import RSAAlgorithm
@@ -36,6 +38,7 @@ from rounds.auth import (
     parse_ttl,
     private_key_for_dev,
 )
+from rounds.auth import _reason as reason_for
 from rounds.config import JwtSettings, Settings
 
 NOW = 1_700_000_000.0
@@ -195,6 +198,13 @@ def test_no_text_is_accepted_and_the_reason_never_quotes_it(verifier: TokenVerif
 
     assert refused.value.reason in {"malformed", "bad_algorithm", "bad_signature", "unknown_kid"}
     assert str(refused.value) == refused.value.reason
+
+
+@pytest.mark.parametrize("error", [jwt.PyJWTError, jwt.InvalidKeyError, jwt.PyJWKError, jwt.PyJWKSetError])
+def test_a_pyjwt_error_outside_invalid_token_is_still_told_as_malformed(error: type[Exception]) -> None:
+    # `decode` raises none of these with our options and an RSA key today;
+    # a future pyjwt that did must still give the client a stable reason.
+    assert reason_for(error("pyjwt's wording")) == "malformed"
 
 
 def test_an_expired_token_is_refused(verifier: TokenVerifier, dev_private: bytes) -> None:
@@ -444,6 +454,37 @@ def test_a_verifier_with_a_production_key_creates_no_dev_keys(
     assert not (tmp_path / "keys").exists()
 
 
+def test_a_public_key_file_that_is_not_rsa_is_refused_at_start(tmp_path: Path) -> None:
+    ec_public = ec.generate_private_key(ec.SECP256R1()).public_key()
+    (tmp_path / "ec.pem").write_bytes(
+        ec_public.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+
+    with pytest.raises(ValueError, match="must be an RSA key"):
+        TokenVerifier(_settings(tmp_path, public_key_path=str(tmp_path / "ec.pem")))
+
+
+@pytest.mark.parametrize("document", [[], {"keys": {}}, {"kid": "2025"}, "keys"])
+def test_a_jwks_file_that_is_not_an_object_with_a_keys_list_is_refused_at_start(
+    tmp_path: Path, document: Any
+) -> None:
+    (tmp_path / "jwks.json").write_text(json.dumps(document))
+
+    with pytest.raises(ValueError, match="`keys` list"):
+        TokenVerifier(_settings(tmp_path, jwks_path=str(tmp_path / "jwks.json")))
+
+
+def test_a_jwks_without_an_rs256_rsa_key_is_refused_at_start(
+    tmp_path: Path, other_keys: tuple[rsa.RSAPrivateKey, rsa.RSAPrivateKey]
+) -> None:
+    rs512 = {**RSAAlgorithm.to_jwk(other_keys[0].public_key(), as_dict=True), "kid": "a", "alg": "RS512"}
+    ec_key = {"kty": "EC", "crv": "P-256", "kid": "b", "x": "AA", "y": "AA"}
+    (tmp_path / "jwks.json").write_text(json.dumps({"keys": [rs512, ec_key, "not a key"]}))
+
+    with pytest.raises(ValueError, match="no RS256 RSA key"):
+        TokenVerifier(_settings(tmp_path, jwks_path=str(tmp_path / "jwks.json")))
+
+
 # --- dev keys -------------------------------------------------------------------
 
 
@@ -490,6 +531,45 @@ def test_ensure_dev_keys_called_at_once_from_many_threads_leaves_one_matching_pa
     assert set(results) == {(private_path, public_path)}
     assert _pair_matches(private_path, public_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["jwt-private.pem", "jwt-public.pem"]
+
+
+def test_a_dev_private_key_that_is_not_rsa_is_refused_rather_than_given_a_public_key(tmp_path: Path) -> None:
+    ec_private = ec.generate_private_key(ec.SECP256R1())
+    (tmp_path / "jwt-private.pem").write_bytes(ec_private.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ))
+
+    with pytest.raises(ValueError, match="must be an RSA key"):
+        ensure_dev_keys(tmp_path)
+
+    assert not (tmp_path / "jwt-public.pem").exists()
+
+
+# In a child process: a file size limit on this one would also cap pytest's
+# own output and every other thread's files while it holds.
+_WRITE_CAPPED = """
+import errno, resource, signal, sys
+from pathlib import Path
+from rounds.auth import ensure_dev_keys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel's signal ends the process
+soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+resource.setrlimit(resource.RLIMIT_FSIZE, (1024, hard))  # a PKCS8 PEM of a 2048-bit key is about 1,700 bytes
+try:
+    ensure_dev_keys(Path(sys.argv[1]))
+except OSError as exc:
+    print(errno.errorcode[exc.errno])
+finally:
+    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+"""
+
+
+def test_a_dev_key_that_cannot_be_written_leaves_no_partial_file_behind(tmp_path: Path) -> None:
+    """A disk that fills while the key is written (`ulimit -f` here)."""
+    done = subprocess.run([sys.executable, "-c", _WRITE_CAPPED, str(tmp_path)], capture_output=True, text=True,
+                          timeout=60)
+
+    assert done.returncode == 0 and done.stdout.strip() == "EFBIG", done.stderr
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_private_key_for_dev_returns_the_pem_in_the_keys_dir(tmp_path: Path) -> None:

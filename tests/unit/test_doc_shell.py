@@ -8,20 +8,23 @@ tests/unit/test_shard_service.py.)"""
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from pycrdt import Doc, Text
 
-from rounds.shard.documents.store import FileDocStore, MemoryDocStore, StoredDoc
-from rounds.config import Settings
 from rounds.audit.events import MemoryAuditSink
+from rounds.config import Settings
 from rounds.ids import ConnId, ResourceId, SessionId, UserId
-from rounds.shard.presence.machine import Member
-from rounds.shard.documents.shell import DocShell
-from rounds.protocol.messages import SYNC_STEP1, DocUpdate, Reply
-from rounds.shard.events import RoomBroadcast
+from rounds.protocol.messages import SYNC_STEP1, SYNC_STEP2, Awareness, DocSync, DocUpdate, Reply
 from rounds.protocol.ws import MessageType
+from rounds.protocol.yjs import AwarenessEntry, decode_awareness, encode_awareness
+from rounds.shard.documents.shell import STORE_TIMEOUT_S, DocShell
+from rounds.shard.documents.store import FileDocStore, MemoryDocStore, StoredDoc
+from rounds.shard.events import RoomBroadcast
+from rounds.shard.presence.machine import Member
 
 ROOM = ResourceId("document:1")
 A, B = ConnId(1_000_001), ConnId(1_000_002)
@@ -55,12 +58,14 @@ class Wrapped(MemoryDocStore):
 
 
 class Harness:
-    def __init__(self, store: Any, **settings: Any) -> None:
+    def __init__(self, store: Any, audited: bool = True, store_timeout_s: float = STORE_TIMEOUT_S,
+                 **settings: Any) -> None:
         self.events: list[Any] = []
         self.members: set[ResourceId] = set()
         self.audit = MemoryAuditSink()
         self.shell = DocShell("shard-0", store, self.events.extend, lambda: self.members,
-                              Settings().replace(**settings), audit=self.audit)
+                              Settings().replace(**settings), audit=self.audit if audited else None,
+                              store_timeout_s=store_timeout_s)
         self.store = store
         self.author = Doc()
 
@@ -174,7 +179,7 @@ async def test_stop_writes_and_snapshots_every_changed_document(tmp_path: Any) -
     stored = await FileDocStore(tmp_path).load(ROOM)
     assert (stored.revision, stored.log) == (1, [])
     replica = Doc()
-    replica.apply_update(stored.snapshot)  # type: ignore[arg-type]
+    replica.apply_update(stored.snapshot)
     assert str(replica.get("t", type=Text)) == "last words"
     assert [e.type for e in h.events if isinstance(e, Reply)] == [MessageType.UPDATE_ACK]
 
@@ -238,7 +243,98 @@ async def test_a_yjs_members_update_that_waits_for_what_only_it_has_gets_our_syn
     late = h.edit(" and after")
     h.shell.apply(late, yjs_member)
     (ask,) = [e for e in h.events if isinstance(e, Reply) and e.type == SYNC_STEP1]
-    assert ask.conn == A and ask.data["stateVector"] == h.shell.documents.get(ROOM).doc.get_state()  # type: ignore[union-attr]
+    assert ask.conn == A and ask.data["stateVector"] == h.shell.documents.get(ROOM).doc.get_state()
     h.events.clear()
     h.shell.apply(h.edit(" and a /ws edit, later still"), MEMBER)  # a /ws sender resends what was not acked
     assert not [e for e in h.events if isinstance(e, Reply) and e.type == SYNC_STEP1]
+
+
+async def test_a_shutdown_with_the_store_unreachable_gives_up_in_time_and_says_what_is_unsaved(caplog: Any) -> None:
+    store = Wrapped()
+    h = Harness(store, store_timeout_s=0.05, doc_snapshot_delay_ms=60_000)
+    await h.loaded()
+    store.failing = 10**6
+    h.shell.apply(h.edit("never stored"), MEMBER)
+    started = time.monotonic()
+    with caplog.at_level(logging.ERROR):
+        await h.shell.stop()  # waits twice the store timeout, not forever
+    assert time.monotonic() - started < 1.0
+    assert "shard-0: 1 documents not saved at shutdown (store unreachable)" in caplog.messages
+    assert h.of(MessageType.UPDATE_ACK) == [] and ROOM not in store.docs  # nothing acknowledged that is not stored
+
+
+async def test_a_member_whose_state_vector_does_not_decode_is_sent_the_whole_document() -> None:
+    h = Harness(Wrapped())
+    await h.loaded()
+    h.shell.apply(h.edit("BP 120/80"), MEMBER)
+    assert h.shell.state(ROOM, b"\xff\xff") == h.shell.state(ROOM, None)
+    h.shell.sync(DocSync(B, ROOM, b"\xff\xff"))  # a y-websocket client's sync step 1
+    (answer,) = [e for e in h.events if isinstance(e, Reply) and e.type == SYNC_STEP2]
+    replica = Doc()
+    replica.apply_update(answer.data["update"])
+    assert (answer.conn, str(replica.get("t", type=Text)), answer.data["revision"]) == (B, "BP 120/80", 1)
+
+
+CURSOR = '{"cursor":{"index":3}}'
+
+
+async def test_an_awareness_query_is_answered_with_everyones_states_and_in_an_empty_room_not_at_all() -> None:
+    h = Harness(Wrapped())
+    h.shell.relay_awareness(Awareness(B, "q1", ROOM, b""))  # y-websocket's query
+    assert h.events == []  # nobody's cursor to tell
+    h.shell.relay_awareness(Awareness(A, None, ROOM, encode_awareness([AwarenessEntry(10, 1, CURSOR)])), "a")
+    h.events.clear()
+    h.shell.relay_awareness(Awareness(B, "q2", ROOM, b""))
+    (answer,) = h.events
+    assert isinstance(answer, Reply) and (answer.conn, answer.ref, answer.type) == (B, "q2",
+                                                                                   MessageType.AWARENESS_UPDATE)
+    assert [(e.client_id, e.clock, e.state) for e in decode_awareness(answer.data["update"])] == [(10, 1, CURSOR)]
+
+
+async def test_a_malformed_awareness_update_gets_bad_request_to_its_sender_and_changes_nothing() -> None:
+    h = Harness(Wrapped())
+    h.shell.relay_awareness(Awareness(A, "bad", ROOM, b"\xff\xff\xff"))
+    (error,) = h.events
+    assert isinstance(error, Reply) and (error.conn, error.ref, error.type) == (A, "bad", MessageType.ERROR)
+    assert (error.data["code"], error.data["resourceId"]) == ("BAD_REQUEST", ROOM)
+    assert h.shell.awareness_of(ROOM) is None
+
+
+async def test_without_an_audit_sink_updates_are_still_stored_acknowledged_and_refused() -> None:
+    store = Wrapped()
+    h = Harness(store, audited=False)
+    await h.loaded()
+    h.shell.apply(h.edit("chart", ref="r1"), MEMBER)
+    h.shell.apply(DocUpdate(A, "bad", ROOM, b"\xff\xff\xff"), MEMBER)
+    await until(lambda: h.of(MessageType.UPDATE_ACK))
+    assert [(e.ref, e.data["code"]) for e in h.of(MessageType.ERROR)] == [("bad", "BAD_UPDATE")]
+    assert [revision for revision, _ in store.docs[ROOM].log] == [1]
+    assert h.audit.events == []
+
+
+async def test_a_document_dropped_from_memory_before_its_snapshot_is_not_snapshotted_and_nothing_hangs() -> None:
+    """Only `Persistence.idle` unloads a document, and never one whose snapshot
+    is due; should anything else drop it, the snapshot must not be written
+    from nothing: the store keeps its log, and the writer settles."""
+    class GatedAppend(Wrapped):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gate = asyncio.Event()
+
+        async def append(self, logs: Mapping[ResourceId, Sequence[tuple[int, bytes]]]) -> None:
+            await self.gate.wait()
+            await super().append(logs)
+
+    store = GatedAppend()
+    h = Harness(store, doc_log_max_entries=1, doc_snapshot_delay_ms=60_000)
+    await h.loaded()
+    update = h.edit("in the log")
+    h.shell.apply(update, MEMBER)  # its snapshot is due at once, taken once the append returns
+    await asyncio.sleep(0.01)
+    h.shell.documents.unload(ROOM)  # ... while the append is in flight
+    store.gate.set()
+    await until(h.shell.persistence.settled)
+    stored = await store.load(ROOM)
+    assert (stored.snapshot, stored.log) == (None, [(1, update.update)])
+    assert len(h.of(MessageType.UPDATE_ACK)) == 1
+    await h.shell.stop()

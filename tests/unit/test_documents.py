@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 from pycrdt import Array, Doc, Map, Text
 
 from rounds.ids import ResourceId
-from rounds.shard.documents.machine import Documents, DocumentError
 from rounds.protocol.ws import ErrorCode
+from rounds.shard.documents.machine import MAX_PENDING, DocumentError, Documents
 
 ROOM = ResourceId("document:999")
 
@@ -24,7 +24,7 @@ def loaded() -> Documents:
     return docs
 
 
-def edit(doc: Doc, fn) -> bytes:  # type: ignore[no-untyped-def]
+def edit(doc: Doc, fn) -> bytes:
     """Run `fn` on `doc` and return the update it produced."""
     before = doc.get_state()
     fn(doc)
@@ -81,6 +81,19 @@ def test_a_bad_state_vector_is_a_client_error() -> None:
     assert refused.value.code == ErrorCode.BAD_REQUEST
 
 
+def test_the_documents_say_which_rooms_are_in_memory_and_how_big_each_is() -> None:
+    docs = loaded()
+    other = ResourceId("document:1000")
+    docs.load(other, None, 0, [])
+    update = edit(Doc(), lambda d: d.get("t", type=Text).insert(0, "BP 120/80"))
+    docs.apply(ROOM, update)
+    assert ROOM in docs and other in docs and len(docs) == 2
+    assert (docs.size(ROOM), docs.size(other)) == (len(update), 0)
+    docs.unload(other)
+    assert len(docs) == 1 and other not in docs and docs.get(other) is None
+    assert docs.size(other) == 0  # not in memory: nothing
+
+
 def test_reload_from_snapshot_and_log_restores_content_and_revision_even_with_overlap() -> None:
     docs = loaded()
     client = Doc()
@@ -134,7 +147,7 @@ def test_an_update_that_waits_for_an_earlier_one_is_kept_and_handed_out_until_it
     docs.apply(ROOM, base)
     applied = docs.apply(ROOM, second)  # `first` was lost on the way
     assert not applied.integrated and applied.revision == 2
-    assert docs.get(ROOM).pending == [second]  # type: ignore[union-attr]
+    assert docs.get(ROOM).pending == [second]
     # a snapshot, and a joiner, hold it too, though the text does not show it yet
     snapshot, _ = docs.encode(ROOM)
     joiner = Doc()
@@ -142,7 +155,7 @@ def test_an_update_that_waits_for_an_earlier_one_is_kept_and_handed_out_until_it
     assert text_of(snapshot) == str(joiner.get("t", type=Text)) == "0"
     # once `first` arrives, everyone who held `second` has both
     assert docs.apply(ROOM, first).integrated
-    assert docs.get(ROOM).pending == []  # type: ignore[union-attr]
+    assert docs.get(ROOM).pending == []
     joiner.apply_update(first)
     reloaded = Documents()
     reloaded.load(ROOM, snapshot, 2, [(3, first)])
@@ -158,6 +171,34 @@ def test_a_document_reloaded_with_a_waiting_update_in_its_log_keeps_waiting_for_
     assert document.pending == [second] and document.revision == 2
     assert text_of(docs.encode(ROOM)[0]) == "0"
     assert docs.apply(ROOM, first).integrated and text_of(docs.encode(ROOM)[0]) == "0hello world"
+
+
+def test_more_waiting_updates_than_max_pending_are_kept_merged_and_none_is_lost() -> None:
+    """A client whose one early update was lost keeps editing: every later
+    update waits for it. Past MAX_PENDING they are kept as one merged update,
+    so the document does not check ever more of them on each apply; what it
+    hands out still carries them all, and they go in once the lost one comes."""
+    docs = loaded()
+    client = Doc()
+    base = edit(client, lambda d: d.get("t", type=Text).insert(0, "0"))
+    lost = edit(client, lambda d: d.get("t", type=Text).insert(1, "a"))
+    later = [edit(client, lambda d, i=i: d.get("t", type=Text).insert(2 + i, "b")) for i in range(MAX_PENDING + 1)]
+    docs.apply(ROOM, base)
+    for update in later:
+        assert not docs.apply(ROOM, update).integrated
+        assert len(docs.get(ROOM).pending) <= MAX_PENDING
+    assert len(docs.get(ROOM).pending) == 1  # the last one tipped them over: merged
+    joiner = Doc()
+    joiner.apply_update(docs.state(ROOM, None)[0])
+    snapshot, revision = docs.encode(ROOM)
+    assert docs.apply(ROOM, lost).integrated and docs.get(ROOM).pending == []
+    joiner.apply_update(lost)
+    reloaded = Documents()
+    reloaded.load(ROOM, snapshot, revision, [(revision + 1, lost)])
+    whole = "0a" + "b" * (MAX_PENDING + 1)
+    for view in (text_of(docs.state(ROOM, None)[0]), str(joiner.get("t", type=Text)),
+                 text_of(reloaded.state(ROOM, None)[0])):
+        assert view == whole
 
 
 def test_a_joiner_asking_with_its_state_vector_also_gets_what_waits() -> None:
@@ -176,7 +217,7 @@ def test_a_joiner_asking_with_its_state_vector_also_gets_what_waits() -> None:
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.tuples(st.integers(0, 1), st.booleans(), st.text(alphabet="ab", min_size=1, max_size=3)),
                 min_size=1, max_size=25))
-def test_whatever_was_lost_on_the_way_a_resync_brings_everyone_to_the_same_document(script) -> None:  # type: ignore[no-untyped-def]
+def test_whatever_was_lost_on_the_way_a_resync_brings_everyone_to_the_same_document(script) -> None:
     """Two replicas edit; each update reaches the shard or is lost (a link
     down), and what reaches it may wait for what was lost. Then each replica
     answers the shard's state vector with what the shard lacks (y-websocket's
@@ -194,7 +235,7 @@ def test_whatever_was_lost_on_the_way_a_resync_brings_everyone_to_the_same_docum
         docs.apply(ROOM, replica.get_update(vector))
     for replica in replicas:
         replica.apply_update(docs.state(ROOM, replica.get_state())[0])
-    assert docs.get(ROOM).pending == []  # type: ignore[union-attr]
+    assert docs.get(ROOM).pending == []
     shard = text_of(docs.encode(ROOM)[0])
     assert str(replicas[0].get("t", type=Text)) == str(replicas[1].get("t", type=Text)) == shard
 
@@ -211,7 +252,7 @@ ops = st.lists(st.tuples(
 
 @settings(max_examples=60, deadline=None)
 @given(ops)
-def test_concurrent_edits_from_replicas_through_the_shard_converge(script) -> None:  # type: ignore[no-untyped-def]
+def test_concurrent_edits_from_replicas_through_the_shard_converge(script) -> None:
     """Three replicas edit Text, Map and Array at once; each sends its updates
     to the shard, which relays them; replicas receive others' updates late
     and in batches ("deliver"). At the end everyone has the shard's content."""
@@ -249,7 +290,7 @@ def test_concurrent_edits_from_replicas_through_the_shard_converge(script) -> No
     shard = Doc()
     shard.apply_update(docs.state(ROOM, None)[0])
 
-    def content(d: Doc) -> tuple[str, dict, list]:  # type: ignore[type-arg]
+    def content(d: Doc) -> tuple[str, dict, list]:
         return str(d.get("t", type=Text)), d.get("m", type=Map).to_py(), d.get("a", type=Array).to_py()
 
     assert all(content(r) == content(shard) for r in replicas)

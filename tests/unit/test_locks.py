@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 
 from rounds.ids import ConnId, FrontDoorId, ResourceId, UserId, conn_id
-from rounds.shard.events import MemberGone
-from rounds.protocol.messages import Reply
+from rounds.protocol.messages import LockAcquire, LockId, LockRelease, LockRenew, Reply
+from rounds.shard.events import MemberGone, RoomBroadcast
 from rounds.shard.locks.events import (
     AuditLock,
     GrantFailed,
@@ -28,8 +28,6 @@ from rounds.shard.locks.events import (
     StoreRelease,
     StoreRenew,
 )
-from rounds.protocol.messages import LockAcquire, LockId, LockRelease, LockRenew
-from rounds.shard.events import RoomBroadcast
 from rounds.shard.locks.machine import Lock, Locks, LockStateError
 from tests.unit.test_purity import FORBIDDEN, closure
 
@@ -142,7 +140,7 @@ def test_a_held_lock_denies_others_with_holder_and_expiry() -> None:
                           "expiresAt": iso(T0 + 30 * SECOND)}
     [audit] = of(events, AuditLock)
     assert (audit.action, audit.outcome, audit.user_id) == ("deny", "denied", "usr_001")
-    assert locks.holder(FIELD).user_id == "usr_002"  # type: ignore[union-attr]
+    assert locks.holder(FIELD).user_id == "usr_002"
 
 
 def test_a_grant_being_stored_already_denies_others() -> None:
@@ -208,7 +206,7 @@ def test_renewing_extends_the_lock_to_its_full_ttl_from_now() -> None:
                                                  now + 30 * SECOND)]
     [audit] = of(events, AuditLock)
     assert (audit.action, audit.event_type, audit.outcome) == ("renew", "LOCK_RENEWED", "ok")
-    assert locks.holder(FIELD).expires_at_ms == now + 30 * SECOND  # type: ignore[union-attr]
+    assert locks.holder(FIELD).expires_at_ms == now + 30 * SECOND
     assert locks.next_deadline() == now + 30 * SECOND
 
 
@@ -253,7 +251,7 @@ def test_only_the_holding_connection_with_its_lock_id_can_renew(conn: ConnId, lo
     assert not of(events, StoreRenew)
     [audit] = of(events, AuditLock)
     assert (audit.event_type, audit.outcome, audit.conn) == ("LOCK_RENEW_DENIED", "denied", conn)
-    assert locks.holder(FIELD).expires_at_ms == T0 + 30 * SECOND  # type: ignore[union-attr]
+    assert locks.holder(FIELD).expires_at_ms == T0 + 30 * SECOND
 
 
 def test_renewing_an_expired_or_unknown_lock_is_unknown_lock() -> None:
@@ -499,6 +497,15 @@ def test_adopting_a_lock_id_in_use_elsewhere_is_a_bug() -> None:
         locks.handle(adopt(resource=OTHER_FIELD, lock_id="same"), T0)
 
 
+@pytest.mark.parametrize("ttl_ms", [0, -1])
+def test_adopting_a_lock_without_a_ttl_to_renew_to_is_a_bug(ttl_ms: int) -> None:
+    # a renewal extends by the TTL: a store listing none broke its contract
+    locks = machine()
+    with pytest.raises(LockStateError):
+        locks.handle(adopt(ttl_ms=ttl_ms), T0)
+    assert locks.get(FIELD) is None and locks.last_token(FIELD) is None
+
+
 # --- leaving the room (presence's MemberGone) --------------------------------------------
 
 
@@ -572,8 +579,8 @@ def test_a_requested_ttl_is_held_between_one_second_and_the_cap(requested: int |
 
 def test_the_default_ttl_and_the_cap_are_the_deployments_choice() -> None:
     locks = machine(default_ttl_ms=10 * SECOND, max_ttl_ms=60 * SECOND)
-    assert locks.handle(acquire(A, "usr_001"), T0)[0].ttl_ms == 10 * SECOND  # type: ignore[union-attr]
-    assert locks.handle(acquire(A, "usr_001", OTHER_FIELD, ttl_ms=90 * SECOND), T0)[0].ttl_ms == 60 * SECOND  # type: ignore[union-attr]
+    assert locks.handle(acquire(A, "usr_001"), T0)[0].ttl_ms == 10 * SECOND
+    assert locks.handle(acquire(A, "usr_001", OTHER_FIELD, ttl_ms=90 * SECOND), T0)[0].ttl_ms == 60 * SECOND
     with pytest.raises(ValueError):
         machine(default_ttl_ms=10 * SECOND, max_ttl_ms=5 * SECOND)
 
@@ -595,6 +602,21 @@ def test_tokens_are_tracked_per_resource() -> None:
     take(locks, A, "usr_001", T0, FIELD, token=50)
     take(locks, A, "usr_001", T0, OTHER_FIELD, token=1)  # another resource's counter
     assert (locks.last_token(FIELD), locks.last_token(OTHER_FIELD)) == (50, 1)
+
+
+def test_the_last_tokens_of_a_bounded_number_of_resources_are_remembered_the_least_recent_forgotten() -> None:
+    # habit 9: forgetting only weakens the check on that resource; the store keeps tokens increasing
+    locks = machine(remembered_tokens=2)
+    third = ResourceId("input-field-789")
+    first, _ = take(locks, A, "usr_001", T0, FIELD, token=10)
+    take(locks, A, "usr_001", T0, OTHER_FIELD, token=20)
+    lock, _ = take(locks, B, "usr_002", T0, third, token=30)
+    assert (locks.last_token(FIELD), locks.last_token(OTHER_FIELD), locks.last_token(third)) == (None, 20, 30)
+    locks.handle(LockRelease(B, None, third, lock.lock_id), T0 + 1)
+    take(locks, B, "usr_002", T0 + 2, third, token=31)  # granted again: now the most recent
+    locks.handle(LockRelease(A, None, FIELD, first.lock_id), T0 + 3)
+    take(locks, C, "usr_003", T0 + 4, FIELD, token=5)  # below the forgotten 10: no longer caught here
+    assert (locks.last_token(FIELD), locks.last_token(OTHER_FIELD), locks.last_token(third)) == (5, None, 31)
 
 
 # --- queries and purity ---------------------------------------------------------------
@@ -620,7 +642,7 @@ def test_each_audit_record_has_a_stable_event_type(action: str, outcome: str, ev
 
 def test_an_unknown_command_is_a_bug() -> None:
     with pytest.raises(TypeError):
-        machine().handle("LOCK_ACQUIRE", T0)  # type: ignore[arg-type]
+        machine().handle("LOCK_ACQUIRE", T0)
 
 
 @pytest.mark.parametrize("module", ["rounds.shard.locks.machine", "rounds.shard.locks.events"])

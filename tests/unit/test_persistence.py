@@ -99,6 +99,14 @@ def test_an_idle_room_is_saved_first_then_unloaded_and_a_room_in_use_never() -> 
     assert p.backlog(A) == 0 and p.take_append() == {}
 
 
+def test_a_room_used_before_it_is_loaded_is_not_tracked() -> None:
+    p = machine()
+    never = ResourceId("document:never-loaded")
+    p.used(never, 5)  # a read that raced the room's unload, or its failed load
+    assert p.backlog(never) == 0 and p.settled()
+    assert p.idle(IDLE, set()) == [A, B]  # and it is nothing to unload
+
+
 def test_save_all_makes_every_room_with_anything_unsaved_due() -> None:
     p = machine()
     p.applied(A, write(1), 0)

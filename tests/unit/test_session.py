@@ -8,9 +8,20 @@ from typing import Any
 
 from rounds.auth import Identity
 from rounds.config import Settings
-from rounds.frontdoor.session import Answer, Audit, Close, Rules, Session, ToShard
+from rounds.frontdoor.session import MAX_LOCK_ROOMS, Answer, Audit, Close, Rules, Session, ToShard
 from rounds.ids import ResourceId, SessionId, conn_id
-from rounds.protocol.messages import Awareness, DocSync, DocUpdate, Join, Leave, LockAcquire, LockRenew, Reply
+from rounds.protocol.messages import (
+    AWARENESS_CLAIMED,
+    Awareness,
+    DocSync,
+    DocUpdate,
+    Join,
+    Leave,
+    LockAcquire,
+    LockRelease,
+    LockRenew,
+    Reply,
+)
 from rounds.protocol.ws import (
     AwarenessUpdate,
     CloseCode,
@@ -18,12 +29,14 @@ from rounds.protocol.ws import (
     JoinResource,
     LeaveResource,
     LockAcquireRequest,
+    LockReleaseRequest,
     LockRenewRequest,
     MessageType,
     ResourceUpdate,
 )
-from rounds.protocol.messages import AWARENESS_CLAIMED
 from rounds.protocol.yjs import (
+    MAX_AWARENESS_CLIENTS_PER_CONN,
+    AuthMessage,
     AwarenessEntry,
     AwarenessMessage,
     QueryAwareness,
@@ -117,6 +130,12 @@ def test_what_cannot_reach_its_shard_is_answered_unavailable_and_not_remembered(
     join(s)
     assert codes(s.awareness_update(AwarenessUpdate("w", PAGE, b"\x01"), down)) == [ErrorCode.UNAVAILABLE]
     assert s.awareness == {}
+    assert codes(s.update(ResourceUpdate("u", PAGE, b"\x01"), down, lambda a, b: True)) == [ErrorCode.UNAVAILABLE]
+    field = ResourceId("field:dose")
+    assert codes(s.lock_acquire(LockAcquireRequest("k", field, PAGE, None), down)) == [ErrorCode.UNAVAILABLE]
+    assert s.lock_rooms == {}  # no route kept for a lock the shard never saw
+    assert codes(s.lock_step(LockRenewRequest("r", field, "L1"), down)) == [ErrorCode.UNAVAILABLE]
+    assert codes(s.lock_step(LockReleaseRequest("x", field, "L1"), down)) == [ErrorCode.UNAVAILABLE]
     # a leave while the shard is away is answered here; the shard's Sync drops the membership
     assert s.leave(LeaveResource("l", PAGE), down) == [Answer(MessageType.RESOURCE_LEFT, {"resourceId": PAGE}, "l")]
     assert PAGE not in s.rooms
@@ -130,6 +149,23 @@ def test_locks_are_routed_to_the_room_they_were_taken_in() -> None:
     assert sent.room == DOC and isinstance(sent.message, LockAcquire) and sent.message.mode == "editor"
     [renew] = s.lock_step(LockRenewRequest("r", field, "L1"), up)
     assert renew.room == DOC and isinstance(renew.message, LockRenew)
+    [release] = s.lock_step(LockReleaseRequest("x", field, "L1"), up)
+    assert release.room == DOC and isinstance(release.message, LockRelease)
+
+
+def test_a_session_remembers_the_rooms_of_its_latest_locks_only_and_sends_older_ones_by_their_own_id() -> None:
+    s = session()
+    join(s, DOC)
+    fields = [ResourceId(f"field:{n}") for n in range(MAX_LOCK_ROOMS + 1)]
+    s.lock_acquire(LockAcquireRequest("k", fields[1], DOC, None), up)
+    s.lock_acquire(LockAcquireRequest("k", fields[0], DOC, None), up)
+    for field in fields[2:]:
+        s.lock_acquire(LockAcquireRequest("k", field, DOC, None), up)
+    s.lock_acquire(LockAcquireRequest("k", fields[0], DOC, None), up)  # taken again: the newest once more
+    assert len(s.lock_rooms) == MAX_LOCK_ROOMS and fields[1] not in s.lock_rooms
+    [forgotten] = s.lock_step(LockRenewRequest("r", fields[1], "L1"), up)
+    assert forgotten.room == fields[1]  # routed by the lock's own id, as if taken outside a room
+    assert [s.lock_step(LockRenewRequest("r", f, "L1"), up)[0].room for f in (fields[0], fields[2])] == [DOC, DOC]
 
 
 def test_joins_in_flight_to_a_shard_that_went_away_fail_so_the_client_retries() -> None:
@@ -177,6 +213,21 @@ def test_a_yjs_client_joins_its_room_and_speaks_sync_and_awareness() -> None:
     assert query.message == Awareness(s.conn, None, DOC, b"")
 
 
+def test_a_yjs_client_whose_join_failed_sends_nothing_until_its_room_is_back() -> None:
+    s = session()
+    s.yjs_open(DOC, 100, up)
+    s.shard_down(lambda room: True)  # its join was in flight
+    for message in (SyncStep1(b"\x00"), SyncUpdate(b"\x01"), AwarenessMessage(cursor(3, 1)), QueryAwareness()):
+        assert s.yjs_message(message) == []
+    assert s.awareness == {}
+
+
+def test_a_yjs_clients_auth_message_is_ignored() -> None:
+    s = session()
+    s.yjs_open(DOC, 100, up)
+    assert s.yjs_message(AuthMessage(b"\x00\x03abc")) == []
+
+
 def test_a_yjs_viewers_edit_is_dropped_and_audited() -> None:
     s = session("observer")
     s.yjs_open(DOC, 100, up)
@@ -215,3 +266,30 @@ def test_a_left_room_is_told_to_its_shard() -> None:
     join(s)
     [sent] = s.leave(LeaveResource("l", PAGE), up)
     assert sent.message == Leave(s.conn, "l", PAGE)
+
+
+def test_an_awareness_entry_older_than_the_one_kept_does_not_replace_it() -> None:
+    s = session()
+    join(s)
+    s.awareness_update(AwarenessUpdate("w", PAGE, cursor(7, 2, '{"x":2}')), up)
+    [sent] = s.awareness_update(AwarenessUpdate("w", PAGE, cursor(7, 1, '{"x":1}')), up)
+    assert isinstance(sent.message, Awareness)  # still relayed: the shard decides what others see
+    assert s.awareness[PAGE] == {7: AwarenessEntry(7, 2, '{"x":2}')}
+
+
+def test_a_session_keeps_a_bounded_number_of_awareness_entries_per_room_dropping_the_oldest() -> None:
+    s = session()
+    join(s)
+    bound = 2 * MAX_AWARENESS_CLIENTS_PER_CONN
+    for client_id in range(bound + 3):
+        s.awareness_update(AwarenessUpdate("w", PAGE, cursor(client_id, 1)), up)
+    s.awareness_update(AwarenessUpdate("w", PAGE, cursor(3, 2)), up)  # a refresh makes an entry the newest
+    assert list(s.awareness[PAGE]) == [*range(4, bound + 3), 3]
+
+
+def test_a_session_lists_the_shards_its_rooms_live_on_once_each() -> None:
+    s = session()
+    join(s, PAGE)
+    join(s, DOC)
+    assert s.shards_of(lambda room: "shard-a") == {"shard-a"}
+    assert s.shards_of(lambda room: room) == {PAGE, DOC}
