@@ -2,7 +2,10 @@
 #
 #   make venv            create/refresh .venv (pinned by constraints.txt)
 #   make run             rounds up, embedded default (no external services)
-#   make test            venv + services, then the whole pytest suite
+#   make test            venv + services, lint, typecheck, the whole pytest suite with coverage
+#   make lint            ruff (lint and import order)
+#   make typecheck       mypy on the package
+#   make bench-micro     the hot path's micro-benchmarks (pytest-benchmark)
 #   make services        make sure Redis / RabbitMQ / PostgreSQL are up
 #   make bench-presence  rounds bench presence
 #   make node-deps       npm deps for the Node.js interop tests (if any)
@@ -34,10 +37,10 @@ TEST_REDIS_URL ?= redis://127.0.0.1:6379/15
 # Ray must not try to phone home from tests or CI (no network here).
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: help venv services run test bench-presence node-deps system-deps clean
+.PHONY: help venv services run test lint typecheck bench-micro bench-presence node-deps system-deps clean
 
 help:
-	@sed -n '1,14s/^# \{0,1\}//p' $(firstword $(MAKEFILE_LIST))
+	@sed -n '1,17s/^# \{0,1\}//p' $(firstword $(MAKEFILE_LIST))
 
 # ---------------------------------------------------------------- venv ----
 venv: $(STAMP)
@@ -69,18 +72,33 @@ services:
 run: venv
 	$(VBIN)/rounds up $(RUN_ARGS)
 
+# ---------------------------------------------------------------- lint ----
+lint: venv
+	$(VBIN)/ruff check rounds shard frontdoor cluster bench tests
+
+typecheck: venv
+	@bash scripts/typecheck.sh
+
 # ---------------------------------------------------------------- test ----
-# pytest exits non-zero on failures and with 5 when it collected no tests;
-# both fail make. Ray clusters are never killed here (some may not be ours):
-# the tests clean up after themselves and we only warn about raylet /
+# Lint and types first (seconds), then pytest with branch coverage over the
+# whole gateway, its Ray actor processes included ([tool.coverage] in
+# pyproject.toml); scripts/coverage_check.py then holds the floors
+# (docs/coverage.md). The micro-benchmarks (bench/micro) run once each, as a
+# smoke. pytest exits non-zero on failures and with 5 when it collected no
+# tests; both fail make. Ray clusters are never killed here (some may not be
+# ours): the tests clean up after themselves and we only warn about raylet /
 # gcs_server processes that appeared during this run and are still alive.
-test: venv services node-deps system-deps
+COVERAGE_ARGS ?= --cov --cov-report=
+test: venv services node-deps system-deps lint typecheck
 	@ray_before=$$(pgrep -x 'raylet|gcs_server' 2>/dev/null | sort); \
-	export ROUNDS_TEST_REDIS_URL='$(TEST_REDIS_URL)'; \
+	export ROUNDS_TEST_REDIS_URL='$(TEST_REDIS_URL)' ROUNDS_COVERAGE_DIR="$$PWD"; \
+	rm -f .coverage .coverage.*; \
 	rc=0; \
-	$(VBIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS) || rc=$$?; \
+	$(VBIN)/python -m pytest -q -p no:cacheprovider $(COVERAGE_ARGS) $(PYTEST_ARGS) || rc=$$?; \
 	if [ $$rc -eq 5 ]; then \
 	  echo "make test: ERROR: pytest collected no tests (exit 5)" >&2; fi; \
+	if [ $$rc -eq 0 ] && [ -z "$(PYTEST_ARGS)" ] && [ -n "$(COVERAGE_ARGS)" ]; then \
+	  $(VBIN)/python scripts/coverage_check.py || rc=$$?; fi; \
 	if command -v pgrep >/dev/null 2>&1; then \
 	  ray_after=$$(pgrep -x 'raylet|gcs_server' 2>/dev/null | sort); \
 	  new=$$(comm -13 <(echo "$$ray_before") <(echo "$$ray_after") | sed '/^$$/d'); \
@@ -93,6 +111,10 @@ test: venv services node-deps system-deps
 	exit $$rc
 
 # --------------------------------------------------------------- bench ----
+bench-micro: venv
+	$(VBIN)/python -m pytest -q -p no:cacheprovider bench/micro --benchmark-enable \
+	  --benchmark-columns=min,median,mean,ops --benchmark-sort=name $(PYTEST_ARGS)
+
 bench-presence: venv
 	$(VBIN)/rounds bench presence
 
@@ -107,6 +129,6 @@ system-deps:
 # --------------------------------------------------------------- clean ----
 # bench/results/ keeps only what docs cite (bench/results/README.md) and is left alone.
 clean:
-	rm -rf $(VENV) var/ .pytest_cache/ .hypothesis/ .benchmarks/ *.egg-info/
+	rm -rf $(VENV) var/ .pytest_cache/ .hypothesis/ .benchmarks/ *.egg-info/ .typecheck/ .typecheck-cache/ .coverage .coverage.*
 	find . -path ./.git -prune -o -path '*/node_modules' -prune -o \
 	  -type d -name __pycache__ -prune -exec rm -rf {} +

@@ -207,7 +207,7 @@ def load_postgres(dsn: str, paths: Sequence[Path], log: Callable[[str], None]) -
     try:
         importlib.import_module("asyncpg")  # audit_pg imports it only when connecting
 
-        from rounds import audit_pg
+        from rounds.audit import pg as audit_pg
     except ImportError as error:
         return {"skipped": f"asyncpg not available: {error}"}
     schema = f"rounds_bench_audit_{os.getpid()}_{int(time.time())}"
@@ -215,7 +215,7 @@ def load_postgres(dsn: str, paths: Sequence[Path], log: Callable[[str], None]) -
     async def run() -> dict[str, Any]:
         try:
             admin = await audit_pg.connect(dsn)
-        except (OSError, asyncio.TimeoutError, Exception) as error:  # unreachable, refused, auth: not run
+        except (TimeoutError, OSError, Exception) as error:  # unreachable, refused, auth: not run
             return {"skipped": f"PostgreSQL at {dsn} unreachable: {type(error).__name__}: {error}"}
         try:
             await admin.execute(f"CREATE SCHEMA {schema}")

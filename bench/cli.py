@@ -71,7 +71,8 @@ def _add_presence(kinds: Any) -> None:
         ),
     )
     parser.add_argument("--users", type=int, default=defaults.users, help="simulated users (default %(default)s)")
-    parser.add_argument("--room-size", type=int, default=defaults.room_size, help="users per room (default %(default)s)")
+    parser.add_argument("--room-size", type=int, default=defaults.room_size,
+                        help="users per room (default %(default)s)")
     parser.add_argument(
         "--duration", type=float, default=defaults.duration_s, metavar="S",
         help="measured seconds after all users are connected (default %(default)s)",
@@ -217,7 +218,8 @@ def _add_audit(kinds: Any) -> None:
                       help="writer processes of the multi-process cases (default %(default)s)")
     sink.add_argument("--fsync", action="append", choices=("interval", "always", "never"), default=None,
                       help="fsync policies to bench, repeatable (default: interval and always)")
-    sink.add_argument("--dsn", help=f"loopback PostgreSQL for the load (default postgres_dsn, else {audit.DEFAULT_DSN})")
+    sink.add_argument("--dsn",
+                      help=f"loopback PostgreSQL for the load (default postgres_dsn, else {audit.DEFAULT_DSN})")
     sink.add_argument("--no-postgres", action="store_true", help="skip the PostgreSQL load")
     sink.add_argument("--scratch", type=Path, help="parent of the temporary folder (default var_dir: the audit "
                                                     "files' own file system); removed after")
@@ -286,7 +288,8 @@ def _add_gateway_options(parser: Any) -> None:
 
 def _add_output_options(parser: argparse.ArgumentParser) -> None:
     output = parser.add_argument_group("output")
-    output.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for the JSON and PNG (default bench/results)")
+    output.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                        help="folder for the JSON and PNG (default bench/results)")
     output.add_argument("--no-plot", action="store_true", help="write the JSON report only")
 
 
@@ -372,7 +375,8 @@ def _target(args: argparse.Namespace, settings: Settings) -> Iterator[_Target]:
 
 def _gateway_settings(args: argparse.Namespace, settings: Settings) -> Settings:
     """`settings` with the gateway options given, on loopback whatever the configuration says."""
-    changes = {name: getattr(args, name) for name in ("shards", "frontdoors", "port") if getattr(args, name) is not None}
+    changes = {name: getattr(args, name) for name in ("shards", "frontdoors", "port")
+               if getattr(args, name) is not None}
     if not _is_loopback_host(settings.host):
         changes["host"] = "127.0.0.1"  # the bench's own gateway never listens beyond this machine
     return settings.replace(**changes)
@@ -643,7 +647,7 @@ def _free_loopback_port(host: str) -> int:
         return int(probe.getsockname()[1])
 
 
-def _finish(args: argparse.Namespace, report: dict[str, Any], stem: str, plot: Callable[[Path], None],
+def _finish(args: argparse.Namespace, report: dict[str, Any], stem: str, plot: Callable[[Path], object],
             table: Callable[[dict[str, Any]], str]) -> int:
     """Write a multi-run report (JSON, and PNG unless --no-plot or every run
     failed), print its table, and choose the exit code."""

@@ -28,8 +28,8 @@ from typing import Any
 
 from rounds.audit.events import MemoryAuditSink
 from rounds.auth import mint_token, private_key_for_dev
-from rounds.config import Settings
 from rounds.cluster.inprocess import InProcessGateway
+from rounds.config import Settings
 
 ROOM_SIZE = 10
 

@@ -33,18 +33,25 @@ from datetime import UTC, datetime
 from functools import partial
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from rounds.bench import stats
 from rounds.bench.crdtgen import SLOW_MS, crdt_worker_main
 from rounds.bench.crdtplan import CODECS, JSON, MODES, WS, CrdtPlan
 from rounds.bench.plan import MEASURED, RAMP, RoomPlan, assign_rooms, plan_rooms, require_loopback_url
-from rounds.bench.runner import Conductor, WorkerSpec, environment, wait_until_quiet
+from rounds.bench.runner import (
+    Conductor,
+    Target,
+    WorkerSpec,
+    environment,
+    other_cpu_percent,
+    shared_machine_warning,
+    wait_until_quiet,
+)
 
 SCHEMA = "rounds.bench.crdt/1"
 SEED_P99_MS = 50.0  # the seed's bar, at 500 users
 GOAL_P99_MS = ((500, 5.0), (3_000, 50.0))  # our goal: p99 under this up to that many users
-OTHER_CPU_WARN_PERCENT = 50.0
 QUIET_PERCENT, QUIET_WAIT_S = 30.0, 30.0  # before each run: the machine under 30 % of a core, waiting 30 s at most
 # (name in the report, phase, metric of crdtgen), in the order of the table.
 LATENCIES = (
@@ -126,14 +133,6 @@ def cpu_s_per_1000(cpu_percent: float | None, seconds: float | None, updates: in
 
 
 # --- the run ------------------------------------------------------------------------
-
-
-class Target(Protocol):
-    """A server a run targets, as the caller's opener yields it."""
-
-    url: str  # WS mode: ws://HOST:PORT/ws; YJS mode: the base rooms are appended to
-    pids: list[int] | None  # sampled for CPU and RSS (None: not reported)
-    info: dict[str, Any]
 
 
 class ServerUnavailable(Exception):
@@ -265,7 +264,7 @@ def run_report(
         server_figures["cpu_percent_measured"], measured_s, updates)
     delivery_ratio = round(delivered / expected, 6) if expected else None
     p99 = latency["propagation"]["p99"]
-    entry = {
+    entry: dict[str, Any] = {
         "name": server.name,
         "label": server.label,
         "mode": server.mode,
@@ -310,7 +309,9 @@ def run_report(
         "counts": counts,
         "worker_errors": [text for r in results for text in r.errors],
     }
-    entry["machine"]["other_cpu_percent_measured"] = other_cpu(entry)
+    entry["machine"]["other_cpu_percent_measured"] = other_cpu_percent(
+        entry["machine"]["cpu_percent_measured"], entry["server"]["cpu_percent_measured"],
+        entry["loadgen"]["cpu_percent_measured"])
     return entry, {metric: samples[MEASURED].get(metric, []) for metric in ("propagation_ms", "ack_ms")}
 
 
@@ -325,16 +326,6 @@ def slow_by_second(counts: Mapping[str, Any], duration_s: float) -> dict[str, li
         by_second = counts.get(f"deliveries_{name}_by_second", {})
         out[name] = [int(by_second.get(str(second), 0)) for second in range(seconds)]
     return out
-
-
-def other_cpu(entry: Mapping[str, Any]) -> float | None:
-    """CPU % of one core that neither the server nor the load generator used in
-    the measured phase: Ray's own daemons, and whatever else shared the machine."""
-    machine = entry["machine"]["cpu_percent_measured"]
-    ours = (entry["server"]["cpu_percent_measured"], entry["loadgen"]["cpu_percent_measured"])
-    if machine is None or any(v is None for v in ours):
-        return None
-    return round(max(0.0, machine - sum(ours)), 1)
 
 
 def comparison(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -425,10 +416,9 @@ def _run_lines(entry: Mapping[str, Any]) -> list[str]:
         if any(by_second):
             lines.append(f"[{label}] deliveries {name.replace('_', ' ')} by second of the run: "
                          + " ".join(str(n) for n in by_second))
-    other = entry["machine"]["other_cpu_percent_measured"]
-    if other is not None and other > OTHER_CPU_WARN_PERCENT:
-        lines.append(f"[{label}] WARNING: {other:.0f}% of a core went to processes other than the server and "
-                     "the load generator: the machine was shared, the figures are pessimistic")
+    warning = shared_machine_warning(label, entry["machine"]["other_cpu_percent_measured"], "the server")
+    if warning:
+        lines.append(warning)
     if entry["aborted"]:
         lines.append(f"[{label}] ABORTED: {entry['aborted']}")
     return lines

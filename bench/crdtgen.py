@@ -41,11 +41,23 @@ from pycrdt import Doc, Text
 
 from rounds.bench import wsclient
 from rounds.bench.crdtplan import (
-    DELIVERED, DUPLICATE, ECHO, EXTRA, MSGPACK, TEXT_NAME, WS, CrdtPlan, Ledger, find_markers, marker, room_url,
+    DELIVERED,
+    DUPLICATE,
+    ECHO,
+    EXTRA,
+    MSGPACK,
+    TEXT_NAME,
+    WS,
+    CrdtPlan,
+    Ledger,
+    find_markers,
+    marker,
+    room_url,
 )
 from rounds.bench.plan import DRAIN, MEASURED, RAMP, Recorder, WorkerResult, bench_user_id, url_with_token
 from rounds.bench.worker import RoomsWorker, data_of, serve_worker
-from rounds.protocol.ws import JSON, MSGPACK as MSGPACK_CODEC, SUBPROTOCOL_MSGPACK, MessageType, ProtocolError
+from rounds.protocol.ws import JSON, SUBPROTOCOL_MSGPACK, MessageType, ProtocolError
+from rounds.protocol.ws import MSGPACK as MSGPACK_CODEC
 from rounds.protocol.yjs import (
     AwarenessMessage,
     SyncStep1,
@@ -74,7 +86,7 @@ class _Client:
         self.ws: wsclient.LeanConnection | None = None
         self.synced = False  # joined (ws) or got the server's sync step 2 (yjs); receives updates
         self.closing = False  # we are closing it: a close is then expected
-        self.doc = Doc()
+        self.doc: Doc = Doc()
         self.text = self.doc.get(TEXT_NAME, type=Text)
         self.length = 0  # characters this client inserted (ASCII markers only)
         # replies awaited in the ramp: "connected" (CONNECTED), a ref (RESOURCE_STATE), "sync" (step 2)

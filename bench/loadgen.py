@@ -31,12 +31,18 @@ from typing import Any
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
-from rounds.protocol.ws import MessageType
 from rounds.bench.plan import (
-    DRAIN, MEASURED, RAMP, Recorder, WorkerMessage, WorkerPlan, bench_user_id, url_with_token,
+    DRAIN,
+    MEASURED,
+    RAMP,
+    Recorder,
+    WorkerMessage,
+    WorkerPlan,
+    bench_user_id,
+    url_with_token,
 )
 from rounds.bench.worker import RoomsWorker, data_of, decode_json, serve_worker
-
+from rounds.protocol.ws import MessageType
 
 # --- the worker's state ---------------------------------------------------------
 
@@ -393,7 +399,7 @@ class Worker(RoomsWorker):
 
 def _unauthorized(error: InvalidStatus) -> str:
     """`:reason` from a 401 body `{"type":"UNAUTHORIZED","data":{"reason":...}}`, if any."""
-    body = decode_json(error.response.body or b"")
+    body = decode_json(bytes(error.response.body or b""))
     data = body.get("data") if body else None
     reason = data.get("reason") if isinstance(data, dict) else None
     return f":{reason}" if isinstance(reason, str) else ""

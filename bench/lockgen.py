@@ -219,7 +219,7 @@ class LockWorker(BenchWorker):
         """One untimed round of each operation (samples filed under `settle`)."""
         async def lock_once(clients: list[_Client]) -> None:
             outcomes = await asyncio.gather(*(self._acquire(c, SETTLE) for c in clients))
-            for client, (_, lock_id) in zip(clients, outcomes):
+            for client, (_, lock_id) in zip(clients, outcomes, strict=False):
                 if lock_id is not None:
                     await self._release(client, lock_id, SETTLE)
 
@@ -297,7 +297,8 @@ class LockWorker(BenchWorker):
         while clients and self._running(end) and rounds < self.plan.max_rounds:
             outcomes = await asyncio.gather(*(self._acquire(c, CONTENDED) for c in clients))
             rounds += 1
-            winners = [(c, lock_id) for c, (outcome, lock_id) in zip(clients, outcomes) if lock_id is not None]
+            winners = [(c, lock_id) for c, (outcome, lock_id) in zip(clients, outcomes, strict=True)
+                       if lock_id is not None]
             self.rec.count("contended_rounds")
             self.rec.count("contended_attempts", n=len(clients))
             self.rec.count("contended_grants", n=len(winners))

@@ -34,19 +34,19 @@ from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from functools import partial
-from typing import Any, Protocol
+from typing import Any
 from urllib.parse import urlsplit
 
 from rounds.bench import stats
 from rounds.bench.lockgen import CONTENDED, FLOOR, UNCONTENDED, LockPlan, lock_worker_main, phase_windows
 from rounds.bench.plan import require_loopback_url
 from rounds.bench.presence import Companion, PresenceOptions, PresenceRun, environment, run_presence
+from rounds.bench.runner import Target, other_cpu_percent, shared_machine_warning
 from rounds.config import Settings
 
 SCHEMA = "rounds.bench.locks/1"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/15"
 SEED_P99_MS, GOAL_P99_MS = 5.0, 2.0  # issue 3: the seed's bar, our goal
-OTHER_CPU_WARN_PERCENT = 50.0  # Ray's own daemons (raylet, GCS, dashboard) take some even when idle
 BACKENDS = {"both": ("redis", "memory"), "redis": ("redis",), "memory": ("memory",)}
 LOCK_ROLE = "surgeon"
 # (name in the report, metric of lockgen) per phase, in the order of the table.
@@ -159,14 +159,6 @@ def cpu_in_window(timeline: Sequence[Mapping[str, Any]], start: float, end: floa
 
 
 # --- the run ------------------------------------------------------------------------
-
-
-class Target(Protocol):
-    """The gateway a run targets, as the caller's factory yields it."""
-
-    url: str
-    pids: list[int] | None
-    info: dict[str, Any]
 
 
 class GatewayUnavailable(Exception):
@@ -336,7 +328,9 @@ def backend_report(
         # client side may add to any round trip it times
         "lock_client_loop_lag_ms": {phase: stats.summarize(samples.get(phase, {}).get("loop_lag_ms", [])).as_dict()
                                     for phase in (FLOOR, UNCONTENDED, CONTENDED)},
-        "machine": {**p["machine"], "other_cpu_percent_measured": other_cpu(p)},
+        "machine": {**p["machine"], "other_cpu_percent_measured": other_cpu_percent(
+            p["machine"]["cpu_percent_measured"], p["gateway"]["cpu_percent_measured"],
+            p["loadgen"]["cpu_percent_measured"])},
         "presence": {
             "users": p["users"],
             "latency_ms": {k: p["latency_ms"][k] for k in ("heartbeat_rtt", "join_state", "fanout")},
@@ -345,16 +339,6 @@ def backend_report(
         "worker_errors": [*(result.errors if result is not None else []), *p["worker_errors"]],
     }
     return entry, samples
-
-
-def other_cpu(presence_report: Mapping[str, Any]) -> float | None:
-    """CPU % of one core that neither the gateway nor the load generator used in the
-    measured phase: Ray's own daemons, and whatever else shared the machine."""
-    machine = presence_report["machine"]["cpu_percent_measured"]
-    ours = (presence_report["gateway"]["cpu_percent_measured"], presence_report["loadgen"]["cpu_percent_measured"])
-    if machine is None or any(v is None for v in ours):
-        return None
-    return round(max(0.0, machine - sum(ours)), 1)
 
 
 def _summaries(samples: Mapping[str, Mapping[str, Sequence[float]]], phase: str) -> dict[str, dict[str, Any]]:
@@ -446,10 +430,9 @@ def _run_lines(entry: Mapping[str, Any]) -> list[str]:
         f"{_fmt(heartbeat['p99'], ' ms')} (n={heartbeat['count']})",
         f"[{backend}] failures: {failures['total']}" + (f" ({details})" if details else ""),
     ]
-    other = entry["machine"]["other_cpu_percent_measured"]
-    if other is not None and other > OTHER_CPU_WARN_PERCENT:
-        lines.append(f"[{backend}] WARNING: {other:.0f}% of a core went to processes other than the gateway and "
-                     "the load generator: the machine was shared, the figures are pessimistic")
+    warning = shared_machine_warning(backend, entry["machine"]["other_cpu_percent_measured"], "the gateway")
+    if warning:
+        lines.append(warning)
     if entry["aborted"]:
         lines.append(f"[{backend}] ABORTED: {entry['aborted']}")
     return lines

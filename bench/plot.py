@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -74,17 +74,19 @@ def _cpu_over_time(axes: Any, report: Mapping[str, Any]) -> None:
     ):
         points = [(p["t_s"], p[key]) for p in timeline if p.get(key) is not None]
         if points:
-            axes.plot(*zip(*points), style, label=f"{name} CPU", color="grey" if key.startswith("machine") else None)
+            axes.plot(*zip(*points, strict=True), style, label=f"{name} CPU",
+                      color="grey" if key.startswith("machine") else None)
     phases = report["phases_s"]
     if phases["measured_from"] is not None and phases["measured_to"] is not None:
-        axes.axvspan(phases["measured_from"], phases["measured_to"], color="tab:green", alpha=0.08, label="measured phase")
+        axes.axvspan(phases["measured_from"], phases["measured_to"], color="tab:green", alpha=0.08,
+                     label="measured phase")
     axes.set_xlabel("time since start (s)")
     axes.set_ylabel("CPU (% of one core)")
     axes.grid(True, linewidth=0.3)
     rss = [(p["t_s"], p["rss_mib"]) for p in gateway]
     if rss:
         twin = axes.twinx()
-        twin.plot(*zip(*rss), ":", color="tab:red", label="gateway RSS")
+        twin.plot(*zip(*rss, strict=False), ":", color="tab:red", label="gateway RSS")
         twin.set_ylabel("gateway RSS (MiB)")
         twin.legend(loc="upper right")
         axes.set_title("gateway CPU and RSS, summed over its processes")
@@ -110,10 +112,10 @@ def plot_locks(
     run's SET NX floor and the 2 ms / 5 ms targets) and the gateway's CPU to `path`."""
     figure = Figure(figsize=(12, 9.5), layout="constrained")
     FigureCanvasAgg(figure)
-    top, bottom = figure.subfigures(2, 1, height_ratios=(3, 2))
+    top, bottom = cast(Any, figure.subfigures(2, 1, height_ratios=(3, 2)))  # two subfigures (typed as one or many)
     panels = top.subplots(1, 2, sharey=True)
     colours = {run["backend"]: f"C{i}" for i, run in enumerate(report["runs"])}
-    for axes, phase in zip(panels, ("uncontended", "contended")):
+    for axes, phase in zip(panels, ("uncontended", "contended"), strict=False):
         for backend, by_phase in samples.items():
             for label, metric, style in LOCK_CURVES:
                 _cdf(axes, by_phase.get(phase, {}).get(metric, ()), f"{backend} {label}", style, colours.get(backend))
@@ -165,7 +167,8 @@ def _lock_cpu(axes: Any, report: Mapping[str, Any], colours: Mapping[str, str]) 
         points = [(p["t_s"] - origin, p["cpu_percent"]) for p in run["gateway"]["timeline"]
                   if p.get("cpu_percent") is not None]
         if points:
-            axes.plot(*zip(*points), color=colours.get(run["backend"]), label=f"gateway CPU, {run['backend']} run")
+            axes.plot(*zip(*points, strict=True), color=colours.get(run["backend"]),
+                      label=f"gateway CPU, {run['backend']} run")
         if not shaded:
             for i, (name, (start, end)) in enumerate(run["phases_s"]["windows"].items()):
                 axes.axvspan(start - origin, end - origin, color=f"C{i + 4}", alpha=0.08)
@@ -191,7 +194,7 @@ def plot_crdt(report: Mapping[str, Any], samples: Mapping[str, Mapping[str, Sequ
     the server's CPU over the run, to `path` (PNG)."""
     figure = Figure(figsize=(13, 9.5), layout="constrained")
     FigureCanvasAgg(figure)
-    top, bottom = figure.subfigures(2, 1, height_ratios=(3, 2))
+    top, bottom = cast(Any, figure.subfigures(2, 1, height_ratios=(3, 2)))  # two subfigures (typed as one or many)
     cdf_axes, bar_axes = top.subplots(1, 2, width_ratios=(3, 2))
     runs = [run for run in report["runs"] if not run.get("error")]
     colours = {run["label"]: f"C{i}" for i, run in enumerate(runs)}
@@ -273,7 +276,7 @@ def _crdt_cpu(axes: Any, runs: Sequence[Mapping[str, Any]], colours: Mapping[str
         if points:
             per_update = run["server"]["cpu_s_per_1000_updates"]
             note = "" if per_update is None else f", {per_update:.3f} CPU-s per 1,000 updates"
-            axes.plot(*zip(*points), color=colours[run["label"]], label=f"{run['label']}{note}")
+            axes.plot(*zip(*points, strict=False), color=colours[run["label"]], label=f"{run['label']}{note}")
     axes.axvline(0, color="grey", linewidth=0.6)
     axes.set_xlabel("seconds since the measured phase began (negative: connecting and syncing)")
     axes.set_ylabel("CPU (% of one core)")

@@ -25,7 +25,13 @@ from typing import Any
 from rounds.bench import plan, stats
 from rounds.bench.loadgen import worker_main
 from rounds.bench.plan import (
-    MEASURED, RAMP, RoomPlan, WorkerPlan, WorkerResult, assign_rooms, require_loopback_url,
+    MEASURED,
+    RAMP,
+    RoomPlan,
+    WorkerPlan,
+    WorkerResult,
+    assign_rooms,
+    require_loopback_url,
 )
 from rounds.bench.runner import Conductor, WorkerSpec, environment, gc_text
 

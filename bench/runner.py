@@ -18,13 +18,14 @@ stops by itself at `duration_s + DEADLINE_MARGIN_S` after the start.
 from __future__ import annotations
 
 import multiprocessing
+import multiprocessing.queues
 import os
 import platform
 import queue
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import psutil
 import websockets
@@ -97,7 +98,7 @@ class ProcessSampler:
 
 def _machine_busy_s() -> float:
     times = psutil.cpu_times()
-    return sum(times) - times.idle - getattr(times, "iowait", 0.0)
+    return float(sum(times) - times.idle - getattr(times, "iowait", 0.0))
 
 
 def cpu_between(a: Reading, b: Reading) -> float | None:
@@ -201,7 +202,7 @@ class Conductor:
         self.stop_at = self.hard_deadline - STOP_GRACE_S - REAP_S
         self.ramp_deadline = self.started + RAMP_LIMIT_S
         self.context = multiprocessing.get_context("spawn")
-        self.results: queue.Queue[Any] = self.context.Queue()
+        self.results: multiprocessing.queues.Queue[Any] = self.context.Queue()
         self.targets: list[tuple[Callable[[Any, Any, Any], None], Any, str]] = [
             (w.target, w.plan(index, self.ramp_deadline, self.stop_at), f"bench-{w.name}")
             for index, w in enumerate(workers)
@@ -450,3 +451,38 @@ def gc_text(gc: Mapping[str, float] | None, end: str = ", ") -> str:
     return (f"GC {gc['collections']:.0f} collections paused {gc['pausedMs']:.0f} ms "
             f"({gc['over10ms']:.0f} over 10 ms; {gc.get('full', 0):.0f} full, {gc.get('fullPausedMs', 0):.0f} ms){end}")
 
+
+OTHER_CPU_WARN_PERCENT = 50.0  # Ray's own daemons (raylet, GCS, dashboard) take some even when idle
+
+
+class Target(Protocol):
+    """A server a run targets, as the caller's opener yields it."""
+
+    @property
+    def url(self) -> str:
+        """/ws runs: ws://HOST:PORT/ws; /yjs runs: the base URL rooms are appended to."""
+        ...
+
+    @property
+    def pids(self) -> list[int] | None:
+        """Sampled for CPU and RSS (None: not reported)."""
+        ...
+
+    @property
+    def info(self) -> dict[str, Any]: ...
+
+
+def other_cpu_percent(machine: float | None, *ours: float | None) -> float | None:
+    """CPU % of one core that neither the server nor the load generator used in
+    the measured phase: Ray's own daemons, and whatever else shared the machine."""
+    if machine is None or any(v is None for v in ours):
+        return None
+    return round(max(0.0, machine - sum(v for v in ours if v is not None)), 1)
+
+
+def shared_machine_warning(label: str, other: float | None, server: str) -> str | None:
+    """The report's warning when the machine was busy with others, else None."""
+    if other is None or other <= OTHER_CPU_WARN_PERCENT:
+        return None
+    return (f"[{label}] WARNING: {other:.0f}% of a core went to processes other than {server} and "
+            "the load generator: the machine was shared, the figures are pessimistic")

@@ -23,7 +23,7 @@ import json
 import signal
 import time
 import traceback
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from typing import Any
 
 import uvloop
@@ -62,7 +62,7 @@ class BenchWorker:
         elif not isinstance(message, Go):
             self.stopping.set()
 
-    async def _wait_or_stop(self, *aws: Awaitable[Any], timeout: float | None = None) -> None:
+    async def _wait_or_stop(self, *aws: asyncio.Future[Any], timeout: float | None = None) -> None:
         """Wait until the first of `aws` is done, `Stop` came, or `timeout` seconds passed."""
         stop = asyncio.create_task(self.stopping.wait())
         await asyncio.wait([*aws, stop], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)

@@ -205,7 +205,7 @@ class LeanConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport
-        transport.write(self._request)
+        self._transport.write(self._request)
 
     def data_received(self, data: bytes) -> None:
         if not self.opened.done():
@@ -309,11 +309,14 @@ async def connect(url: str, subprotocols: tuple[str, ...] = (), max_size: int = 
     raises HandshakeError (refused, e.g. HTTP 401), OSError or ConnectionError.
     The caller bounds the time (asyncio.timeout) and calls `start` next."""
     parts = urlsplit(url)
+    if parts.hostname is None:
+        raise ValueError(f"no host in {url!r}")
+    host = parts.hostname
     key = base64.b64encode(os.urandom(16)).decode("ascii")
     request = handshake_request(url, key, subprotocols)
     loop = asyncio.get_running_loop()
     _, connection = await loop.create_connection(
-        lambda: LeanConnection(request, key, max_size), parts.hostname, parts.port or 80)
+        lambda: LeanConnection(request, key, max_size), host, parts.port or 80)
     try:
         await connection.opened
     except BaseException:

@@ -18,10 +18,10 @@ from typing import Any
 import ray
 
 from rounds import gcwatch, logs
-from rounds.config import Settings
+from rounds.cluster import metrics
 from rounds.cluster.compose import make_frontdoor, make_shard
 from rounds.cluster.threadloop import ThreadLoop
-from rounds.cluster import metrics
+from rounds.config import Settings
 
 log = logging.getLogger(__name__)
 

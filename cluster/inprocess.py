@@ -11,12 +11,12 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
-from rounds.frontdoor.server import FrontDoor
 from rounds.audit.events import AuditSink
+from rounds.cluster.compose import make_frontdoor, make_shard
 from rounds.config import Settings
+from rounds.frontdoor.server import FrontDoor
 from rounds.ids import ShardId
 from rounds.relay.transport import RelayTransport
-from rounds.cluster.compose import make_frontdoor, make_shard
 from rounds.shard.service import ShardService
 
 

@@ -25,7 +25,7 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import ray
 
@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 RECONCILE_PERIOD_S = 1.0
 CALL_TIMEOUT_S = 5.0
+STOP_TIMEOUT_S = 3.0  # a shard saving its documents, then every actor ending
 
 
 def ray_init(settings: Settings) -> tuple[bool, str | None]:
@@ -96,12 +97,14 @@ class Gateway:
         self.started_ray = started_ray
         self.dashboard_url = dashboard_url
         ns = settings.ray_namespace
+        # `ray.remote` classes: Ray ships no types, so mypy sees the plain classes
+        shard_class, frontdoor_class = cast(Any, ShardActor), cast(Any, FrontDoorActor)
         self.shards = [
-            ShardActor.options(name=f"shard-{i}", namespace=ns, **ACTOR_OPTIONS).remote(i, settings)
+            shard_class.options(name=f"shard-{i}", namespace=ns, **ACTOR_OPTIONS).remote(i, settings)
             for i in range(settings.shards)
         ]
         self.frontdoors = [
-            FrontDoorActor.options(name=f"frontdoor-{i}", namespace=ns, **ACTOR_OPTIONS).remote(i, settings)
+            frontdoor_class.options(name=f"frontdoor-{i}", namespace=ns, **ACTOR_OPTIONS).remote(i, settings)
             for i in range(settings.frontdoors)
         ]
         self.book: dict[int, tuple[str, int]] = {}
@@ -152,18 +155,24 @@ class Gateway:
     def _http_health_ok(self) -> bool:
         try:
             with urllib.request.urlopen(self.health_url, timeout=2) as response:
-                return response.status == 200
+                return bool(response.status == 200)
         except OSError:
             return False
 
     def stop(self, drain: bool = True) -> None:
-        """Close clients with 1001, stop the actors, and Ray if we started it."""
+        """Close clients with 1001, stop the shards (their documents saved,
+        their audit written), end the actor processes, and Ray if we started it."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=2)
         if drain:
             self._call_all(self.frontdoors, "drain", timeout=2.5)
-        for actor in [*self.frontdoors, *self.shards]:
+            self._call_all(self.shards, "stop", timeout=STOP_TIMEOUT_S)
+        actors = [*self.frontdoors, *self.shards]
+        # Each process ends as a Python process does (exit handlers run), then anything left is killed.
+        ends = [actor.__ray_terminate__.remote() for actor in actors]
+        ray.wait(ends, num_returns=len(ends), timeout=STOP_TIMEOUT_S)
+        for actor in actors:
             try:
                 ray.kill(actor, no_restart=True)
             except Exception:  # already gone
@@ -243,7 +252,7 @@ def shipper_status_file(settings: Settings) -> Path:
 
 
 def gcs_address() -> str:
-    return ray.get_runtime_context().gcs_address
+    return str(ray.get_runtime_context().gcs_address)
 
 
 def connect(address: str, namespace: str) -> None:
@@ -258,8 +267,8 @@ def running_status(namespace: str) -> dict[str, Any]:
 
     def collect(prefix: str) -> list[Any]:
         chosen = sorted((n for n in names if n.startswith(prefix)), key=lambda n: int(n.rsplit("-", 1)[1]))
-        refs = [(n, ray.get_actor(n, namespace=namespace).stats.remote()) for n in chosen]
-        out = []
+        refs: list[tuple[str, Any]] = [(n, ray.get_actor(n, namespace=namespace).stats.remote()) for n in chosen]
+        out: list[Any] = []
         for name, ref in refs:
             try:
                 out.append(ray.get(ref, timeout=CALL_TIMEOUT_S))

@@ -58,7 +58,8 @@ class FrontDoorMetrics(_Sampler):
     def record(self, stats: dict[str, Any]) -> None:
         tag = "frontdoor"
         _gauge("rounds_frontdoor_connections", "Open client connections", tag).set(stats["connections"], self._tags)
-        _gauge("rounds_frontdoor_rejected", "Handshakes refused (auth, capacity)", tag).set(stats["rejected"], self._tags)
+        _gauge("rounds_frontdoor_rejected", "Handshakes refused (auth, capacity)", tag).set(
+            stats["rejected"], self._tags)
         _gauge("rounds_frontdoor_shards_linked", "Shards linked", tag).set(sum(stats["shards"].values()), self._tags)
 
 

@@ -6,6 +6,7 @@ and the freeing of a connection's objects when it ends. No state of its own.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from functools import partial
 from typing import Any
 from urllib.parse import parse_qs
@@ -13,6 +14,7 @@ from urllib.parse import parse_qs
 from websockets.asyncio.server import ServerConnection
 from websockets.http11 import Response
 from websockets.server import ServerProtocol
+from websockets.typing import Subprotocol
 
 from rounds.protocol.ws import SUBPROTOCOLS
 
@@ -30,7 +32,7 @@ def frame_bytes(frame: str | bytes, limit: int) -> int:
     return len(frame.encode())
 
 
-def select_subprotocol(connection: ServerConnection, subprotocols: list[str]) -> str | None:
+def select_subprotocol(connection: ServerConnection, subprotocols: Sequence[Subprotocol]) -> Subprotocol | None:
     """Our two subprotocols if offered; JSON for clients that offer none or others."""
     for offered in subprotocols:
         if offered in SUBPROTOCOLS:
@@ -83,7 +85,8 @@ def free_by_refcount(ws: ServerConnection) -> None:
 def _release_protocol(protocol: ServerProtocol, _lost: object) -> None:
     vars(protocol).pop("select_subprotocol", None)
     protocol.parser.close()
-    for exc in (protocol.parser_exc, protocol.handshake_exc):
+    chains: tuple[BaseException | None, ...] = (protocol.parser_exc, protocol.handshake_exc)
+    for exc in chains:
         for _ in range(8):  # a chain of causes is short; never loop on one that cycles
             if exc is None:
                 break

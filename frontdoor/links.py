@@ -16,12 +16,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from functools import partial
 
 from rounds.ids import FrontDoorId, ResourceId, ShardId
 from rounds.protocol.link import Hello, LinkMessage
+from rounds.protocol.messages import Join, Sync
 from rounds.protocol.stream import LinkProtocol
 from rounds.routing import HashRing
-from rounds.protocol.messages import Join, Sync
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +58,7 @@ class _ShardLink:
                 # Bounded: a shard on a vanished node would otherwise hold this
                 # loop for the kernel's SYN timeout (minutes), not our backoff.
                 _, protocol = await asyncio.wait_for(loop.create_connection(
-                    lambda: LinkProtocol(self.owner.on_message,
-                                         lambda exc: lost.done() or lost.set_result(None)),
-                    *self.address), CONNECT_TIMEOUT_S)
+                    partial(self._protocol, lost), *self.address), CONNECT_TIMEOUT_S)
             except OSError as exc:  # TimeoutError included
                 log.warning("shard-%d at %s:%d unreachable (%s); retrying in %.2fs",
                             self.shard, *self.address, str(exc) or type(exc).__name__, delay)
@@ -76,6 +75,14 @@ class _ShardLink:
             self.owner.on_down(self.shard)
             if not self.stopped:
                 log.warning("link to shard-%d lost; reconnecting", self.shard)
+
+    def _protocol(self, lost: asyncio.Future[None]) -> LinkProtocol:
+        """A link whose end resolves `lost`."""
+        def on_lost(exc: Exception | None) -> None:
+            if not lost.done():
+                lost.set_result(None)
+
+        return LinkProtocol(self.owner.on_message, on_lost)
 
     def resync(self) -> None:
         if self.protocol is not None:

@@ -32,8 +32,14 @@ from urllib.parse import urlsplit
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
+from websockets.typing import Subprotocol
 
-from rounds.frontdoor.fanout import frame as ws_frame, send_frame
+from rounds.audit.events import AuditEvent, AuditSink
+from rounds.auth import AuthError, Identity, TokenVerifier
+from rounds.clock import now_ms
+from rounds.config import Settings
+from rounds.frontdoor.fanout import frame as ws_frame
+from rounds.frontdoor.fanout import send_frame
 from rounds.frontdoor.handshake import (
     frame_bytes,
     free_by_refcount,
@@ -44,36 +50,32 @@ from rounds.frontdoor.handshake import (
 )
 from rounds.frontdoor.links import Address, ShardLinks
 from rounds.frontdoor.session import Action, Answer, Audit, Close, Rules, Session, ToShard
-from rounds.relay.frontdoor_side import FrontDoorRelay
-from rounds.relay.transport import RelayTransport
-from rounds.audit.events import AuditEvent, AuditSink
-from rounds.auth import AuthError, Identity, TokenVerifier
 from rounds.frontdoor.sessions import SessionStore
-from rounds.clock import now_ms
-from rounds.config import Settings
+from rounds.frontdoor.yjs import YJS, resource_from_path
 from rounds.ids import ConnId, FrontDoorId, ResourceId, SessionId, ShardId, conn_id
 from rounds.protocol.link import LinkMessage, RelayBatch, RelayReset
-from rounds.frontdoor.yjs import YJS, resource_from_path
+from rounds.protocol.messages import Deliver, Disconnect, Join, Reply
 from rounds.protocol.ws import (
     SUBPROTOCOLS,
     AwarenessUpdate,
-    Codec,
     CloseCode,
+    Codec,
     ErrorCode,
     Heartbeat,
     JoinResource,
     LeaveResource,
-    MessageType,
     LockAcquireRequest,
     LockReleaseRequest,
     LockRenewRequest,
+    MessageType,
     ProtocolError,
     ResourceUpdate,
     codec_for,
     error_data,
     parse_request,
 )
-from rounds.protocol.messages import Deliver, Disconnect, Join, Reply
+from rounds.relay.frontdoor_side import FrontDoorRelay
+from rounds.relay.transport import RelayTransport
 
 log = logging.getLogger(__name__)
 
@@ -114,10 +116,10 @@ class FrontDoor:
         self.clients: dict[ConnId, Client] = {}
         self._counter = itertools.count(1)
         self._tasks: set[asyncio.Task[None]] = set()
-        # Upgrades accepted but not yet serving count against the cap too, so a
-        # burst of handshakes cannot overshoot it. Weak: a failed handshake's
-        # connection object just disappears from here.
-        self._accepting: weakref.WeakSet[ServerConnection] = weakref.WeakSet()
+        # Upgrades accepted but not yet serving, with the identity their token
+        # proved. They count against the cap too, so a burst of handshakes cannot
+        # overshoot it. Weak: a failed handshake's connection just disappears.
+        self._accepting: weakref.WeakKeyDictionary[ServerConnection, Identity] = weakref.WeakKeyDictionary()
         self._server: Server | None = None
         self._reaper: asyncio.Task[None] | None = None
         self.draining = False
@@ -135,7 +137,7 @@ class FrontDoor:
         self._server = await serve(
             self._handle, s.host, s.port,
             process_request=self._process_request,
-            subprotocols=list(SUBPROTOCOLS),
+            subprotocols=[Subprotocol(name) for name in SUBPROTOCOLS],
             select_subprotocol=select_subprotocol,
             ping_interval=s.heartbeat_interval_ms / 1000,
             ping_timeout=s.ping_timeout_ms / 1000,
@@ -223,20 +225,18 @@ class FrontDoor:
             self.rejected += 1
             self._audit("CONNECTION_REJECTED", outcome="denied", details={"reason": exc.reason, "remote": remote})
             return json_response(connection, 401, {"type": MessageType.UNAUTHORIZED, "data": {"reason": exc.reason}})
-        connection.rounds_identity = identity  # type: ignore[attr-defined]
-        self._accepting.add(connection)
+        self._accepting[connection] = identity
         return None
 
     # --- a connection's life ------------------------------------------------------------
 
     async def _handle(self, ws: ServerConnection) -> None:
-        identity: Identity = ws.rounds_identity  # type: ignore[attr-defined]
+        identity = self._accepting.pop(ws)
         yjs_room = resource_from_path(urlsplit(ws.request.path).path) if ws.request is not None else None
         session = Session(conn_id(self.index, next(self._counter)), identity, SessionId(uuid.uuid4().hex),
                           self.rules)
         client = Client(session, ws, YJS if yjs_room else codec_for(ws.subprotocol), time.monotonic())
         self.clients[client.conn] = client
-        self._accepting.discard(ws)
         try:
             await self.sessions.open(session.user_id, session.session_id, {
                 "frontdoor": self.index, "role": identity.role, "connectedAt": now_ms()}, now_ms())

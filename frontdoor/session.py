@@ -298,7 +298,7 @@ class Session:
         y-websocket client, a refusal that leaves it out of step closes it."""
         rid = reply.data.get("resourceId")
         if reply.type == AWARENESS_CLAIMED:
-            self.owned.setdefault(rid, set()).update(reply.data["clientIds"])
+            self.owned.setdefault(ResourceId(reply.data["resourceId"]), set()).update(reply.data["clientIds"])
             return []
         if rid in self.joining:
             self.joining.discard(rid)

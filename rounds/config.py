@@ -50,7 +50,8 @@ class Settings:
     node_id: str | None = None  # this process's node for the relay; default Ray's node id, "local" without Ray
     postgres_dsn: str | None = None
     audit: str = "files"  # "files": NDJSON day files under var_dir/audit; "off": no audit trail (benchmarks only)
-    audit_fsync: str = "interval"  # audit files: "interval" (<= 1 s lost on power cut), "always", "never" (docs/audit.md)
+    # audit files: "interval" (<= 1 s lost on power cut), "always", "never" (docs/audit.md)
+    audit_fsync: str = "interval"
     audit_gather_ms: int = 20  # a shard's or front door's audit events are written together this often (docs/audit.md)
     heartbeat_interval_ms: int = 25_000  # WebSocket ping interval, also told to clients
     ping_timeout_ms: int = 20_000
@@ -94,7 +95,7 @@ def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None 
     raw: dict[str, Any] = tomllib.loads(Path(path).read_text()) if path else {}
     jwt_raw = dict(raw.pop("jwt", {}))
     roles = raw.pop("roles", None)
-    raw.update(_from_env(Settings, "ROUNDS_", env, skip={"jwt", "role_modes"}))
+    raw.update(_from_env(Settings, "ROUNDS_", env, skip=frozenset({"jwt", "role_modes"})))
     jwt_raw.update(_from_env(JwtSettings, "ROUNDS_JWT_", env))
     if roles is not None:
         raw["role_modes"] = {role: tuple(modes) for role, modes in roles.items()}
@@ -110,7 +111,8 @@ def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None 
     return settings
 
 
-def _from_env(cls: type, prefix: str, env: Mapping[str, str], skip: set[str] = frozenset()) -> dict[str, Any]:
+def _from_env(cls: type, prefix: str, env: Mapping[str, str],
+              skip: frozenset[str] = frozenset()) -> dict[str, Any]:
     out = {}
     for f in dataclasses.fields(cls):
         key = prefix + f.name.upper()

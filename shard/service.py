@@ -75,7 +75,7 @@ class ShardService:
         # a shard that starts waits for every front door's Sync before it re-tells restored rooms
         self.presence = Presence(expected_frontdoors=settings.frontdoors)
         self.gate = RoomGate()
-        ring = HashRing(range(settings.shards))
+        ring = HashRing([ShardId(i) for i in range(settings.shards)])
         self.lock_shell = LockShell(self.name, lock_store, self.dispatch, settings.lock_ttl_ms,
                                     settings.lock_max_ttl_ms, owns=lambda room: ring.shard_for(room) == index)
         self.docs = DocShell(self.name, doc_store, self.dispatch, self._rooms_in_use, settings, history, audit)
@@ -147,20 +147,17 @@ class ShardService:
     # --- links ------------------------------------------------------------------
 
     def _new_link(self) -> LinkProtocol:
-        holder: dict[str, Any] = {}
-
         def on_message(msg: LinkMessage) -> None:
-            self._on_message(holder["link"], msg)
+            self._on_message(link, msg)
 
         def on_lost(exc: Exception | None) -> None:
-            link = holder["link"]
             for fd, known in list(self._links.items()):
                 if known is link:
                     del self._links[fd]
                     log.info("%s: link from frontdoor-%d closed (%s)", self.name, fd, exc or "eof")
 
-        holder["link"] = LinkProtocol(on_message, on_lost)
-        return holder["link"]
+        link = LinkProtocol(on_message, on_lost)
+        return link
 
     def _on_message(self, link: LinkProtocol, msg: LinkMessage) -> None:
         match msg:

@@ -132,7 +132,7 @@ class GatewayHandle:
         jwt = self.settings.jwt
         kwargs.setdefault("issuer", jwt.issuer)
         kwargs.setdefault("audience", jwt.audience)
-        return mint_token(self._key, user_id=user, role=role, **kwargs)  # type: ignore[arg-type]
+        return mint_token(self._key, user_id=user, role=role, **kwargs)
 
     @property
     def audit_dir(self) -> Path:

@@ -21,10 +21,9 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import msgpack
 from urllib.parse import quote
 
+import msgpack
 from pycrdt import Doc, Provider, Text
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake

@@ -20,7 +20,7 @@ from rounds.audit.verify import VerifyReport, verify_day, verify_file
 from rounds.config import Settings
 
 
-def add_audit_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_audit_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     audit = sub.add_parser("audit", help="the audit trail: verify its files").add_subparsers(
         dest="audit_command", required=True)
     verify = audit.add_parser("verify", help="check a day's file: every writer's hash chain, the first break")
@@ -100,7 +100,7 @@ def print_report(report: VerifyReport) -> None:
 # -- PostgreSQL: migrate, load, search, retention (rounds.audit.pg) -----------
 
 
-def _add_pg_parsers(audit: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def _add_pg_parsers(audit: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     dsn_help = "PostgreSQL DSN (default: postgres_dsn of the settings)"
     migrate = audit.add_parser("migrate", help="create or update the audit tables in PostgreSQL")
     migrate.add_argument("--dsn", help=dsn_help)
@@ -168,7 +168,8 @@ def _time(text: str) -> datetime:
 
 
 def _dsn(args: argparse.Namespace) -> str | None:
-    return args.dsn or args.settings.postgres_dsn
+    dsn: str | None = args.dsn or args.settings.postgres_dsn
+    return dsn
 
 
 def _with_db(args: argparse.Namespace, name: str, work: Callable[[Any], Awaitable[int]]) -> int:
@@ -194,7 +195,7 @@ def _with_db(args: argparse.Namespace, name: str, work: Callable[[Any], Awaitabl
 
     try:
         return asyncio.run(run())
-    except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, RuntimeError) as exc:
+    except (TimeoutError, OSError, asyncpg.PostgresError, RuntimeError) as exc:
         print(f"rounds audit {name}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
 
@@ -316,9 +317,9 @@ def _retention(args: argparse.Namespace) -> int:
 def _erase(args: argparse.Namespace) -> int:
     """Exit 0 when every trace is erased, 3 when some is left (a file in use,
     lines written before identifiers were salted), 2 usage or database."""
+    from rounds.audit.erase import MIN_KEY_BYTES, Erasure, erase_db, erase_files, pseudonym
     from rounds.audit.events import AuditEvent
     from rounds.audit.files import FileAuditSink
-    from rounds.audit.erase import MIN_KEY_BYTES, Erasure, erase_db, erase_files, pseudonym
 
     if not args.key_file:
         print("rounds audit erase: no key (--key-file or ROUNDS_AUDIT_ERASE_KEY_FILE); make one with "

@@ -45,9 +45,8 @@ import asyncpg
 
 from rounds.audit.chain import commitment, hashed_line, personal_value, set_personal_value
 from rounds.audit.files import fsync_dir, lock_exclusive, rewrite_lock
-from rounds.audit.rows import open_day_file
 from rounds.audit.pg import COLUMNS, row_from_record
-from rounds.audit.rows import day_files, jsonb_text
+from rounds.audit.rows import day_files, jsonb_text, open_day_file
 
 # The kind of identifier of each personal field: one person's user id has
 # the same pseudonym as `userId` and as `details.lockedBy`.

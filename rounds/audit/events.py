@@ -43,8 +43,9 @@ def format_time(moment: datetime) -> str:
     """`2025-11-17T10:30:00.123456Z` (a quarter faster than slicing `isoformat`)."""
     if moment.tzinfo is not UTC:
         moment = moment.astimezone(UTC)
-    return "%04d-%02d-%02dT%02d:%02d:%02d.%06dZ" % (moment.year, moment.month, moment.day, moment.hour,
-                                                   moment.minute, moment.second, moment.microsecond)
+    # %-format is the fastest way to write it, on every audit line
+    return "%04d-%02d-%02dT%02d:%02d:%02d.%06dZ" % (  # noqa: UP031
+        moment.year, moment.month, moment.day, moment.hour, moment.minute, moment.second, moment.microsecond)
 
 
 @dataclass(slots=True)  # not frozen: a frozen init costs twice as much, on the request's path

@@ -210,7 +210,13 @@ class FileAuditSink:
 
 
 _SINKS: weakref.WeakSet[FileAuditSink] = weakref.WeakSet()
-os.register_at_fork(after_in_child=lambda: [sink._reseed() for sink in list(_SINKS)])
+def _reseed_all() -> None:
+    """In a forked child, every sink is a writer of its own."""
+    for sink in list(_SINKS):
+        sink._reseed()
+
+
+os.register_at_fork(after_in_child=_reseed_all)
 
 
 def lock_exclusive(file: Any, wait: bool = False) -> bool:

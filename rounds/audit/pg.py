@@ -360,7 +360,8 @@ def search_sql(query: AuditQuery) -> tuple[str, list[Any]]:
     """The SELECT for a query, oldest first. Only the given filters appear
     in the WHERE clause (no `$1 IS NULL OR ...`), so the planner sees plain
     equalities and picks the (x, time) index."""
-    where, args = [], []
+    where: list[str] = []
+    args: list[Any] = []
     for column, value in (("user_id", query.user_id), ("resource_id", query.resource_id),
                           ("event_type", query.event_type)):
         if value is not None:

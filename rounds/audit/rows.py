@@ -9,7 +9,7 @@ from __future__ import annotations
 import gzip
 import json
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -31,7 +31,7 @@ class CorruptLine:
         return f"{self.path}:{self.line}: {self.problem}"
 
 
-def open_day_file(path: Path) -> Iterator[bytes]:
+def open_day_file(path: Path) -> Generator[bytes, None, None]:
     """The lines of a plain or gzipped day file."""
     opener = gzip.open if path.name.endswith(".gz") else open
     with opener(path, "rb") as f:

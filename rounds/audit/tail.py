@@ -339,7 +339,7 @@ async def follow(dsn: str, directory: Path, interval_s: float = 1.0, stop: async
             try:
                 await asyncio.wait_for(stop.wait(), min(left, interval_s))
                 return
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 if deadline - time.monotonic() > 0:
                     report_step()
 
@@ -348,8 +348,7 @@ async def follow(dsn: str, directory: Path, interval_s: float = 1.0, stop: async
             try:
                 await step()
                 delay = interval_s
-            except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError,
-                    RuntimeError) as exc:
+            except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError, RuntimeError) as exc:
                 log.warning("audit: loading into PostgreSQL failed (%s: %s); the files keep the events, "
                             "retrying in %.1fs", type(exc).__name__, exc, delay)
                 failed(exc)
@@ -359,13 +358,12 @@ async def follow(dsn: str, directory: Path, interval_s: float = 1.0, stop: async
         if final_step_s > 0 and conn is not None:
             try:
                 await asyncio.wait_for(step(), final_step_s)
-            except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError,
-                    RuntimeError) as exc:
+            except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError, RuntimeError) as exc:
                 failed(exc)
             report_step()
         if conn is not None:
             await asyncio.wait_for(conn.close(), 0.5)
-    except (OSError, asyncio.TimeoutError, asyncpg.InterfaceError):
+    except (TimeoutError, OSError, asyncpg.InterfaceError):
         pass  # closing politely failed: terminated below
     finally:  # also when cancelled (a stop that did not come back in time)
         if conn is not None and not conn.is_closed():

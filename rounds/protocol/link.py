@@ -100,14 +100,15 @@ def _to_wire(msg: Any) -> list[Any]:
 def _from_wire(items: list[Any]) -> LinkMessage:
     cls = _CLASSES[items[0]]
     if cls is Sync:
-        return Sync(items[1], tuple(_from_wire(j) for j in items[2]))  # type: ignore[misc]
+        return Sync(items[1], tuple(Join(*j[1:]) for j in items[2]))
     if cls is Deliver:
         return Deliver(tuple(items[1]), items[2], items[3])
-    return cls(*items[1:])
+    message: LinkMessage = cls(*items[1:])
+    return message
 
 
 def encode(msg: LinkMessage) -> bytes:
-    body = msgpack.packb(_to_wire(msg), use_bin_type=True)
+    body: bytes = msgpack.packb(_to_wire(msg), use_bin_type=True)
     return len(body).to_bytes(4, "big") + body
 
 

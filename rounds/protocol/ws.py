@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import enum
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -152,8 +153,8 @@ class LockReleaseRequest:
     lock_id: str
 
 
-Request = (Heartbeat | JoinResource | LeaveResource | ResourceUpdate | AwarenessUpdate | LockAcquireRequest | LockRenewRequest
-           | LockReleaseRequest)
+Request = (Heartbeat | JoinResource | LeaveResource | ResourceUpdate | AwarenessUpdate | LockAcquireRequest
+           | LockRenewRequest | LockReleaseRequest)
 
 
 class ProtocolError(Exception):
@@ -170,9 +171,13 @@ class ProtocolError(Exception):
 
 
 class Codec(Protocol):
-    name: str
+    """A connection's frame format; `encode` gives None for what it cannot carry
+    (the y-websocket codec has no form for presence or lock events)."""
 
-    def encode(self, type_: str, data: dict[str, Any], ref: Any = None) -> str | bytes: ...
+    name: str
+    binary_as_base64: bool
+
+    def encode(self, type_: str, data: dict[str, Any], ref: Any = None) -> str | bytes | None: ...
 
     def decode(self, frame: str | bytes) -> Any: ...
 
@@ -211,7 +216,8 @@ class MsgpackCodec:
     binary_as_base64 = False
 
     def encode(self, type_: str, data: dict[str, Any], ref: Any = None) -> bytes:
-        return msgpack.packb(_frame(type_, data, ref), use_bin_type=True)
+        packed: bytes = msgpack.packb(_frame(type_, data, ref), use_bin_type=True)
+        return packed
 
     def decode(self, frame: str | bytes) -> Any:
         if isinstance(frame, str):
@@ -349,7 +355,7 @@ def _lock_release(codec: Codec, ref: Any, data: dict[str, Any]) -> LockReleaseRe
     return LockReleaseRequest(ref, _resource_id(data, ref), _lock_id(data, ref))
 
 
-_PARSERS = {
+_PARSERS: dict[str, Callable[[Codec, Any, dict[str, Any]], Request]] = {
     MessageType.HEARTBEAT: _heartbeat,
     MessageType.JOIN_RESOURCE: _join,
     MessageType.LEAVE_RESOURCE: _leave,

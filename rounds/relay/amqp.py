@@ -201,7 +201,7 @@ class RelayConsumer:
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         headers = message.headers or {}
         try:
-            shard, epoch, seq = int(headers["shard"]), str(headers["epoch"]), int(headers["seq"])
+            shard, epoch, seq = _int(headers["shard"]), str(headers["epoch"]), _int(headers["seq"])
             to = str(headers["to"])
         except (KeyError, TypeError, ValueError):
             self.bad += 1
@@ -212,6 +212,13 @@ class RelayConsumer:
 
     async def close(self) -> None:
         await self._conn.close()
+
+
+def _int(value: object) -> int:
+    """A header holding a number (as the publisher writes it), else ValueError."""
+    if isinstance(value, (int, str, bytes)) and not isinstance(value, bool):
+        return int(value)
+    raise ValueError(f"not a number: {value!r}")
 
 
 class AmqpRelay:

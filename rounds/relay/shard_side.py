@@ -16,6 +16,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from rounds.ids import FrontDoorId
@@ -93,7 +94,7 @@ class RelayShell:
                     self.published += 1
                     self.publisher.publish(
                         frontdoor, {"shard": self.shard, "epoch": self.epoch, "to": out.peer, "seq": batch.seq},
-                        batch.body, lambda ok, f=frontdoor, o=out, b=batch: self._confirmed(f, o, b, ok))
+                        batch.body, partial(self._confirmed, frontdoor, out, batch))
                     continue
                 self._failed(now)  # not connected (yet, or any more)
             self._over_link(frontdoor, out, batch)

@@ -116,19 +116,27 @@ class MemoryRelay:
         return True
 
 
-class MemoryPublisher:
+class _MemoryEnd:
+    """What both ends share: started or not, and the broker's state."""
+
     def __init__(self, broker: MemoryRelay, name: str) -> None:
         self._broker = broker
         self.name = name
         self._started = False
 
     @property
-    def ready(self) -> bool:
+    def connected(self) -> bool:
         return self._started and not self._broker.down
 
     @property
     def last_error(self) -> str | None:
         return "memory relay down" if self._broker.down else None
+
+
+class MemoryPublisher(_MemoryEnd):
+    @property
+    def ready(self) -> bool:
+        return self.connected
 
     def start(self) -> None:
         self._started = True
@@ -141,22 +149,16 @@ class MemoryPublisher:
         self._started = False
 
 
-class MemoryConsumer:
+class MemoryConsumer(_MemoryEnd):
     def __init__(self, broker: MemoryRelay, frontdoor: int, name: str, on_batch: OnBatch) -> None:
-        self._broker = broker
+        super().__init__(broker, name)
         self.frontdoor = frontdoor
-        self.name = name
         self._on_batch = on_batch
-        self._started = False
         self.received = 0
 
     @property
     def up(self) -> bool:
-        return self._started and not self._broker.down
-
-    @property
-    def last_error(self) -> str | None:
-        return "memory relay down" if self._broker.down else None
+        return self.connected
 
     def start(self) -> None:
         self._started = True

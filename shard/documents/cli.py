@@ -40,7 +40,7 @@ async def read(settings: Settings, store: DocStore, resource: str, at: datetime 
         stored = await store.load(ResourceId(resource))
     finally:
         await store.aclose()
-    doc = Doc()
+    doc: Doc = Doc()
     if stored.snapshot:
         doc.apply_update(stored.snapshot)
     for _, update in stored.log:
@@ -53,7 +53,7 @@ async def read(settings: Settings, store: DocStore, resource: str, at: datetime 
 async def _from_history(dsn: str, resource: str, at: datetime | None) -> dict[str, Any]:
     from rounds.shard.documents.history import read_history
 
-    doc = Doc()
+    doc: Doc = Doc()
     rows = await read_history(dsn, resource, at)
     for row in rows:
         doc.apply_update(row.update)

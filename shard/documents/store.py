@@ -21,8 +21,8 @@ import hashlib
 import os
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import msgpack
@@ -142,7 +142,7 @@ class FileDocStore:
             os.write(fd, b"".join(_record(rev, update) for rev, update in entries))
             written.append(fd)
         if self.fsync:
-            await asyncio.to_thread(lambda: [os.fsync(fd) for fd in written])
+            await asyncio.to_thread(_fsync_all, written)
 
     def _open_log(self, room: ResourceId) -> int:
         folder = self._dir(room)
@@ -185,8 +185,13 @@ class FileDocStore:
             self._close_log(room)
 
 
+def _fsync_all(fds: list[int]) -> None:
+    for fd in fds:
+        os.fsync(fd)
+
+
 def _record(revision: int, update: bytes) -> bytes:
-    body = msgpack.packb([revision, update])
+    body: bytes = msgpack.packb([revision, update])
     return len(body).to_bytes(4, "big") + body
 
 

@@ -21,7 +21,6 @@ from rounds.ids import ConnId, ResourceId, UserId
 from rounds.protocol.messages import LockAcquire, LockId, LockRelease, LockRenew, Reply
 from rounds.shard.events import MemberGone, RoomBroadcast
 
-
 EXCLUSIVE = "exclusive"  # the seed's only `lockType`
 
 

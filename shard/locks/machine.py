@@ -40,8 +40,9 @@ from typing import Any, TypeVar
 from rounds.clock import iso_ms
 from rounds.config import EDITOR
 from rounds.ids import ConnId, ResourceId, UserId
-from rounds.shard.events import MemberGone
-from rounds.protocol.messages import Reply
+from rounds.protocol.messages import LockAcquire, LockId, LockRelease, LockRenew, Reply
+from rounds.protocol.ws import ErrorCode, MessageType
+from rounds.shard.events import MemberGone, RoomBroadcast
 from rounds.shard.locks.events import (
     AuditLock,
     GrantFailed,
@@ -56,9 +57,6 @@ from rounds.shard.locks.events import (
     StoreRenew,
     UnlockReason,
 )
-from rounds.protocol.messages import LockAcquire, LockId, LockRelease, LockRenew
-from rounds.shard.events import RoomBroadcast
-from rounds.protocol.ws import ErrorCode, MessageType
 
 K = TypeVar("K")
 
@@ -202,7 +200,8 @@ class Locks:
             entry = heapq.heappop(self._deadlines)
             if self._due_entry_is_current(entry):
                 lock = self._locks[entry[1]]
-                events.extend(self._drop(lock, UnlockReason.EXPIRED, "expire", {"expiresAt": iso_ms(lock.expires_at_ms)},
+                events.extend(self._drop(lock, UnlockReason.EXPIRED, "expire",
+                                         {"expiresAt": iso_ms(lock.expires_at_ms)},
                                          if_expires_at_ms=lock.expires_at_ms))
         return events
 

@@ -26,7 +26,6 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from rounds.shard.locks.store import LockStore, StoreAnswer
 from rounds.clock import now_ms
 from rounds.ids import ResourceId
 from rounds.shard.locks.events import (
@@ -38,6 +37,7 @@ from rounds.shard.locks.events import (
     StoreRenew,
 )
 from rounds.shard.locks.machine import Locks
+from rounds.shard.locks.store import LockStore, StoreAnswer
 from rounds.shard.timer import DeadlineTimer
 
 log = logging.getLogger(__name__)

@@ -37,6 +37,7 @@ from typing import Any, Protocol
 
 from rounds.clock import iso_ms, now_ms
 from rounds.ids import ConnId, ResourceId, UserId
+from rounds.protocol.messages import LockId
 from rounds.shard.locks.events import (
     GrantFailed,
     GrantRefused,
@@ -47,7 +48,6 @@ from rounds.shard.locks.events import (
     StoreRenew,
     StoreRequest,
 )
-from rounds.protocol.messages import LockId
 
 log = logging.getLogger("rounds.locks")
 

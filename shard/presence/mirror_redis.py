@@ -11,7 +11,7 @@ Written with pipelines, one round trip per batch of events.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import redis.asyncio as aioredis
 
@@ -57,7 +57,7 @@ class RedisPresence:
             await pipe.execute()
 
     async def reset(self) -> int:
-        rooms = list(await self.client.smembers(self._rooms_key))
+        rooms = sorted(cast(set[str], await self.client.smembers(self._rooms_key)))  # decode_responses: str
         for start in range(0, len(rooms), 500):
             chunk = rooms[start:start + 500]
             async with self.client.pipeline(transaction=False) as pipe:
@@ -65,7 +65,7 @@ class RedisPresence:
                     pipe.smembers(room_users_key(room))
                 members = await pipe.execute()
             async with self.client.pipeline(transaction=False) as pipe:
-                for room, users in zip(chunk, members):
+                for room, users in zip(chunk, members, strict=False):
                     pipe.delete(room_users_key(room), *(room_user_key(room, u) for u in users))
                     pipe.srem(self._rooms_key, room)
                 await pipe.execute()

@@ -19,12 +19,10 @@ import pytest
 import redis.asyncio as aioredis
 
 from rounds import redisconn
-from rounds.shard.presence.mirror_redis import room_user_key, room_users_key
-from rounds.shard.presence.mirror import PresenceMirror
-from rounds.shard.presence.mirror import MemoryPresence
-from rounds.shard.presence.mirror_redis import RedisPresence
 from rounds.ids import ResourceId, UserId
 from rounds.shard.events import MirrorJoin, MirrorLeave
+from rounds.shard.presence.mirror import MemoryPresence, PresenceMirror
+from rounds.shard.presence.mirror_redis import RedisPresence, room_user_key, room_users_key
 
 # 2025-11-17T10:30:00.000Z, the seed's first `joinedAt`
 T0 = int(datetime(2025, 11, 17, 10, 30, tzinfo=UTC).timestamp() * 1000)
@@ -69,7 +67,8 @@ def tag() -> str:
 
 
 @pytest.fixture(params=["memory", "redis"])
-async def mirror(request: pytest.FixtureRequest, redis_url: str, tag: str) -> AsyncIterator[tuple[PresenceMirror, Reader]]:
+async def mirror(request: pytest.FixtureRequest, redis_url: str,
+                 tag: str) -> AsyncIterator[tuple[PresenceMirror, Reader]]:
     if request.param == "memory":
         memory = MemoryPresence()
         yield memory, MemoryReader(memory)

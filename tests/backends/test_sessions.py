@@ -21,11 +21,9 @@ import pytest
 import redis.asyncio as aioredis
 
 from rounds import redisconn
-from rounds.frontdoor.sessions_redis import activity_key, session_key
-from rounds.frontdoor.sessions import SessionStore
-from rounds.frontdoor.sessions import MemorySessions
-from rounds.frontdoor.sessions_redis import RedisSessions
 from rounds.clock import now_ms
+from rounds.frontdoor.sessions import MemorySessions, SessionStore
+from rounds.frontdoor.sessions_redis import RedisSessions, activity_key, session_key
 from rounds.ids import SessionId, UserId
 
 SESSION_TTL_MS = 3_600_000

@@ -42,14 +42,14 @@ class Editor:
     def text(self) -> Text:
         return self.doc.get("t", type=Text)
 
-    async def join(self, with_vector: bool = False) -> dict:  # type: ignore[type-arg]
+    async def join(self, with_vector: bool = False) -> dict:
         extra = {"stateVector": b64(self.doc.get_state())} if with_vector else {}
         state = await self.client.join(self.room, **extra)
         assert state.type == "RESOURCE_STATE", state
         self.doc.apply_update(unb64(state.data["state"]))
         return state.data
 
-    async def change(self, fn, ref: str = "u") -> dict:  # type: ignore[no-untyped-def, type-arg]
+    async def change(self, fn, ref: str = "u") -> dict:
         before = self.doc.get_state()
         fn(self.doc)
         update = self.doc.get_update(before)
@@ -57,7 +57,7 @@ class Editor:
                                           ref=ref)
         return {"type": reply.type, **reply.data}
 
-    async def receive(self, count: int = 1) -> list[dict]:  # type: ignore[type-arg]
+    async def receive(self, count: int = 1) -> list[dict]:
         got = []
         for _ in range(count):
             frame = await self.client.expect("RESOURCE_UPDATE", resourceId=self.room)

@@ -448,7 +448,7 @@ async def test_a_holder_leaving_the_room_releases_its_lock_as_left(
     got = [(await other.expect("RESOURCE_UNLOCKED", resourceId=r)).data for r in (room, field)]
     assert got == [{"resourceId": room, "reason": "left"}, {"resourceId": field, "reason": "left"}]
     for resource in (room, field):
-        await eventually(lambda: no_lock_in_redis(rdb, resource))
+        await eventually(lambda resource=resource: no_lock_in_redis(rdb, resource))
     record = await gateway.wait_audit("LOCK_RELEASED", userId=holder_id, resourceId=room)
     assert record["details"]["unlockReason"] == "left"
     assert (await acquire(other, field, roomId=room)).type == "LOCK_ACQUIRED"
@@ -560,7 +560,7 @@ async def test_a_requested_ttl_is_honoured_up_to_the_configured_maximum(
     assert before_ms + max_ttl - 5 <= ms_of(capped.data["expiresAt"]) <= after_ms + max_ttl + 5
     for resource, frame in ((short, five), (huge, capped)):
         await client.request("LOCK_RELEASE", {"resourceId": resource, "lockId": frame.data["lockId"]}, ref="r")
-        await eventually(lambda: no_lock_in_redis(rdb, resource))
+        await eventually(lambda resource=resource: no_lock_in_redis(rdb, resource))
 
 
 # --- fencing: a paused holder whose lock expired cannot keep writing (issue 3) -------------------

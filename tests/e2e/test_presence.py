@@ -13,7 +13,6 @@ import asyncio
 import base64
 import re
 import time
-
 from datetime import datetime
 from typing import Any
 
@@ -402,13 +401,13 @@ async def test_a_connection_in_rooms_on_both_shards_leaves_all_of_them_on_discon
         assert [u["userId"] for u in state.data["users"]] == [f"watcher{i}-{uid}", roamer_id]
         await watcher.expect("USER_JOINED")
     for room in rooms:
-        await eventually(lambda: rdb.exists(user_key(room, roamer_id)))
+        await eventually(lambda room=room: rdb.exists(user_key(room, roamer_id)))
 
     await roamer.close()
-    for room, watcher in zip(rooms, watchers):
+    for room, watcher in zip(rooms, watchers, strict=False):
         left = await watcher.expect("USER_LEFT")
         assert left.data == {"resourceId": room, "userId": roamer_id}
-        await eventually(lambda: not rdb.exists(user_key(room, roamer_id)))
+        await eventually(lambda room=room: not rdb.exists(user_key(room, roamer_id)))
         assert rdb.smembers(users_key(room)) == {watcher.connected.data["userId"]}
 
 

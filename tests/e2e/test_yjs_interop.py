@@ -66,7 +66,7 @@ async def ws_editor(connect: Connect, room: str, user: str) -> tuple[Client, Doc
     return client, doc
 
 
-async def ws_edit(client: Client, room: str, doc: Doc, fn) -> None:  # type: ignore[no-untyped-def]
+async def ws_edit(client: Client, room: str, doc: Doc, fn) -> None:
     before = doc.get_state()
     fn(doc)
     reply = await client.request("RESOURCE_UPDATE", {"resourceId": room, "update": b64(doc.get_update(before))})

@@ -58,7 +58,7 @@ def shipper_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name == "rounds-audit-shipper"]
 
 
-async def until(check, timeout: float = 10.0, what: str = "condition"):  # type: ignore[no-untyped-def]
+async def until(check, timeout: float = 10.0, what: str = "condition"):
     deadline = time.monotonic() + timeout
     while True:
         value = await check()
@@ -102,7 +102,7 @@ async def test_the_gateway_ships_a_session_to_postgres_once_and_intact(
         assert report.intact and unchained == 0 and report.writers, report
         assert all(chain.linked for chain in report.writers.values())  # every chain from its first event
 
-        async def caught_up() -> dict | None:  # type: ignore[type-arg]
+        async def caught_up() -> dict | None:
             shipper = (await asyncio.to_thread(handle.gateway.status))["auditShipper"]
             return shipper if shipper["lagBytes"] == 0 and shipper["postgresUp"] else None
 
@@ -141,7 +141,7 @@ async def test_a_gateway_whose_postgres_was_down_catches_up_without_loss_or_dupl
         for user in users:
             await handle.wait_audit("USER_DISCONNECTED", userId=user)
 
-        async def lagging() -> dict | None:  # type: ignore[type-arg]
+        async def lagging() -> dict | None:
             shipper = (await asyncio.to_thread(gateway.status))["auditShipper"]
             return shipper if shipper["lagBytes"] > 0 else None
 
@@ -245,6 +245,7 @@ def test_the_shipper_stops_promptly_even_when_postgres_does_not_answer(tmp_path:
 async def test_rounds_up_ships_and_rounds_status_shows_the_shipper(schema: str, tmp_path: Path) -> None:
     """`rounds up` with ROUNDS_POSTGRES_DSN: `rounds status` shows the shipper
     (text and --json), and SIGTERM still stops within the 3 s budget."""
+    from tests.conftest import free_port
     from tests.e2e.test_cli import (
         ROUNDS,
         SHUTDOWN_BUDGET_S,
@@ -254,7 +255,6 @@ async def test_rounds_up_ships_and_rounds_status_shows_the_shipper(schema: str, 
         cli_env,
         run_cli,
     )
-    from tests.conftest import free_port
 
     port = free_port()
     env = cli_env(tmp_path, ROUNDS_DASHBOARD_PORT=str(free_port()), ROUNDS_POSTGRES_DSN=schema_dsn(schema))
@@ -272,7 +272,7 @@ async def test_rounds_up_ships_and_rounds_status_shows_the_shipper(schema: str, 
         client = await Client.connect(gw.url, minted.stdout.strip())
         await client.close()
 
-        async def shipped() -> dict | None:  # type: ignore[type-arg]
+        async def shipped() -> dict | None:
             if not await rows(conn, "USER_DISCONNECTED", "usr_ship"):
                 return None
             done = await asyncio.to_thread(run_cli, "status", "--json", env=env, timeout=90)

@@ -28,7 +28,6 @@ from tests.client import Client
 from tests.conftest import POSTGRES_DSN, gateway_settings, require_postgres
 
 
-
 @pytest.fixture
 async def pg_gateway(var_root: Path, redis_url: str, uid: str) -> AsyncIterator[InProcessGateway]:
     await require_postgres()
@@ -51,7 +50,7 @@ async def rows_of(room: str) -> int:
         await conn.close()
 
 
-def doc_show(settings_dir: Path, *args: str) -> dict:  # type: ignore[type-arg]
+def doc_show(settings_dir: Path, *args: str) -> dict:
     done = subprocess.run([sys.executable, "-m", "rounds.cluster.cli", "doc", "show", *args],
                           env={**os.environ, "ROUNDS_POSTGRES_DSN": POSTGRES_DSN,
                                "ROUNDS_VAR_DIR": str(settings_dir)},

@@ -31,7 +31,7 @@ def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
-async def send_edit(client: Client, room: str, doc: Doc, text: str, ref: str) -> dict:  # type: ignore[type-arg]
+async def send_edit(client: Client, room: str, doc: Doc, text: str, ref: str) -> dict:
     before = doc.get_state()
     doc.get("t", type=Text).insert(len(doc.get("t", type=Text)), text)
     reply = await client.request("RESOURCE_UPDATE", {"resourceId": room, "update": b64(doc.get_update(before))},

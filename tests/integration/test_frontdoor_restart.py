@@ -28,7 +28,7 @@ async def connect_on(handle: GatewayHandle, user: str, frontdoor: int) -> Client
     """A client that landed on `frontdoor` (the kernel picks; retry until it does)."""
     for _ in range(64):
         client = await Client.connect(handle.url, handle.token(user))
-        session = client.connected.data["sessionId"]  # type: ignore[union-attr]
+        session = client.connected.data["sessionId"]
         record = await handle.wait_audit("USER_CONNECTED", sessionId=session)
         if record["source"] == f"frontdoor-{frontdoor}":
             return client

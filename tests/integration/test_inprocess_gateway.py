@@ -19,8 +19,8 @@ import pytest
 
 from rounds.audit.events import MemoryAuditSink
 from rounds.auth import mint_token, private_key_for_dev
-from rounds.frontdoor.server import FrontDoor
 from rounds.cluster.inprocess import InProcessGateway
+from rounds.frontdoor.server import FrontDoor
 from rounds.routing import HashRing
 from rounds.shard.service import ShardService
 from tests.client import Client, eventually
@@ -71,14 +71,14 @@ async def connect(inproc: InProcessGateway) -> AsyncIterator[Connect]:
 
 
 def frontdoor_of(gateway: InProcessGateway, client: Client) -> int:
-    session = client.connected.data["sessionId"]  # type: ignore[union-attr]
+    session = client.connected.data["sessionId"]
     [index] = [fd.index for fd in gateway.frontdoors
                if any(c.session.session_id == session for c in fd.clients.values())]
     return index
 
 
 def conn_of(gateway: InProcessGateway, client: Client) -> int:
-    session = client.connected.data["sessionId"]  # type: ignore[union-attr]
+    session = client.connected.data["sessionId"]
     [conn] = [c.conn for fd in gateway.frontdoors for c in fd.clients.values() if c.session.session_id == session]
     return conn
 

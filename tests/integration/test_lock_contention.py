@@ -86,7 +86,7 @@ async def test_fifty_clients_racing_for_one_lock_two_hundred_times_get_exactly_o
 
     for n in range(ROUNDS):
         answers = await race(racers, lock, f"a{n}")
-        granted = [(c, a) for c, a in zip(racers, answers) if a.type == "LOCK_ACQUIRED"]
+        granted = [(c, a) for c, a in zip(racers, answers, strict=False) if a.type == "LOCK_ACQUIRED"]
         denied = [a for a in answers if a.type == "LOCK_DENIED"]
         assert len(granted) == 1, f"round {n}: {len(granted)} grants"
         assert len(denied) == RACERS - 1, f"round {n}: {sorted({a.type for a in answers})}"
@@ -104,7 +104,7 @@ async def test_fifty_clients_racing_for_one_lock_two_hundred_times_get_exactly_o
 
     await asyncio.wait_for(watcher, 10)
     elapsed = time.monotonic() - started
-    assert all(a < b for a, b in zip(tokens, tokens[1:])), "fencing tokens must strictly increase"
+    assert all(a < b for a, b in zip(tokens, tokens[1:], strict=False)), "fencing tokens must strictly increase"
     assert rdb.get(f"lock:{room}:fence") == str(tokens[-1])
     # the shard's order, as the observer heard it: locked by the winner, unlocked, and again
     assert lock_timeline(observer, room) == [
@@ -135,14 +135,14 @@ async def test_a_release_racing_with_fifty_acquires_never_leaves_two_holders(
         released, *answers = await asyncio.gather(release, *(
             c.request("LOCK_ACQUIRE", lock, ref=f"a{n}") for c in others))
         assert released.type == "LOCK_RELEASED", released
-        granted = [(c, a) for c, a in zip(others, answers) if a.type == "LOCK_ACQUIRED"]
+        granted = [(c, a) for c, a in zip(others, answers, strict=False) if a.type == "LOCK_ACQUIRED"]
         assert len(granted) <= 1, f"round {n}: {len(granted)} grants"
         before_release += sum(a.type == "LOCK_DENIED" and a.data["lockedBy"] == user_of(holder) for a in answers)
         assert all(a.type in ("LOCK_ACQUIRED", "LOCK_DENIED") for a in answers), {a.type for a in answers}
         if not granted:  # every acquire came before the release: race again, with the lock free
             quiet_rounds += 1
             answers = await race(racers, lock, f"again{n}")
-            granted = [(c, a) for c, a in zip(racers, answers) if a.type == "LOCK_ACQUIRED"]
+            granted = [(c, a) for c, a in zip(racers, answers, strict=False) if a.type == "LOCK_ACQUIRED"]
             assert len(granted) == 1
         winner, grant = granted[0]
         holder_index = racers.index(winner)
@@ -155,7 +155,7 @@ async def test_a_release_racing_with_fifty_acquires_never_leaves_two_holders(
                                               ref="last")
     assert last.type == "LOCK_RELEASED"
     await asyncio.wait_for(watch(observer, field, RACE_ROUNDS + 1), 10)
-    assert all(a < b for a, b in zip(tokens, tokens[1:]))
+    assert all(a < b for a, b in zip(tokens, tokens[1:], strict=False))
     assert lock_timeline(observer, field) == [
         step for who in holders for step in (("RESOURCE_LOCKED", who), ("RESOURCE_UNLOCKED", "released"))]
     assert rdb.get(f"lock:{field}:fence") == str(tokens[-1])

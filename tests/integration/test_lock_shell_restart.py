@@ -16,14 +16,13 @@ from typing import Any
 import pytest
 
 from rounds import redisconn
+from rounds.ids import ConnId, FrontDoorId, ResourceId, UserId, conn_id
+from rounds.protocol.messages import LockAcquire, LockId, LockRelease, LockRenew, Reply
+from rounds.shard.events import RoomBroadcast
+from rounds.shard.locks.events import AuditLock, StoreRelease
+from rounds.shard.locks.shell import LockShell
 from rounds.shard.locks.store import LockStore, MemoryLockStore
 from rounds.shard.locks.store_redis import RedisLockStore
-from rounds.ids import ConnId, FrontDoorId, ResourceId, UserId, conn_id
-from rounds.protocol.messages import Reply
-from rounds.shard.locks.events import AuditLock, StoreRelease
-from rounds.protocol.messages import LockAcquire, LockId, LockRelease, LockRenew
-from rounds.shard.events import RoomBroadcast
-from rounds.shard.locks.shell import LockShell
 from tests.client import eventually
 
 HOLDER = conn_id(FrontDoorId(0), 7)

@@ -26,9 +26,9 @@ def update(size: int = 10, fenced: int | None = None) -> DocUpdate:
     return DocUpdate(A, "r", ROOM, b"\x01" * size, True, FIELD if fenced is not None else None, fenced)
 
 
-def refusal(msg: DocUpdate = update(), member: Member | None = EDITOR, lock: int | None = None, backlog: int = 0,
-            size: int = 0) -> Any:
-    return refuse_update(msg, member, lock, backlog, size, LIMITS)
+def refusal(msg: DocUpdate | None = None, member: Member | None = EDITOR, lock: int | None = None,
+            backlog: int = 0, size: int = 0) -> Any:
+    return refuse_update(msg or update(), member, lock, backlog, size, LIMITS)
 
 
 def test_an_editors_update_within_every_limit_goes_through() -> None:

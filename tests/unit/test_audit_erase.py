@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 
+from rounds.audit.chain import canonical, chain_hash
+from rounds.audit.erase import Erasure, erase_file, erase_files, erase_record, pseudonym
 from rounds.audit.events import AuditEvent
 from rounds.audit.files import FileAuditSink, compress_closed_days
-from rounds.audit.chain import canonical, chain_hash
 from rounds.audit.verify import verify_day, verify_file
-from rounds.audit.erase import Erasure, erase_file, erase_files, erase_record, pseudonym
 
 DAY = "2026-11-26"
 KEY = b"k" * 32

@@ -11,8 +11,8 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from rounds.shard.documents.awareness import RoomAwareness
 from rounds.protocol.yjs import MAX_VARUINT, AwarenessEntry, YProtocolError, decode_awareness, encode_awareness
+from rounds.shard.documents.awareness import RoomAwareness
 
 ALICE, BOB = 1, 2  # connections
 CURSOR = '{"cursor":{"index":3}}'

@@ -241,7 +241,7 @@ def _result(worker: int, propagation: list[float], ack: list[float], **counts: A
 
 
 def _server(mode: str = WS, name: str = "rounds") -> crdt.Server:
-    return crdt.Server(name, mode, "json" if mode == WS else None, lambda: None)  # type: ignore[arg-type,return-value]
+    return crdt.Server(name, mode, "json" if mode == WS else None, lambda: None)
 
 
 def test_a_clean_run_reports_full_delivery_rates_and_cpu_per_update() -> None:

@@ -45,7 +45,7 @@ def make_worker(mode: str = WS, codec: str = JSON, members: int = 3) -> CrdtWork
     )
     worker = CrdtWorker(plan, lambda message: None)
     for client in worker.clients:
-        client.ws = RecordingConnection()  # type: ignore[assignment]
+        client.ws = RecordingConnection()
         client.synced = True
     worker.phase = MEASURED
     return worker
@@ -61,7 +61,7 @@ async def test_a_ws_client_sends_a_marked_incremental_update_and_awaits_its_ack(
     worker = make_worker()
     sender = worker.clients[0]
     worker._send_update(sender)
-    [frame] = sender.ws.sent  # type: ignore[union-attr]
+    [frame] = sender.ws.sent
     message = JSON_CODEC.decode(frame)
     assert message["type"] == MessageType.RESOURCE_UPDATE
     assert message["data"]["resourceId"] == ROOM
@@ -80,7 +80,7 @@ async def test_the_others_receipts_are_timed_and_the_ack_is_the_durability_round
     worker = make_worker()
     sender = worker.clients[0]
     worker._send_update(sender)
-    message = JSON_CODEC.decode(sender.ws.sent[0])  # type: ignore[union-attr]
+    message = JSON_CODEC.decode(sender.ws.sent[0])
     sent_ns = sender.acks[message["ref"]]
     frame = relayed(base64.b64decode(message["data"]["update"]), 0, revision=1)
     worker._on_ws_frame(worker.clients[1], frame, sent_ns + 2_000_000)
@@ -98,7 +98,7 @@ async def test_msgpack_frames_carry_the_update_as_bytes() -> None:
     worker = make_worker(codec=MSGPACK)
     sender = worker.clients[0]
     worker._send_update(sender)
-    message = msgpack.unpackb(sender.ws.sent[0], raw=False)  # type: ignore[union-attr]
+    message = msgpack.unpackb(sender.ws.sent[0], raw=False)
     assert isinstance(message["data"]["update"], bytes)
     frame = msgpack.packb({"type": "RESOURCE_UPDATE", "data": {"resourceId": ROOM, "update": message["data"]["update"],
                                                                "userId": "bench-u0", "revision": 1}})
@@ -144,7 +144,7 @@ async def test_a_yjs_client_sends_sync_updates_and_times_them_at_the_others() ->
     worker = make_worker(mode=YJS)
     sender = worker.clients[0]
     worker._send_update(sender)
-    [frame] = sender.ws.sent  # type: ignore[union-attr]
+    [frame] = sender.ws.sent
     assert frame[:2] == b"\x00\x02" and not sender.acks
     [(_, sent_ns)] = find_markers(frame)
     worker._on_y_frame(worker.clients[1], frame, sent_ns + 1_500_000)  # relayed as is
@@ -180,10 +180,10 @@ async def test_a_slow_delivery_is_counted_in_the_second_it_was_sent() -> None:
     worker.measured_from_ns = 1_000_000_000
     sender = worker.clients[0]
     worker._send_update(sender)
-    [(_, sent_ns)] = find_markers(sender.ws.sent[0])  # type: ignore[union-attr]
+    [(_, sent_ns)] = find_markers(sender.ws.sent[0])
     second = str((sent_ns - worker.measured_from_ns) // 1_000_000_000)
-    worker._on_y_frame(worker.clients[1], sender.ws.sent[0], sent_ns + 60_000_000)  # type: ignore[union-attr]
-    worker._on_y_frame(worker.clients[2], sender.ws.sent[0], sent_ns + 6_000_000)  # type: ignore[union-attr]
+    worker._on_y_frame(worker.clients[1], sender.ws.sent[0], sent_ns + 60_000_000)
+    worker._on_y_frame(worker.clients[2], sender.ws.sent[0], sent_ns + 6_000_000)
     counts = worker.rec.counts_dict()
     assert counts["deliveries_over_5ms_by_second"] == {second: 2}
     assert counts["deliveries_over_50ms_by_second"] == {second: 1}

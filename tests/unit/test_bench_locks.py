@@ -36,7 +36,7 @@ def test_the_window_opens_with_a_settle_then_floor_uncontended_contended_in_orde
 
 def test_the_windows_are_contiguous_and_end_exactly_at_the_end() -> None:
     windows = phase_windows(5.0, 17.3, with_floor=True)
-    for (_, _, end), (_, start, _) in zip(windows, windows[1:]):
+    for (_, _, end), (_, start, _) in zip(windows, windows[1:], strict=False):
         assert start == end
     assert windows[-1][2] == 17.3
 

@@ -62,7 +62,8 @@ def test_percentile_refuses_no_data_and_quantiles_outside_zero_to_one() -> None:
 
 def test_summary_sorts_its_input_and_reports_every_figure() -> None:
     summary = stats.summarize([5.0, 1.0, 4.0, 2.0, 3.0])
-    assert summary == stats.Summary(count=5, min=1.0, mean=3.0, p50=3.0, p95=pytest.approx(4.8), p99=pytest.approx(4.96), max=5.0)
+    assert summary == stats.Summary(count=5, min=1.0, mean=3.0, p50=3.0, p95=pytest.approx(4.8),
+                                    p99=pytest.approx(4.96), max=5.0)
 
 
 def test_summary_of_no_samples_has_a_zero_count_and_no_figures() -> None:
@@ -184,14 +185,14 @@ class _Member:
 
 def _room(*members: _Member) -> Room:
     room = Room("page:/bench/room-0")
-    room.users.extend(members)  # type: ignore[arg-type]  # only user_id and joined are read
+    room.users.extend(members)  # only user_id and joined are read
     return room
 
 
 def test_a_join_is_owed_a_user_joined_by_every_member_already_joined() -> None:
     a, b, c = _Member("a"), _Member("b"), _Member("c", joined=False)
     room = _room(a, b, c)
-    record = room.expect_join(a, sent_at=1.0, phase="measured")  # type: ignore[arg-type]
+    record = room.expect_join(a, sent_at=1.0, phase="measured")
     assert record.expected == {"b"}
     assert room.match("a", "b") is record
 
@@ -199,7 +200,7 @@ def test_a_join_is_owed_a_user_joined_by_every_member_already_joined() -> None:
 def test_a_confirmed_join_whose_user_joined_never_came_counts_as_missing() -> None:
     a, b = _Member("a"), _Member("b")
     room = _room(a, b)
-    record = room.expect_join(a, sent_at=1.0, phase="measured")  # type: ignore[arg-type]
+    record = room.expect_join(a, sent_at=1.0, phase="measured")
     record.confirmed = True
     assert room.expire(before=0.5) == 0  # not yet late
     assert room.expire(before=7.0) == 1
@@ -209,7 +210,7 @@ def test_a_confirmed_join_whose_user_joined_never_came_counts_as_missing() -> No
 def test_a_member_that_leaves_while_the_join_is_in_flight_is_not_owed_it() -> None:
     a, b = _Member("a"), _Member("b")
     room = _room(a, b)
-    record = room.expect_join(a, sent_at=1.0, phase="measured")  # type: ignore[arg-type]
+    record = room.expect_join(a, sent_at=1.0, phase="measured")
     record.confirmed = True
     room.release("b")
     assert room.expire(before=7.0) == 0
@@ -218,7 +219,7 @@ def test_a_member_that_leaves_while_the_join_is_in_flight_is_not_owed_it() -> No
 def test_a_join_still_awaiting_its_resource_state_is_kept_not_counted() -> None:
     a, b = _Member("a"), _Member("b")
     room = _room(a, b)
-    room.expect_join(a, sent_at=1.0, phase="measured")  # type: ignore[arg-type]
+    room.expect_join(a, sent_at=1.0, phase="measured")
     assert room.expire(before=7.0) == 0
     assert len(room.pending["a"]) == 1
 
@@ -226,9 +227,9 @@ def test_a_join_still_awaiting_its_resource_state_is_kept_not_counted() -> None:
 def test_a_user_joined_matches_the_join_its_receiver_was_expected_for() -> None:
     a, b = _Member("a"), _Member("b", joined=False)
     room = _room(a, b)
-    first = room.expect_join(a, sent_at=1.0, phase="measured")  # type: ignore[arg-type]
+    first = room.expect_join(a, sent_at=1.0, phase="measured")
     b.joined = True
-    second = room.expect_join(a, sent_at=2.0, phase="measured")  # type: ignore[arg-type]
+    second = room.expect_join(a, sent_at=2.0, phase="measured")
     assert first.expected == set()
     assert room.match("a", "b") is second
 

@@ -9,7 +9,8 @@ import sys
 from tests.unit.test_purity import closure
 
 # psutil made unimportable, as in an install without `rounds[bench]`
-WITHOUT_PSUTIL = "import sys; sys.modules['psutil'] = None; from rounds.cluster.cli import main; sys.exit(main(sys.argv[1:]))"
+WITHOUT_PSUTIL = ("import sys; sys.modules['psutil'] = None; "
+                  "from rounds.cluster.cli import main; sys.exit(main(sys.argv[1:]))")
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
@@ -28,5 +29,6 @@ def test_nothing_the_gateway_runs_imports_a_bench_dependency() -> None:
     """Our own imports, followed through the project (Ray itself brings psutil)."""
     graph = closure("rounds.cluster.actors") | closure("rounds.cluster.cli") | closure("rounds.cluster.inprocess")
     found = {f"{importer} imports {name}" for importer, names in graph.items() for name in names
-             if name.split(".")[0] in {"psutil", "matplotlib", "numpy", "k6"} and not importer.startswith("rounds.bench")}
+             if name.split(".")[0] in {"psutil", "matplotlib", "numpy", "k6"}
+             and not importer.startswith("rounds.bench")}
     assert not found

@@ -26,8 +26,8 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from rounds.clock import iso_ms
 from rounds.ids import ConnId, FrontDoorId, ResourceId, UserId, conn_id
-from rounds.shard.events import MemberGone
-from rounds.protocol.messages import Reply
+from rounds.protocol.messages import LockAcquire, LockId, LockRelease, LockRenew, Reply
+from rounds.shard.events import MemberGone, RoomBroadcast
 from rounds.shard.locks.events import (
     AuditLock,
     GrantFailed,
@@ -42,8 +42,6 @@ from rounds.shard.locks.events import (
     StoreRenew,
     StoreRequest,
 )
-from rounds.protocol.messages import LockAcquire, LockId, LockRelease, LockRenew
-from rounds.shard.events import RoomBroadcast
 from rounds.shard.locks.machine import Locks
 
 T0 = int(datetime(2025, 11, 17, 10, 30, tzinfo=UTC).timestamp() * 1000)
@@ -209,14 +207,15 @@ class LockMachine(RuleBasedStateMachine):
                     if rid in self.announced:  # a renewal: the room learns the new expiry
                         assert isinstance(command, LockRenew) and command.resource_id == rid, "RESOURCE_LOCKED twice"
                         assert self.announced[rid] == room
-                        assert e.data["expiresAt"] == iso_ms(self.now + self.locks.holder(rid).ttl_ms)  # type: ignore[union-attr]
+                        assert e.data["expiresAt"] == iso_ms(self.now + self.locks.holder(rid).ttl_ms)
                     assert self.held[rid].conn == e.except_conn
                     self.announced[rid] = room
                 case RoomBroadcast(type="RESOURCE_UNLOCKED", room_id=room):
                     rid = e.data["resourceId"]
                     assert self.announced.pop(rid) == room, "RESOURCE_UNLOCKED for a lock never announced"
                     gone = self.held.pop(rid)
-                    event(f"unlocked {e.data['reason']}" + (" (store lost it)" if isinstance(command, LockLost) else ""))
+                    lost = " (store lost it)" if isinstance(command, LockLost) else ""
+                    event(f"unlocked {e.data['reason']}{lost}")
                     if e.data["reason"] == "expired" and not isinstance(command, LockLost):
                         assert gone.expires_at_ms <= self.now, "expired before its deadline"
                 case Reply() | AuditLock():
@@ -399,7 +398,7 @@ class LockMachine(RuleBasedStateMachine):
 
     @invariant()
     def the_machine_holds_what_the_clients_were_told(self) -> None:
-        assert {rid: lock.lock_id for rid, lock in ((l.resource_id, l) for l in self.locks.locks())} == {
+        assert {rid: lock.lock_id for rid, lock in ((lock.resource_id, lock) for lock in self.locks.locks())} == {
             rid: h.lock_id for rid, h in self.held.items()}
         assert set(self.announced) == set(self.held)
 

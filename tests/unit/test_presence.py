@@ -15,9 +15,9 @@ import pytest
 
 from rounds.ids import ConnId, FrontDoorId, ResourceId, SessionId, UserId, conn_id
 from rounds.protocol.messages import Deliver, Disconnect, Join, Leave, Reply, Sync
+from rounds.protocol.ws import JSON, ErrorCode, MessageType
 from rounds.shard.events import Event, MemberGone, MirrorJoin, MirrorLeave, TellState
 from rounds.shard.presence.machine import Presence
-from rounds.protocol.ws import JSON, ErrorCode, MessageType
 from rounds.shard.room_state import resource_state
 
 FD0 = FrontDoorId(0)
@@ -217,7 +217,7 @@ def test_a_disconnect_of_an_unknown_connection_does_nothing() -> None:
 
 def test_handle_refuses_what_is_not_a_presence_command() -> None:
     with pytest.raises(TypeError):
-        Presence().handle(object(), T0)  # type: ignore[arg-type]
+        Presence().handle(object(), T0)
 
 
 # --- two tabs of one user ------------------------------------------------------------

@@ -15,9 +15,9 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from rounds.ids import ConnId, FrontDoorId, ResourceId, SessionId, UserId, conn_id, frontdoor_of, parent_of
 from rounds.protocol.messages import Command, Deliver, Disconnect, Join, Leave, Reply, Sync
+from rounds.protocol.ws import ErrorCode, MessageType
 from rounds.shard.events import Event, MemberGone, MirrorJoin, MirrorLeave, TellState
 from rounds.shard.presence.machine import Presence
-from rounds.protocol.ws import ErrorCode, MessageType
 
 # Connections belong to one user each; alice has two tabs on front door 0 and
 # bob one tab on each front door, so tabs and front doors interleave.

@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 
 from rounds.ids import ConnId, FrontDoorId, ResourceId, SessionId, UserId, conn_id
 from rounds.protocol.link import MAX_FRAME_BYTES, Hello, LinkMessage, decode, encode
-from rounds.protocol.stream import LinkProtocol
 from rounds.protocol.messages import Deliver, Disconnect, Join, Leave, Reply, Sync
+from rounds.protocol.stream import LinkProtocol
 from rounds.protocol.ws import MessageType
 
 A, B, C = conn_id(FrontDoorId(0), 1), conn_id(FrontDoorId(0), 2), conn_id(FrontDoorId(3), (1 << 40) - 1)
@@ -129,7 +129,7 @@ def test_messages_split_at_any_points_arrive_whole_and_in_order(
     stream = b"".join(encode(m) for m in messages)
     points = sorted({c % (len(stream) + 1) for c in cuts} | {0, len(stream)})
     protocol, transport, received, _ = link()
-    for start, end in zip(points, points[1:]):
+    for start, end in zip(points, points[1:], strict=False):
         protocol.data_received(stream[start:end])
     assert [encode(m) for m in received] == [encode(m) for m in messages]
     assert not transport.closed

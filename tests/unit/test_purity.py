@@ -25,7 +25,8 @@ PACKAGE_DIRS = {
     "rounds": ROOT / "rounds",
 }
 PURE = ["rounds.shard.presence.machine", "rounds.shard.events", "rounds.routing", "rounds.ids", "rounds.protocol.ws",
-        "rounds.shard.documents.machine", "rounds.shard.documents.awareness", "rounds.protocol.yjs", "rounds.shard.locks.machine", "rounds.relay.stream",
+        "rounds.shard.documents.machine", "rounds.shard.documents.awareness", "rounds.protocol.yjs",
+        "rounds.shard.locks.machine", "rounds.relay.stream",
         "rounds.protocol.messages", "rounds.protocol.link", "rounds.shard.documents.persistence",
         "rounds.shard.admission", "rounds.shard.ordering", "rounds.shard.room_state", "rounds.frontdoor.session"]
 
@@ -104,7 +105,7 @@ def test_the_shard_machines_reach_their_helpers_through_the_package_name() -> No
     # `shard.events` as a top-level name only works from the repository root
     # and would make a second copy of every event class.
     for module in ("rounds.shard.presence.machine", "rounds.protocol.link"):
-        names = imports_of(module, source_of(module))  # type: ignore[arg-type]
+        names = imports_of(module, source_of(module))
         assert not any(n == "shard" or n.startswith("shard.") for n in names), module
 
 

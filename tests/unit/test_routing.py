@@ -80,7 +80,7 @@ def test_duplicate_shards_count_once() -> None:
 )
 @settings(max_examples=50, deadline=None)
 def test_the_ring_is_deterministic_whatever_the_order_shards_are_given_in(
-        members: set[int], keys: list[str], seed) -> None:  # type: ignore[no-untyped-def]
+        members: set[int], keys: list[str], seed) -> None:
     order = sorted(members)
     shuffled = list(order)
     seed.shuffle(shuffled)
